@@ -1,0 +1,28 @@
+# The two commands of the README:
+#   make demo   set up .venv/ and run the main job
+#   make test   set up .venv/ and run what CI runs (lint, types, fast tests, standalone install)
+.PHONY: demo test test-all setup bench lint
+
+demo:
+	scripts/setup.sh --data
+	.venv/bin/python examples/bounds_demo.py
+
+test:
+	scripts/test.sh
+
+# Everything, the tests marked slow included.
+test-all:
+	scripts/test.sh --all
+
+setup:
+	scripts/setup.sh
+
+# Speed ratios (pytest-benchmark); see benchmarks/README.md.
+bench:
+	scripts/setup.sh
+	.venv/bin/python -m pytest benchmarks -p no:randomly --benchmark-only --benchmark-group-by=group
+
+lint:
+	scripts/setup.sh
+	.venv/bin/ruff check packages apps tests benchmarks examples scripts
+	.venv/bin/mypy packages/*/src

@@ -1,0 +1,53 @@
+"""tightrope.bounds: sound bound propagation for ReLU networks.
+
+Pure functions ``method(model, box, C=None, ...) -> Box`` bound ``C f(x)`` (or ``f(x)``) for
+every ``x`` in an input box:
+
+* :func:`ibp` — interval bound propagation (Gowal et al. 2018);
+* :func:`crown` — backward linear relaxation (Zhang et al. 2018), with CROWN or IBP
+  intermediate bounds and a :class:`LowerSlope` policy;
+* :func:`crown_ibp` — CROWN-IBP (Zhang et al. 2020);
+* :func:`alpha_crown` — CROWN with optimised lower slopes (Xu et al. 2021);
+* :func:`linear_bounds` — the linear functions behind ``crown``;
+* :func:`lp_bound`, :func:`milp_bound` — LP (triangle relaxation) and exact MILP oracles
+  solved with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``).
+
+Example::
+
+    import torch
+    from tightrope.bounds import Box, margin_spec, crown
+
+    box = Box.from_linf(x, eps=0.1)                  # x: (B, 1, 28, 28) in [0, 1]
+    margins = crown(model, box, margin_spec(y, 10))  # (B, 9) bounds on z_y - z_j
+    verified = (margins.lower > 0).all(dim=1)
+"""
+
+from tightrope.bounds.__about__ import __version__
+from tightrope.bounds.alpha import alpha_crown
+from tightrope.bounds.core import Box, LinearBounds, margin_spec
+from tightrope.bounds.interval import ibp
+from tightrope.bounds.linear import Intermediate, crown, crown_ibp, linear_bounds
+from tightrope.bounds.modules import Normalize
+from tightrope.bounds.network import Affine, affine_rule, supported_layers
+from tightrope.bounds.oracles import lp_bound, milp_bound
+from tightrope.bounds.relaxation import LowerSlope
+
+__all__ = [
+    "Affine",
+    "Box",
+    "Intermediate",
+    "LinearBounds",
+    "LowerSlope",
+    "Normalize",
+    "__version__",
+    "affine_rule",
+    "alpha_crown",
+    "crown",
+    "crown_ibp",
+    "ibp",
+    "linear_bounds",
+    "lp_bound",
+    "margin_spec",
+    "milp_bound",
+    "supported_layers",
+]

@@ -1,0 +1,89 @@
+"""The backward (back-substitution) pass shared by CROWN, CROWN-IBP and alpha-CROWN.
+
+Given linear functions ``A z_end`` of the output of op ``end - 1``, the pass carries them back
+to the network input: affine ops by their transpose (a vector-Jacobian product) and ReLUs by
+their relaxations, choosing per coefficient sign the line that keeps a *lower* bound
+(Zhang et al. 2018, CROWN; Singh et al. 2019, DeepPoly). Upper bounds are lower bounds of the
+negated functions, so one mechanism serves both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from tightrope.bounds.core import Box, concretize_lower
+from tightrope.bounds.network import Affine, Network, transpose
+from tightrope.bounds.relaxation import ReluRelaxation
+
+__all__ = ["backward_lower", "lower_bound"]
+
+
+def backward_lower(
+    net: Network,
+    end: int,
+    A: Tensor,
+    relaxations: Mapping[int, ReluRelaxation],
+    lower_slopes: Mapping[int, Tensor] | None = None,
+    start: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Back-substitute ``A z_end`` from the output of op ``end - 1`` to the input of op ``start``.
+
+    Args:
+        net: the lowered network.
+        end: ``A`` multiplies the output of op ``end - 1`` (per-sample shape ``net.shapes[end]``).
+        A: ``(B, K, *net.shapes[end])`` coefficients.
+        relaxations: the relaxation of every ReLU op in ``[start, end)``, keyed by op index.
+        lower_slopes: optional per-row lower slopes ``(B, K, *S)`` replacing those of
+            ``relaxations`` (alpha-CROWN), keyed by op index.
+        start: the op whose input the result refers to.
+
+    Returns:
+        ``(A_in, bias)`` with ``A_in: (B, K, *net.shapes[start])`` and ``bias: (B, K)`` such that
+        ``A z_end >= A_in z_start + bias`` whenever every ReLU pre-activation lies in the box its
+        relaxation was built on.
+    """
+    batch, rows = A.shape[0], A.shape[1]
+    bias = A.new_zeros((batch, rows))
+    for index in range(end - 1, start - 1, -1):
+        op = net.ops[index]
+        if isinstance(op, Affine):
+            offset = net.offsets[index]
+            assert offset is not None
+            bias = bias + (A.flatten(2) * offset.flatten(1).unsqueeze(1)).sum(-1)
+            flat = transpose(op.apply, A.flatten(0, 1), net.shapes[index])
+            A = flat.view(batch, rows, *net.shapes[index])
+        else:
+            relaxation = relaxations[index]
+            if lower_slopes is not None and index in lower_slopes:
+                lower_slope = lower_slopes[index]
+            else:
+                lower_slope = relaxation.lower_slope.unsqueeze(1)
+            positive, negative = A.clamp(min=0), A.clamp(max=0)
+            bias = bias + (negative.flatten(2) * relaxation.upper_intercept.flatten(1).unsqueeze(1)).sum(-1)
+            A = positive * lower_slope + negative * relaxation.upper_slope.unsqueeze(1)
+    return A, bias
+
+
+def lower_bound(
+    net: Network,
+    end: int,
+    A: Tensor,
+    box: Box,
+    relaxations: Mapping[int, ReluRelaxation],
+    lower_slopes: Mapping[int, Tensor] | None = None,
+    start: int = 0,
+) -> Tensor:
+    """``min A z_end`` over ``z_start`` in ``box``, through the relaxations: ``(B, K)``."""
+    A_in, bias = backward_lower(net, end, A, relaxations, lower_slopes, start)
+    return concretize_lower(A_in, bias, box)
+
+
+def both_sides(net: Network, end: int, C: Tensor, box: Box,
+               relaxations: Mapping[int, ReluRelaxation], start: int = 0) -> Box:
+    """Lower and upper bounds of ``C z_end`` in one backward pass over ``[C; -C]``: ``(B, K)``."""
+    rows = C.shape[1]
+    bounds = lower_bound(net, end, torch.cat([C, -C], dim=1), box, relaxations, start=start)
+    return Box(bounds[:, :rows], -bounds[:, rows:])

@@ -1,0 +1,322 @@
+"""Lowering a model to the two kinds of operation the bound rules know: affine maps and ReLUs.
+
+This module holds the layer table, the one extension point for new layers. Every supported
+layer except ReLU is an affine map of one sample, ``z -> L z + b``, and is described by an
+:class:`Affine` with two callables:
+
+* ``apply(z)``: the map itself on a batch ``(N, *S_in) -> (N, *S_out)``;
+* ``apply_abs(r)``: ``|L| r``, the linear part with entrywise absolute values, on a batch.
+  Interval propagation needs it (``r' = |L| r``); nothing else does.
+
+The backward (CROWN) pass needs ``L^T``, which is never written by hand: it is the
+vector-Jacobian product of ``apply`` (see :func:`transpose`). To support a new affine layer,
+register a rule::
+
+    @affine_rule(MyScale)
+    def _my_scale(module: MyScale, reference: Tensor) -> Affine:
+        return Affine(apply=module, apply_abs=lambda r: r * module.factor.abs(),
+                      name="MyScale")
+
+``reference`` is the batch that reaches the layer in a clean forward pass of the box centre;
+rules that need batch statistics (BatchNorm in train mode) read it, others ignore it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeAlias, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tightrope.bounds.modules import Normalize
+
+__all__ = [
+    "Affine",
+    "Network",
+    "Relu",
+    "affine_rule",
+    "lower",
+    "supported_layers",
+    "transpose",
+]
+
+TensorMap: TypeAlias = Callable[[Tensor], Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class Affine:
+    """An affine map of one sample, batched over the leading dimension."""
+
+    apply: TensorMap
+    apply_abs: TensorMap
+    name: str
+    #: False for maps that never mix coordinates (per-element scale and shift, reshapes):
+    #: interval arithmetic is exact through a chain holding at most one mixing map.
+    mixing: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Relu:
+    """An elementwise ReLU."""
+
+    name: str = "ReLU"
+
+
+Op: TypeAlias = Affine | Relu
+AffineRule: TypeAlias = Callable[[nn.Module, Tensor], Affine]
+_AFFINE_RULES: dict[type[nn.Module], AffineRule] = {}
+_M = TypeVar("_M", bound=nn.Module)
+
+
+def affine_rule(
+    *types: type[_M],
+) -> Callable[[Callable[[_M, Tensor], Affine]], Callable[[_M, Tensor], Affine]]:
+    """Register the rule that lowers modules of ``types`` to an :class:`Affine`."""
+
+    def register(rule: Callable[[_M, Tensor], Affine]) -> Callable[[_M, Tensor], Affine]:
+        for module_type in types:
+            _AFFINE_RULES[module_type] = rule  # type: ignore[assignment]
+        return rule
+
+    return register
+
+
+def supported_layers() -> tuple[type[nn.Module], ...]:
+    """Every layer type the bound rules accept (ReLU and the registered affine layers)."""
+    return (nn.ReLU, *_AFFINE_RULES)
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """A model lowered for bound propagation.
+
+    ``ops[i]`` maps a tensor of per-sample shape ``shapes[i]`` to one of shape ``shapes[i + 1]``.
+    """
+
+    ops: tuple[Op, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    #: ``offsets[i] = ops[i](0)`` with shape ``(1, *shapes[i + 1])`` for affine ops, else None.
+    offsets: tuple[Tensor | None, ...]
+
+    @property
+    def relu_indices(self) -> tuple[int, ...]:
+        """Indices ``i`` of the ReLU ops; the pre-activation of ReLU ``i`` has shape ``shapes[i]``."""
+        return tuple(i for i, op in enumerate(self.ops) if isinstance(op, Relu))
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.shapes[0]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        return self.shapes[-1]
+
+
+def _leaves(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+    if isinstance(module, nn.Sequential):
+        for name, child in module.named_children():
+            yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
+    else:
+        yield prefix or type(module).__name__, module
+
+
+def lower(model: nn.Module, reference: Tensor) -> Network:
+    """Lower ``model`` (an ``nn.Sequential`` tree of supported layers) to a :class:`Network`.
+
+    Args:
+        model: the network; nested ``nn.Sequential`` containers are flattened.
+        reference: ``(N, *S_in)`` inputs for a clean forward pass that fixes the shapes and, for
+            BatchNorm in train mode, the batch statistics (pass the whole batch's box centre
+            then; one sample suffices otherwise).
+
+    Raises:
+        TypeError: listing every unsupported layer of the model at once.
+    """
+    leaves = list(_leaves(model, ""))
+    unsupported = [
+        f"{path} ({type(m).__name__}{_why_unsupported(m)})"
+        for path, m in leaves
+        if not _supports(m)
+    ]
+    if unsupported:
+        names = ", ".join(t.__name__ for t in supported_layers())
+        raise TypeError(
+            "tightrope.bounds cannot propagate bounds through these layers: "
+            + "; ".join(unsupported)
+            + f". Supported: {names}, nested in nn.Sequential. Register a rule with "
+            "tightrope.bounds.affine_rule for another affine layer."
+        )
+    ops: list[Op] = []
+    offsets: list[Tensor | None] = []
+    shapes = [tuple(reference.shape[1:])]
+    x = reference
+    for path, module in leaves:
+        if isinstance(module, nn.ReLU):
+            op: Op = Relu(name=path)
+            offsets.append(None)
+            x = torch.relu(x)
+        else:
+            affine = _rule_for(module)(module, x)
+            op = Affine(affine.apply, affine.apply_abs, f"{path} ({affine.name})", affine.mixing)
+            offsets.append(op.apply(x.new_zeros((1, *x.shape[1:]))))
+            x = op.apply(x)
+        ops.append(op)
+        shapes.append(tuple(x.shape[1:]))
+    return Network(ops=tuple(ops), shapes=tuple(shapes), offsets=tuple(offsets))
+
+
+def needs_batch_reference(model: nn.Module) -> bool:
+    """Whether lowering ``model`` depends on the whole batch (BatchNorm using batch statistics)."""
+    return any(_uses_batch_stats(m) for _, m in _leaves(model, ""))
+
+
+def _rule_for(module: nn.Module) -> AffineRule:
+    for klass in type(module).__mro__:
+        if klass in _AFFINE_RULES:
+            return _AFFINE_RULES[klass]
+    raise TypeError(f"no affine rule for {type(module).__name__}")
+
+
+def _supports(module: nn.Module) -> bool:
+    if isinstance(module, nn.ReLU):
+        return True
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return False
+    return any(klass in _AFFINE_RULES for klass in type(module).__mro__)
+
+
+def _why_unsupported(module: nn.Module) -> str:
+    if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+        return f", padding_mode={module.padding_mode!r}; only 'zeros' is supported"
+    if list(module.children()):
+        return ", a container whose forward order is unknown; use nn.Sequential"
+    return ""
+
+
+def transpose(affine: TensorMap, A: Tensor, in_shape: tuple[int, ...]) -> Tensor:
+    """``L^T`` applied to every row of ``A``, where ``affine(z) = L z + b``.
+
+    Computed as the vector-Jacobian product of ``affine`` at one point, batched over the rows
+    with ``vmap``, so no affine layer needs a hand-written transpose.
+
+    Args:
+        A: ``(N, *S_out)`` rows (N = batch x specification rows).
+        in_shape: the per-sample input shape ``S_in``.
+
+    Returns:
+        ``(N, *S_in)``.
+    """
+    primal = A.new_zeros((1, *in_shape))
+    _, vjp_fn = torch.func.vjp(affine, primal)
+    (rows,) = torch.func.vmap(vjp_fn)(A.unsqueeze(1))
+    return rows.squeeze(1)
+
+
+# --- The layer table -------------------------------------------------------------------------
+
+
+def _identity(r: Tensor) -> Tensor:
+    return r
+
+
+@affine_rule(nn.Identity, nn.Dropout)
+def _identity_rule(module: nn.Module, reference: Tensor) -> Affine:
+    # Dropout is the identity at inference; bounds describe the inference-time network.
+    return Affine(apply=_identity, apply_abs=_identity, name=type(module).__name__, mixing=False)
+
+
+@affine_rule(nn.Flatten)
+def _flatten_rule(module: nn.Flatten, reference: Tensor) -> Affine:
+    if module.start_dim == 0 or (module.start_dim < 0 and module.start_dim <= -reference.dim()):
+        raise TypeError("nn.Flatten must keep the batch dimension (start_dim >= 1)")
+
+    def flatten(z: Tensor) -> Tensor:
+        return z.flatten(module.start_dim, module.end_dim)
+
+    return Affine(apply=flatten, apply_abs=flatten, name="Flatten", mixing=False)
+
+
+@affine_rule(nn.Linear)
+def _linear_rule(module: nn.Linear, reference: Tensor) -> Affine:
+    weight, bias = module.weight, module.bias
+
+    def apply(z: Tensor) -> Tensor:
+        return F.linear(z, weight, bias)
+
+    def apply_abs(r: Tensor) -> Tensor:
+        return F.linear(r, weight.abs())
+
+    return Affine(apply=apply, apply_abs=apply_abs, name="Linear")
+
+
+@affine_rule(nn.Conv2d)
+def _conv2d_rule(module: nn.Conv2d, reference: Tensor) -> Affine:
+    weight, bias = module.weight, module.bias
+    stride, padding, dilation, groups = (
+        module.stride, module.padding, module.dilation, module.groups
+    )
+
+    def apply(z: Tensor) -> Tensor:
+        return F.conv2d(z, weight, bias, stride, padding, dilation, groups)  # type: ignore[arg-type]
+
+    def apply_abs(r: Tensor) -> Tensor:
+        return F.conv2d(r, weight.abs(), None, stride, padding, dilation, groups)  # type: ignore[arg-type]
+
+    return Affine(apply=apply, apply_abs=apply_abs, name="Conv2d")
+
+
+@affine_rule(nn.AvgPool2d)
+def _avg_pool_rule(module: nn.AvgPool2d, reference: Tensor) -> Affine:
+    # Averaging has non-negative weights, so |L| r = L r.
+    return Affine(apply=module, apply_abs=module, name="AvgPool2d")
+
+
+@affine_rule(Normalize)
+def _normalize_rule(module: Normalize, reference: Tensor) -> Affine:
+    def apply_abs(r: Tensor) -> Tensor:
+        return r / module.std.view(1, -1, *([1] * (r.dim() - 2))).to(r.dtype)
+
+    return Affine(apply=module, apply_abs=apply_abs, name="Normalize", mixing=False)
+
+
+def _uses_batch_stats(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
+        module.training or module.running_mean is None
+    )
+
+
+@affine_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, reference: Tensor) -> Affine:
+    """Eval mode: the affine map of the running statistics. Train mode (or no running
+    statistics): the statistics of ``reference``, the batch of the clean forward pass, as a
+    training forward pass would use them (biased variance); running statistics stay untouched."""
+    reduce_dims = [0, *range(2, reference.dim())]
+    if _uses_batch_stats(module):
+        if reference.shape[0] < 2:
+            raise ValueError("BatchNorm in train mode needs the batch statistics of more than "
+                             "one sample; bound a batch, or put the model in eval mode")
+        mean = reference.mean(dim=reduce_dims)
+        var = reference.var(dim=reduce_dims, unbiased=False)
+    else:
+        assert module.running_mean is not None and module.running_var is not None
+        mean, var = module.running_mean, module.running_var
+    scale = torch.rsqrt(var + module.eps)
+    if module.weight is not None:
+        scale = scale * module.weight
+    shift = -mean * scale
+    if module.bias is not None:
+        shift = shift + module.bias
+
+    def view(t: Tensor, z: Tensor) -> Tensor:
+        return t.view(1, -1, *([1] * (z.dim() - 2)))
+
+    def apply(z: Tensor) -> Tensor:
+        return z * view(scale, z) + view(shift, z)
+
+    def apply_abs(r: Tensor) -> Tensor:
+        return r * view(scale.abs(), r)
+
+    return Affine(apply=apply, apply_abs=apply_abs, name=type(module).__name__, mixing=False)

@@ -1,0 +1,72 @@
+"""Argument checking and lowering shared by every bound function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from tightrope.bounds.core import Box
+from tightrope.bounds.network import Network, lower, needs_batch_reference
+
+__all__ = ["Problem", "prepare"]
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A lowered network, its input box and the specification ``C: (B, K, n_out)`` (or None)."""
+
+    net: Network
+    box: Box
+    spec: Tensor | None
+
+    @property
+    def batch(self) -> int:
+        return int(self.box.lower.shape[0])
+
+
+def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
+    """Check the arguments of a bound function and lower the model.
+
+    ``C`` may be ``(B, K, n_out)``, or ``(K, n_out)`` for one specification shared by the batch.
+    """
+    if not isinstance(box, Box):
+        raise TypeError(f"box must be a tightrope.bounds.Box, got {type(box).__name__}; "
+                        "build one with Box.from_linf(x, eps)")
+    if box.lower.dim() < 2:
+        raise ValueError(f"box bounds need a batch dimension: (B, *S), got {tuple(box.shape)}")
+    if not box.lower.is_floating_point():
+        raise TypeError(f"box bounds must be floating point, got {box.lower.dtype}")
+    if bool((box.lower > box.upper).any()):
+        raise ValueError("box has lower > upper somewhere; is it an empty interval?")
+    for name, tensor in _first_floating(model):
+        if tensor.dtype != box.lower.dtype or tensor.device != box.lower.device:
+            raise TypeError(
+                f"model {name} is {tensor.dtype} on {tensor.device} but the box is "
+                f"{box.lower.dtype} on {box.lower.device}; move one of them with .to()"
+            )
+        break
+    center = box.center
+    reference = center if needs_batch_reference(model) else center[:1]
+    net = lower(model, reference)
+    n_out = 1
+    for size in net.output_shape:
+        n_out *= size
+    spec = None
+    if C is not None:
+        if C.dim() == 2:
+            C = C.unsqueeze(0).expand(box.lower.shape[0], *C.shape)
+        if C.dim() != 3 or C.shape[0] != box.lower.shape[0] or C.shape[2] != n_out:
+            raise ValueError(
+                f"C must have shape (B, K, n_out) = ({box.lower.shape[0]}, K, {n_out}) "
+                f"or (K, {n_out}), got {tuple(C.shape)}"
+            )
+        spec = C.to(dtype=box.lower.dtype, device=box.lower.device)
+    return Problem(net=net, box=box, spec=spec)
+
+
+def _first_floating(model: nn.Module) -> list[tuple[str, Tensor]]:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point():
+            return [(name, tensor)]
+    return []

@@ -1,0 +1,72 @@
+"""Linear relaxations of ReLU, the one nonlinearity with hand-written rules.
+
+For a pre-activation ``z`` in ``[l, u]`` the relaxation is a pair of lines
+``a z <= relu(z) <= s z + t``. Stable neurons are exact (``l >= 0``: ``a = s = 1, t = 0``;
+``u <= 0``: ``a = s = t = 0``). An unstable neuron (``l < 0 < u``) gets the upper chord
+``s = u / (u - l)``, ``t = -s l`` (Zhang et al. 2018, "Efficient Neural Network Robustness
+Certification with General Activation Functions"; Wong & Kolter 2018) and a lower line through
+the origin with any slope ``a`` in ``[0, 1]``, chosen by a :class:`LowerSlope` policy or
+optimised (alpha-CROWN).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tightrope.bounds.core import Box
+
+__all__ = ["LowerSlope", "ReluRelaxation", "relu_relaxation"]
+
+
+class LowerSlope(enum.Enum):
+    """How ``crown`` picks the lower slope ``a`` of an unstable ReLU."""
+
+    #: CROWN (Zhang et al. 2018): ``a = 1`` if ``u >= -l`` else ``0``, the choice of smaller area.
+    ADAPTIVE = "adaptive"
+    #: ``a = 0`` everywhere.
+    ZERO = "zero"
+    #: ``a = 1`` everywhere.
+    ONE = "one"
+    #: ``a = u / (u - l)``, parallel to the upper chord: the dual network of Wong & Kolter 2018
+    #: and Fast-Lin (Weng et al. 2018).
+    PARALLEL = "parallel"
+
+
+@dataclass(frozen=True, slots=True)
+class ReluRelaxation:
+    """Lines ``lower_slope * z <= relu(z) <= upper_slope * z + upper_intercept``, each ``(B, *S)``.
+
+    ``unstable`` marks neurons with ``l < 0 < u``: the only ones where ``lower_slope`` may vary.
+    """
+
+    lower_slope: Tensor
+    upper_slope: Tensor
+    upper_intercept: Tensor
+    unstable: Tensor
+
+
+def relu_relaxation(pre_activation: Box, policy: LowerSlope = LowerSlope.ADAPTIVE) -> ReluRelaxation:
+    """The relaxation of ``relu`` on ``pre_activation`` with lower slopes from ``policy``."""
+    lower, upper = pre_activation.lower, pre_activation.upper
+    active = lower >= 0
+    unstable = (lower < 0) & (upper > 0)
+    # Guard the division: the chord is used on unstable neurons only, where u - l > 0.
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    chord = torch.where(unstable, upper / width, active.to(upper.dtype))
+    intercept = torch.where(unstable, -chord * lower, torch.zeros_like(upper))
+    if policy is LowerSlope.ADAPTIVE:
+        unstable_slope = (upper >= -lower).to(upper.dtype)
+    elif policy is LowerSlope.ZERO:
+        unstable_slope = torch.zeros_like(upper)
+    elif policy is LowerSlope.ONE:
+        unstable_slope = torch.ones_like(upper)
+    elif policy is LowerSlope.PARALLEL:
+        unstable_slope = chord
+    else:  # pragma: no cover - exhaustive over the enum
+        raise TypeError(f"unknown lower-slope policy {policy!r}")
+    lower_slope = torch.where(unstable, unstable_slope, active.to(upper.dtype))
+    return ReluRelaxation(lower_slope, chord, intercept, unstable)

@@ -1,0 +1,8 @@
+"""tightrope.losses: Certified-training losses: IBP, CROWN-IBP, SABR, TAPS, CC-/MTL-/Exp-IBP and more.
+
+Not implemented yet: this package holds only its skeleton.
+"""
+
+from tightrope.losses.__about__ import __version__
+
+__all__ = ["__version__"]

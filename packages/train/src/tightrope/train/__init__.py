@@ -1,0 +1,8 @@
+"""tightrope.train: Certified training: models, data, schedules, trainer and checkpoints.
+
+Not implemented yet: this package holds only its skeleton.
+"""
+
+from tightrope.train.__about__ import __version__
+
+__all__ = ["__version__"]
