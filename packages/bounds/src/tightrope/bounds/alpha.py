@@ -26,7 +26,7 @@ from tightrope.bounds.linear import (
 )
 from tightrope.bounds.network import Network
 from tightrope.bounds.problem import prepare
-from tightrope.bounds.relaxation import LowerSlope
+from tightrope.bounds.relaxation import LowerSlope, ReluRelaxation
 
 __all__ = ["alpha_crown"]
 
@@ -100,8 +100,9 @@ def optimise_slopes(
     fixed = {i: r.lower_slope.detach().unsqueeze(1) for i, r in pre.relaxations.items()}
     unstable = {i: r.unstable.unsqueeze(1) for i, r in pre.relaxations.items()}
     relaxations = {
-        i: type(r)(*(t.detach() for t in (r.lower_slope, r.upper_slope, r.upper_intercept)),
-                    r.unstable)
+        i: ReluRelaxation(
+            r.lower_slope.detach(), r.upper_slope.detach(), r.upper_intercept.detach(), r.unstable
+        )
         for i, r in pre.relaxations.items()
     }
     free = {

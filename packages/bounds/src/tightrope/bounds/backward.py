@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from tightrope.bounds.core import Box, concretize_lower
-from tightrope.bounds.network import Affine, Network, transpose
+from tightrope.bounds.network import Affine, Network, transpose_rows
 from tightrope.bounds.relaxation import ReluRelaxation
 
 __all__ = ["backward_lower", "lower_bound"]
@@ -28,6 +28,7 @@ def backward_lower(
     relaxations: Mapping[int, ReluRelaxation],
     lower_slopes: Mapping[int, Tensor] | None = None,
     start: int = 0,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Back-substitute ``A z_end`` from the output of op ``end - 1`` to the input of op ``start``.
 
@@ -39,6 +40,7 @@ def backward_lower(
         lower_slopes: optional per-row lower slopes ``(B, K, *S)`` replacing those of
             ``relaxations`` (alpha-CROWN), keyed by op index.
         start: the op whose input the result refers to.
+        bias: ``(B, K)`` constant already accumulated (default zero).
 
     Returns:
         ``(A_in, bias)`` with ``A_in: (B, K, *net.shapes[start])`` and ``bias: (B, K)`` such that
@@ -46,14 +48,13 @@ def backward_lower(
         relaxation was built on.
     """
     batch, rows = A.shape[0], A.shape[1]
-    bias = A.new_zeros((batch, rows))
+    if bias is None:
+        bias = A.new_zeros((batch, rows))
     for index in range(end - 1, start - 1, -1):
         op = net.ops[index]
         if isinstance(op, Affine):
-            offset = net.offsets[index]
-            assert offset is not None
-            bias = bias + (A.flatten(2) * offset.flatten(1).unsqueeze(1)).sum(-1)
-            flat = transpose(op.apply, A.flatten(0, 1), net.shapes[index])
+            bias = bias + A.flatten(2) @ net.offset(index).flatten()
+            flat = transpose_rows(op, A.flatten(0, 1), net.shapes[index])
             A = flat.view(batch, rows, *net.shapes[index])
         else:
             relaxation = relaxations[index]
@@ -61,9 +62,11 @@ def backward_lower(
                 lower_slope = lower_slopes[index]
             else:
                 lower_slope = relaxation.lower_slope.unsqueeze(1)
-            positive, negative = A.clamp(min=0), A.clamp(max=0)
-            bias = bias + (negative.flatten(2) * relaxation.upper_intercept.flatten(1).unsqueeze(1)).sum(-1)
-            A = positive * lower_slope + negative * relaxation.upper_slope.unsqueeze(1)
+            # Where a coefficient is negative the upper line keeps the bound a lower bound.
+            negative = A.clamp(max=0)
+            intercept = relaxation.upper_intercept.flatten(1).unsqueeze(-1)
+            bias = bias + torch.bmm(negative.flatten(2), intercept).squeeze(-1)
+            A = (A - negative) * lower_slope + negative * relaxation.upper_slope.unsqueeze(1)
     return A, bias
 
 
@@ -83,7 +86,17 @@ def lower_bound(
 
 def both_sides(net: Network, end: int, C: Tensor, box: Box,
                relaxations: Mapping[int, ReluRelaxation], start: int = 0) -> Box:
-    """Lower and upper bounds of ``C z_end`` in one backward pass over ``[C; -C]``: ``(B, K)``."""
+    """Lower and upper bounds of ``C z_end``: ``(B, K)``.
+
+    One backward pass over the rows ``[C; -C]``; the affine ops after the last ReLU before
+    ``end`` are the same for both halves, so they are passed once before the rows are doubled.
+    """
     rows = C.shape[1]
-    bounds = lower_bound(net, end, torch.cat([C, -C], dim=1), box, relaxations, start=start)
+    split = max((i + 1 for i in net.relu_indices if start <= i < end), default=start)
+    A, bias = backward_lower(net, end, C, {}, start=split)
+    A_in, bias = backward_lower(
+        net, split, torch.cat([A, -A], dim=1), relaxations, start=start,
+        bias=torch.cat([bias, -bias], dim=1),
+    )
+    bounds = concretize_lower(A_in, bias, box)
     return Box(bounds[:, :rows], -bounds[:, rows:])

@@ -59,8 +59,8 @@ def pre_activation_bounds(
 ) -> PreActivations:
     """Bounds on every ReLU input of ``net`` over ``box`` by IBP or by CROWN."""
     if intermediate == "ibp":
-        boxes = interval_pre_activations(net, box)
-        return PreActivations(boxes, {i: relu_relaxation(b, lower_slope) for i, b in boxes.items()})
+        found = interval_pre_activations(net, box)
+        return PreActivations(found, {i: relu_relaxation(b, lower_slope) for i, b in found.items()})
     if intermediate != "crown":
         raise ValueError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
     boxes: dict[int, Box] = {}

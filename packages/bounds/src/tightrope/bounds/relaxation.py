@@ -49,7 +49,9 @@ class ReluRelaxation:
     unstable: Tensor
 
 
-def relu_relaxation(pre_activation: Box, policy: LowerSlope = LowerSlope.ADAPTIVE) -> ReluRelaxation:
+def relu_relaxation(
+    pre_activation: Box, policy: LowerSlope = LowerSlope.ADAPTIVE
+) -> ReluRelaxation:
     """The relaxation of ``relu`` on ``pre_activation`` with lower slopes from ``policy``."""
     lower, upper = pre_activation.lower, pre_activation.upper
     active = lower >= 0

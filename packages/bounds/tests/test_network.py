@@ -1,0 +1,110 @@
+"""Lowering: the layer table, BatchNorm folding and the fast transposes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tightrope.bounds import Normalize
+from tightrope.bounds.network import Affine, lower, transpose, transpose_rows
+
+DTYPE = torch.float64
+
+
+def _randomise_batch_norm(model: nn.Module, generator: torch.Generator) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            assert module.running_mean is not None
+            assert module.running_var is not None
+            with torch.no_grad():
+                module.running_mean.uniform_(-1, 1, generator=generator)
+                module.running_var.uniform_(0.2, 2.0, generator=generator)
+                module.weight.uniform_(-2, 2, generator=generator)
+                module.bias.uniform_(-1, 1, generator=generator)
+
+
+CONV_CASES = [
+    # (in_channels, out_channels, kernel, stride, padding, dilation, height, width)
+    (3, 5, 3, 1, 1, 1, 8, 8),
+    (2, 4, 3, 2, 1, 1, 9, 8),
+    (1, 6, 5, 2, 2, 1, 28, 28),
+    (16, 8, 4, 2, 1, 1, 14, 14),
+    (3, 4, 3, 3, 0, 1, 10, 11),
+    (2, 3, 3, 1, 2, 2, 7, 7),
+    (2, 3, (3, 2), (2, 1), (1, 0), 1, 7, 6),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_fast_transpose_matches_vjp(case: tuple) -> None:  # type: ignore[type-arg]
+    c_in, c_out, kernel, stride, padding, dilation, height, width = case
+    generator = torch.Generator().manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation).to(DTYPE)
+    network = lower(nn.Sequential(conv), torch.rand(1, c_in, height, width, dtype=DTYPE))
+    op = network.ops[0]
+    assert isinstance(op, Affine)
+    assert op.fast_transpose is not None
+    rows = torch.randn(7, *network.shapes[1], dtype=DTYPE, generator=generator)
+    expected = transpose(op.apply, rows, network.shapes[0])
+    assert expected.shape == (7, c_in, height, width)
+    torch.testing.assert_close(transpose_rows(op, rows, network.shapes[0]), expected)
+
+
+def test_linear_fast_transpose_matches_vjp() -> None:
+    generator = torch.Generator().manual_seed(1)
+    network = lower(nn.Sequential(nn.Linear(6, 4).to(DTYPE)), torch.rand(1, 6, dtype=DTYPE))
+    op = network.ops[0]
+    assert isinstance(op, Affine)
+    assert op.fast_transpose is not None
+    rows = torch.randn(5, 4, dtype=DTYPE, generator=generator)
+    torch.testing.assert_close(op.fast_transpose(rows), transpose(op.apply, rows, (6,)))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_batch_norm_is_folded_and_exact(train: bool) -> None:
+    generator = torch.Generator().manual_seed(2)
+    model = nn.Sequential(
+        Normalize([0.4, 0.5], [0.2, 0.3]),
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 5 * 5, 4),
+        nn.BatchNorm1d(4),
+    ).to(DTYPE)
+    _randomise_batch_norm(model, generator)
+    model.train(train)
+    x = torch.rand(6, 2, 5, 5, dtype=DTYPE, generator=generator)
+    network = lower(model, x)
+    names = [op.name for op in network.ops]
+    # Normalize, Conv+BN, ReLU, Flatten, Linear+BN: both BatchNorms folded away.
+    assert len(network.ops) == 5, names
+    assert "BatchNorm2d" in names[1]
+    assert "BatchNorm1d" in names[4]
+    h = x
+    for op in network.ops:
+        h = op.apply(h) if isinstance(op, Affine) else torch.relu(h)
+    with torch.no_grad():
+        expected = model(x)  # train mode: BatchNorm uses this batch's statistics
+    torch.testing.assert_close(h, expected)
+    # |L| r of the folded op equals |scale| * |W| r of the unfolded pair.
+    radius = torch.rand(6, 2, 5, 5, dtype=DTYPE, generator=generator)
+    conv, norm = model[1], model[2]
+    scale = norm.weight / torch.sqrt(
+        (conv(model[0](x)).var(dim=(0, 2, 3), unbiased=False) if train else norm.running_var)
+        + norm.eps
+    )
+    folded = network.ops[1]
+    assert isinstance(folded, Affine)
+    unfolded = nn.functional.conv2d(radius, conv.weight.abs(), None, 1, 1) * scale.abs().view(
+        1, -1, 1, 1
+    )
+    torch.testing.assert_close(folded.apply_abs(radius).detach(), unfolded.detach())
+
+
+def test_batch_norm_without_previous_weights_is_kept() -> None:
+    model = nn.Sequential(nn.BatchNorm2d(2), nn.ReLU(), nn.AvgPool2d(2)).to(DTYPE).eval()
+    network = lower(model, torch.rand(1, 2, 4, 4, dtype=DTYPE))
+    assert [type(op).__name__ for op in network.ops] == ["Affine", "Relu", "Affine"]
+    assert network.shapes == ((2, 4, 4), (2, 4, 4), (2, 4, 4), (2, 2, 2))
