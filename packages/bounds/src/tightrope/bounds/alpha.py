@@ -65,6 +65,15 @@ def alpha_crown(
         raise ValueError(f"steps must be >= 0, got {steps}")
     if lr <= 0:
         raise ValueError(f"lr must be positive, got {lr}")
+    if torch.is_inference_mode_enabled():
+        # The slopes are optimised by autograd, which inference tensors cannot enter: leave
+        # inference mode and copy the inputs out of it.
+        with torch.inference_mode(False):
+            box = Box(box.lower.clone(), box.upper.clone())
+            return alpha_crown(
+                model, box, None if C is None else C.clone(), steps=steps, lr=lr,
+                intermediate=intermediate, lower_slope=lower_slope, upper=upper,
+            )
     problem = prepare(model, box, C)
     net = problem.net
     pre = pre_activation_bounds(net, box, intermediate, lower_slope)

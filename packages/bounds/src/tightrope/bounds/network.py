@@ -139,8 +139,14 @@ class Network:
         return self.shapes[-1]
 
 
+def _behaves_as(module: nn.Module, klass: type) -> bool:
+    """Whether ``module`` is a ``klass`` that computes what ``klass`` computes: a subclass that
+    overrides ``forward`` (a residual block, a scaled layer) is a different function."""
+    return isinstance(module, klass) and type(module).forward is klass.forward  # type: ignore[attr-defined]
+
+
 def _leaves(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
-    if isinstance(module, nn.Sequential):
+    if _behaves_as(module, nn.Sequential):
         for name, child in module.named_children():
             yield from _leaves(child, f"{prefix}.{name}" if prefix else name)
     else:
@@ -177,7 +183,7 @@ def lower(model: nn.Module, reference: Tensor) -> Network:
     shapes = [tuple(reference.shape[1:])]
     x = reference
     for path, module in leaves:
-        if isinstance(module, nn.ReLU):
+        if _behaves_as(module, nn.ReLU):
             ops.append(Relu(name=path))
             x = torch.relu(x)
             shapes.append(shapes[-1])
@@ -208,24 +214,34 @@ def needs_batch_reference(model: nn.Module) -> bool:
     return any(_uses_batch_stats(m) for _, m in _leaves(model, ""))
 
 
-def _rule_for(module: nn.Module) -> AffineRule:
+def _find_rule(module: nn.Module) -> AffineRule | None:
     for klass in type(module).__mro__:
         if klass in _AFFINE_RULES:
-            return _AFFINE_RULES[klass]
-    raise TypeError(f"no affine rule for {type(module).__name__}")
+            return _AFFINE_RULES[klass] if _behaves_as(module, klass) else None
+    return None
+
+
+def _rule_for(module: nn.Module) -> AffineRule:
+    rule = _find_rule(module)
+    if rule is None:
+        raise TypeError(f"no affine rule for {type(module).__name__}")
+    return rule
 
 
 def _supports(module: nn.Module) -> bool:
-    if isinstance(module, nn.ReLU):
+    if _behaves_as(module, nn.ReLU):
         return True
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return False
-    return any(klass in _AFFINE_RULES for klass in type(module).__mro__)
+    return _find_rule(module) is not None
 
 
 def _why_unsupported(module: nn.Module) -> str:
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f", padding_mode={module.padding_mode!r}; only 'zeros' is supported"
+    for klass in type(module).__mro__[1:]:
+        if klass in _AFFINE_RULES or klass in (nn.ReLU, nn.Sequential):
+            return f", overrides the forward of {klass.__name__}; register a rule for it"
     if list(module.children()):
         return ", a container whose forward order is unknown; use nn.Sequential"
     return ""
@@ -378,9 +394,10 @@ def _batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, reference: Tensor)
     training forward pass would use them (biased variance); running statistics stay untouched."""
     reduce_dims = [0, *range(2, reference.dim())]
     if _uses_batch_stats(module):
-        if reference.shape[0] < 2:
-            raise ValueError("BatchNorm in train mode needs the batch statistics of more than "
-                             "one sample; bound a batch, or put the model in eval mode")
+        if reference.numel() // reference.shape[1] < 2:
+            raise ValueError("BatchNorm in train mode needs more than one value per channel "
+                             "for its batch statistics; bound a batch, or put the model in "
+                             "eval mode")
         mean = reference.mean(dim=reduce_dims)
         var = reference.var(dim=reduce_dims, unbiased=False)
     else:

@@ -37,15 +37,17 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
         raise ValueError(f"box bounds need a batch dimension: (B, *S), got {tuple(box.shape)}")
     if not box.lower.is_floating_point():
         raise TypeError(f"box bounds must be floating point, got {box.lower.dtype}")
-    if bool((box.lower > box.upper).any()):
-        raise ValueError("box has lower > upper somewhere; is it an empty interval?")
-    for name, tensor in _first_floating(model):
-        if tensor.dtype != box.lower.dtype or tensor.device != box.lower.device:
+    if not bool((box.lower <= box.upper).all()):
+        raise ValueError("box has lower > upper or NaN somewhere; build it from finite "
+                         "values with lower <= upper (Box.from_linf does)")
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and (
+            tensor.dtype != box.lower.dtype or tensor.device != box.lower.device
+        ):
             raise TypeError(
-                f"model {name} is {tensor.dtype} on {tensor.device} but the box is "
-                f"{box.lower.dtype} on {box.lower.device}; move one of them with .to()"
+                f"model tensor {name} is {tensor.dtype} on {tensor.device} but the box is "
+                f"{box.lower.dtype} on {box.lower.device}; move the model or the box with .to()"
             )
-        break
     center = box.center
     reference = center if needs_batch_reference(model) else center[:1]
     net = lower(model, reference)
@@ -64,9 +66,3 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
         spec = C.to(dtype=box.lower.dtype, device=box.lower.device)
     return Problem(net=net, box=box, spec=spec)
 
-
-def _first_floating(model: nn.Module) -> list[tuple[str, Tensor]]:
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point():
-            return [(name, tensor)]
-    return []

@@ -1,0 +1,45 @@
+"""Benchmark helpers: every group has one baseline; the summary prints ratios to it.
+
+Ratios are taken between benchmarks of one run, so they compare like with like on a shared,
+noisy machine; absolute times are printed for reference only.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+THREADS = int(os.environ.get("TIGHTROPE_BENCH_THREADS", "2"))
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(THREADS)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    session = getattr(terminalreporter.config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups: dict[str, list[tuple[str, float, bool]]] = {}
+    for bench in session.benchmarks:
+        if not bench.stats or not bench.stats.data:
+            continue
+        median = statistics.median(bench.stats.data)
+        baseline = bool(bench.extra_info.get("baseline", False))
+        groups.setdefault(bench.group or "", []).append((bench.name, median, baseline))
+    terminalreporter.section(f"ratios to each group's baseline (median times, {THREADS} threads)")
+    for group, rows in sorted(groups.items()):
+        base = next((median for _, median, is_base in rows if is_base), None)
+        terminalreporter.write_line(f"[{group}]")
+        for name, median, is_base in sorted(rows, key=lambda row: row[1]):
+            ratio = f"{median / base:8.2f}x" if base else "        "
+            mark = "  (baseline)" if is_base else ""
+            terminalreporter.write_line(f"  {name:<58}{median * 1e3:10.1f} ms {ratio}{mark}")

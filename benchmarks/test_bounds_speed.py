@@ -1,0 +1,80 @@
+"""Speed of tightrope.bounds relative to one plain forward pass, on CNN3 and CNN7.
+
+Run with ``make bench`` (or ``pytest benchmarks/test_bounds_speed.py --benchmark-only``).
+Models are random and in eval mode; specifications are the 9 margin rows of 10 classes;
+eps = 0.01. Targets (issue 2): IBP <= 2.3x a forward pass; CROWN-IBP and CROWN at most half of
+auto_LiRPA's times measured on this machine kind (IBP 3.5x / 9.4x, CROWN-IBP 37x / 118x on
+CNN7 b32 / CNN3 b256; full CROWN on CNN3 b256 26 s).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from _models import random_eval_model
+
+from tightrope.bounds import Box, alpha_crown, crown, crown_ibp, ibp, margin_spec
+
+EPS = 0.01
+CASES = [("cnn7", 32), ("cnn7", 128), ("cnn3", 256)]
+
+
+def _problem(name: str, batch: int) -> tuple[torch.nn.Module, torch.Tensor, Box, torch.Tensor]:
+    model, shape = random_eval_model(name)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(batch, *shape, generator=generator)
+    y = torch.randint(0, 10, (batch,), generator=generator)
+    return model, x, Box.from_linf(x, EPS), margin_spec(y, 10)
+
+
+def _run(benchmark, group: str, fn: Callable[[], object], rounds: int,  # type: ignore[no-untyped-def]
+         baseline: bool = False) -> None:
+    benchmark.group = group
+    benchmark.extra_info["baseline"] = baseline
+    with torch.no_grad():
+        benchmark.pedantic(fn, rounds=rounds, warmup_rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize(("model_name", "batch"), CASES)
+def test_forward(benchmark, model_name: str, batch: int) -> None:  # type: ignore[no-untyped-def]
+    model, x, _, _ = _problem(model_name, batch)
+    _run(benchmark, f"{model_name}-b{batch}", lambda: model(x), rounds=30, baseline=True)
+
+
+@pytest.mark.parametrize(("model_name", "batch"), CASES)
+def test_ibp(benchmark, model_name: str, batch: int) -> None:  # type: ignore[no-untyped-def]
+    model, _, box, spec = _problem(model_name, batch)
+    _run(benchmark, f"{model_name}-b{batch}", lambda: ibp(model, box, spec), rounds=30)
+
+
+@pytest.mark.parametrize(("model_name", "batch"), CASES)
+def test_crown_ibp(benchmark, model_name: str, batch: int) -> None:  # type: ignore[no-untyped-def]
+    model, _, box, spec = _problem(model_name, batch)
+    _run(benchmark, f"{model_name}-b{batch}", lambda: crown_ibp(model, box, spec), rounds=5)
+
+
+@pytest.mark.parametrize(("model_name", "batch"), CASES)
+def test_crown_ibp_lower_only(benchmark, model_name: str, batch: int) -> None:  # type: ignore[no-untyped-def]
+    model, _, box, spec = _problem(model_name, batch)
+    _run(benchmark, f"{model_name}-b{batch}",
+         lambda: crown_ibp(model, box, spec, upper=False), rounds=5)
+
+
+@pytest.mark.parametrize(("model_name", "batch"), [("cnn3", 256)])
+def test_crown(benchmark, model_name: str, batch: int) -> None:  # type: ignore[no-untyped-def]
+    model, _, box, spec = _problem(model_name, batch)
+    _run(benchmark, f"{model_name}-b{batch}", lambda: crown(model, box, spec), rounds=2)
+
+
+@pytest.mark.parametrize(("model_name", "batch", "intermediate"),
+                         [("cnn3", 256, "crown"), ("cnn7", 32, "ibp")])
+def test_alpha_crown(benchmark, model_name: str, batch: int, intermediate: str) -> None:  # type: ignore[no-untyped-def]
+    model, _, box, spec = _problem(model_name, batch)
+
+    def run() -> object:
+        with torch.enable_grad():
+            return alpha_crown(model, box, spec, steps=20, intermediate=intermediate)  # type: ignore[arg-type]
+
+    _run(benchmark, f"{model_name}-b{batch}", run, rounds=1)
