@@ -62,11 +62,13 @@ def backward_lower(
                 lower_slope = lower_slopes[index]
             else:
                 lower_slope = relaxation.lower_slope.unsqueeze(1)
-            # Where a coefficient is negative the upper line keeps the bound a lower bound.
+            # Where a coefficient is negative the upper line keeps the bound a lower bound:
+            # A' = A * lower_slope + A- * (upper_slope - lower_slope), constant += A- . intercept.
             negative = A.clamp(max=0)
             intercept = relaxation.upper_intercept.flatten(1).unsqueeze(-1)
             bias = bias + torch.bmm(negative.flatten(2), intercept).squeeze(-1)
-            A = (A - negative) * lower_slope + negative * relaxation.upper_slope.unsqueeze(1)
+            upper_slope = relaxation.upper_slope.unsqueeze(1)
+            A = torch.addcmul(A * lower_slope, negative, upper_slope - lower_slope)
     return A, bias
 
 

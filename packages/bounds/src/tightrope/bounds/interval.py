@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds.backward import both_sides
+from tightrope.bounds.backward import backward_lower
 from tightrope.bounds.core import Box
 from tightrope.bounds.network import Affine, Network
 from tightrope.bounds.problem import prepare
@@ -86,7 +86,46 @@ def ibp(model: nn.Module, box: Box, C: Tensor | None = None) -> Box:
 
 
 def tail_bounds(net: Network, C: Tensor, tail_input: Box, tail_start: int) -> Box:
-    """Bounds of ``C f`` given the box of the input of the trailing affine block."""
+    """Bounds of ``C f`` given the box of the input of the trailing affine block.
+
+    ``C f`` is one affine map ``A z + b`` of the block's input ``z`` (``A = C L``), bounded by
+    ``A c + b -/+ |A| r``. Margin specifications repeat across a batch (one ``C`` per label), so
+    ``A`` is built once per distinct ``C`` and applied to every sample with two matrix products;
+    the per-sample ``(B, K, n)`` tensor is only formed when the specifications are all distinct.
+    """
+    batch, rows = C.shape[0], C.shape[1]
+    center, radius = tail_input.center.flatten(1), tail_input.radius.flatten(1)
+    distinct, which = _distinct_specs(C)
+    A, bias = backward_lower(
+        net, len(net.ops), distinct.view(distinct.shape[0], rows, *net.output_shape), {},
+        start=tail_start,
+    )
+    A = A.flatten(2)
+    if distinct.shape[0] < batch:
+        # (B, n) @ (n, U K) -> (B, U, K), then each sample picks its own specification.
+        pick = which.view(batch, 1, 1).expand(batch, 1, rows)
+        mid = (center @ A.flatten(0, 1).T).view(batch, -1, rows).gather(1, pick).squeeze(1)
+        spread = (radius @ A.abs().flatten(0, 1).T).view(batch, -1, rows).gather(1, pick)
+        mid, spread = mid + bias[which], spread.squeeze(1)
+    else:
+        mid = torch.bmm(A, center.unsqueeze(-1)).squeeze(-1) + bias
+        spread = torch.bmm(A.abs(), radius.unsqueeze(-1)).squeeze(-1)
+    return Box(mid - spread, mid + spread)
+
+
+#: Above this many distinct specifications, applying each to every sample costs more than
+#: forming the per-sample coefficients.
+_MAX_SHARED_SPECS = 32
+
+
+def _distinct_specs(C: Tensor) -> tuple[Tensor, Tensor]:
+    """``(distinct, which)`` with ``C[b] == distinct[which[b]]``; ``C`` itself when the rows
+    are (nearly) all different or ``C`` carries gradients."""
     batch = C.shape[0]
-    A = C.view(batch, C.shape[1], *net.output_shape)
-    return both_sides(net, len(net.ops), A, tail_input, {}, start=tail_start)
+    identity = torch.arange(batch, device=C.device)
+    if batch <= 1 or C.requires_grad:
+        return C, identity
+    distinct, which = torch.unique(C, dim=0, return_inverse=True)
+    if distinct.shape[0] > _MAX_SHARED_SPECS or 2 * distinct.shape[0] > batch:
+        return C, identity
+    return distinct, which

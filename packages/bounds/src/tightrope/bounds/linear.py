@@ -82,30 +82,49 @@ def pre_activation_bounds(
 def _tighten(
     net: Network, index: int, box: Box, interval: Box, relaxations: Mapping[int, ReluRelaxation]
 ) -> Box:
-    """CROWN bounds of the neurons that ``interval`` leaves unstable, intersected with it."""
+    """CROWN bounds of the neurons that ``interval`` leaves unstable, intersected with it.
+
+    The affine ops between the previous ReLU and this pre-activation are the same map for every
+    sample, so they are transposed once per neuron (for the union of the batch's unstable
+    neurons) and the rows gathered per sample; only the rest of the pass, through the
+    sample-specific relaxations, runs per sample and per side.
+    """
     batch = interval.lower.shape[0]
     lower, upper = interval.lower.flatten(1), interval.upper.flatten(1)
     unstable = (lower < 0) & (upper > 0)
-    most = int(unstable.sum(dim=1).max()) if unstable.numel() else 0
-    if most == 0:
+    union = unstable.any(dim=0).nonzero().squeeze(1)
+    if union.numel() == 0:
         return interval
-    # Per sample, the unstable neurons first; rows past a sample's count bound stable
-    # neurons, which is harmless (every bound is sound and gets intersected).
-    order = torch.argsort(unstable.to(torch.int8), dim=1, descending=True, stable=True)[:, :most]
-    shape = net.shapes[index]
-    widest = max(_numel(s) for s in net.shapes[: index + 1])
-    chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, 2 * batch * widest))
+    split = max((i + 1 for i in net.relu_indices if i < index), default=0)
+    shape, split_shape = net.shapes[index], net.shapes[split]
+    widest = max(_numel(s) for s in net.shapes[: split + 1])
+    chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, 2 * batch * widest, _numel(split_shape)))
     new_lower, new_upper = lower, upper
-    for begin in range(0, most, chunk):
-        neurons = order[:, begin : begin + chunk]
-        rows = neurons.shape[1]
-        selector = lower.new_zeros((batch, rows, lower.shape[1]))
-        selector.scatter_(2, neurons.unsqueeze(-1), 1.0)
-        found = both_sides(net, index, selector.view(batch, rows, *shape), box, relaxations)
-        tight_lower = torch.maximum(found.lower, lower.gather(1, neurons))
-        tight_upper = torch.minimum(found.upper, upper.gather(1, neurons))
-        new_lower = new_lower.scatter(1, neurons, tight_lower)
-        new_upper = new_upper.scatter(1, neurons, tight_upper)
+    for begin in range(0, union.numel(), chunk):
+        neurons = union[begin : begin + chunk]
+        selector = lower.new_zeros((1, neurons.numel(), lower.shape[1]))
+        selector[0, torch.arange(neurons.numel()), neurons] = 1.0
+        table, table_bias = backward_lower(
+            net, index, selector.view(1, neurons.numel(), *shape), {}, start=split
+        )
+        local = unstable[:, neurons]
+        most = int(local.sum(dim=1).max())
+        if most == 0:
+            continue
+        # Per sample, its unstable neurons of this chunk first; rows past a sample's count
+        # bound stable neurons, which is harmless (every bound is sound and gets intersected).
+        order = torch.argsort(local.to(torch.int8), dim=1, descending=True, stable=True)
+        order = order[:, :most]
+        A, bias = table[0][order], table_bias[0][order]
+        A_in, bias = backward_lower(
+            net, split, torch.cat([A, -A], dim=1), relaxations, bias=torch.cat([bias, -bias], 1)
+        )
+        found = concretize_lower(A_in, bias, box)
+        chosen = neurons[order]
+        tight_lower = torch.maximum(found[:, :most], lower.gather(1, chosen))
+        tight_upper = torch.minimum(-found[:, most:], upper.gather(1, chosen))
+        new_lower = new_lower.scatter(1, chosen, tight_lower)
+        new_upper = new_upper.scatter(1, chosen, tight_upper)
     return Box(new_lower.view(interval.lower.shape), new_upper.view(interval.upper.shape))
 
 
