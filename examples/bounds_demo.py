@@ -93,7 +93,7 @@ def train_one_epoch(model: nn.Module, images: Tensor, labels: Tensor, seed: int)
         loss.backward()
         optimizer.step()
     model.eval()
-    return float(loss)
+    return loss.item()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         ("CROWN-IBP", lambda: crown_ibp(model, box, spec)),
         ("CROWN", lambda: crown(model, box, spec)),
         ("alpha-CROWN", lambda: alpha_crown(model, box, spec, steps=50)),
-        ("LP (HiGHS)", lambda: lp_bound(model, box, spec)),
+        ("LP (HiGHS)", lambda: lp_bound(model, box, spec, upper=False)),
     ]
     print(f"\nlower bounds on the worst margin min_j (z_y - z_j) over the eps={args.eps} ball "
           "(> 0: verified robust)")
