@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from tightrope.bounds.core import Box, concretize_lower
+from tightrope.bounds.core import Box, concretize_lower, features_dot
 from tightrope.bounds.network import Affine, Network, transpose_rows
 from tightrope.bounds.relaxation import ReluRelaxation
 
@@ -53,7 +53,7 @@ def backward_lower(
     for index in range(end - 1, start - 1, -1):
         op = net.ops[index]
         if isinstance(op, Affine):
-            bias = bias + A.flatten(2) @ net.offset(index).flatten()
+            bias = bias + features_dot(A, net.offset(index))
             flat = transpose_rows(op, A.flatten(0, 1), net.shapes[index])
             A = flat.view(batch, rows, *net.shapes[index])
         else:
@@ -64,12 +64,22 @@ def backward_lower(
                 lower_slope = relaxation.lower_slope.unsqueeze(1)
             # Where a coefficient is negative the upper line keeps the bound a lower bound:
             # A' = A * lower_slope + A- * (upper_slope - lower_slope), constant += A- . intercept.
+            upper_slope, intercept = relaxation.upper_slope, relaxation.upper_intercept
+            if _channels_last(A):
+                upper_slope = upper_slope.contiguous(memory_format=torch.channels_last)
+                if lower_slopes is None or index not in lower_slopes:
+                    lower_slope = relaxation.lower_slope.contiguous(
+                        memory_format=torch.channels_last
+                    ).unsqueeze(1)
             negative = A.clamp(max=0)
-            intercept = relaxation.upper_intercept.flatten(1).unsqueeze(-1)
-            bias = bias + torch.bmm(negative.flatten(2), intercept).squeeze(-1)
-            upper_slope = relaxation.upper_slope.unsqueeze(1)
-            A = torch.addcmul(A * lower_slope, negative, upper_slope - lower_slope)
+            bias = bias + features_dot(negative, intercept)
+            A = torch.addcmul(A * lower_slope, negative, upper_slope.unsqueeze(1) - lower_slope)
     return A, bias
+
+
+def _channels_last(A: Tensor) -> bool:
+    """Whether ``A: (B, K, C, H, W)`` is laid out channels-last (as fast transposes leave it)."""
+    return A.dim() == 5 and not A.is_contiguous() and A.permute(0, 1, 3, 4, 2).is_contiguous()
 
 
 def lower_bound(

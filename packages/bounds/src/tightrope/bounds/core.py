@@ -108,12 +108,23 @@ def concretize_lower(A: Tensor, bias: Tensor, box: Box) -> Tensor:
 
     Hölder's inequality on the l_inf box: ``A c - |A| r + bias``.
     """
-    flat_a = A.flatten(2)
-    center = box.center.flatten(1).unsqueeze(-1)
-    radius = box.radius.flatten(1).unsqueeze(-1)
-    return (
-        torch.bmm(flat_a, center).squeeze(-1) - torch.bmm(flat_a.abs(), radius).squeeze(-1) + bias
-    )
+    return features_dot(A, box.center) - features_dot(A.abs(), box.radius) + bias
+
+
+def features_dot(A: Tensor, v: Tensor) -> Tensor:
+    """``sum over features of A[b, k] * v[b]`` for ``A: (B, K, *S)`` and ``v: (B or 1, *S)``.
+
+    Reads ``A`` in its own memory order (channels-last coefficients stay uncopied).
+    """
+    if A.dim() == 5 and not A.is_contiguous():
+        channels_last = A.permute(0, 1, 3, 4, 2)
+        if channels_last.is_contiguous():
+            A, v = channels_last, v.permute(0, 2, 3, 1)
+    flat = A.reshape(A.shape[0], A.shape[1], -1)
+    vector = v.reshape(v.shape[0], -1)
+    if vector.shape[0] == 1:
+        return flat @ vector[0]
+    return torch.bmm(flat, vector.unsqueeze(-1)).squeeze(-1)
 
 
 def margin_spec(y: Tensor, num_classes: int, dtype: torch.dtype | None = None) -> Tensor:

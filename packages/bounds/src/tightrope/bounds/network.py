@@ -354,11 +354,12 @@ def _conv2d(
         return F.conv2d(r, weight.abs(), None, stride, padding, dilation, groups)
 
     def fast_transpose(rows: Tensor) -> Tensor:
-        # oneDNN's transposed convolution is about twice as fast in channels-last layout.
+        # oneDNN's transposed convolution is about twice as fast in channels-last layout; the
+        # result stays channels-last for the next layers of the backward pass.
         rows = rows.contiguous(memory_format=torch.channels_last)
         return F.conv_transpose2d(
             rows, weight, None, stride, padding, output_padding, groups, dilation
-        ).contiguous()
+        )
 
     def absorb(scale: Tensor, shift: Tensor) -> Affine:
         folded_bias = shift if bias is None else bias * scale + shift
