@@ -125,7 +125,18 @@ def _distinct_specs(C: Tensor) -> tuple[Tensor, Tensor]:
     identity = torch.arange(batch, device=C.device)
     if batch <= 1 or C.requires_grad:
         return C, identity
-    distinct, which = torch.unique(C, dim=0, return_inverse=True)
-    if distinct.shape[0] > _MAX_SHARED_SPECS or 2 * distinct.shape[0] > batch:
+    flat = C.flatten(1)
+    # One number per specification (a fixed generic projection) finds the candidates fast;
+    # the exact check below makes a collision harmless.
+    weights = torch.linspace(1.0, 2.0, flat.shape[1], dtype=torch.float64, device=C.device)
+    keys = (flat.to(torch.float64) * weights.sqrt()).sum(dim=1)
+    _, which = torch.unique(keys, return_inverse=True)
+    count = int(which.max()) + 1
+    if count > _MAX_SHARED_SPECS or 2 * count > batch:
+        return C, identity
+    first = torch.full((count,), batch, dtype=torch.long, device=C.device)
+    first = first.scatter_reduce(0, which, identity, reduce="amin")
+    distinct = C[first]
+    if not torch.equal(distinct[which], C):
         return C, identity
     return distinct, which
