@@ -151,3 +151,55 @@ def test_ibp_with_shared_specifications_matches_per_sample(classes_used: int) ->
     naive_lower = (spec.clamp(min=0) @ output.lower.unsqueeze(-1)
                    + spec.clamp(max=0) @ output.upper.unsqueeze(-1)).squeeze(-1)
     assert bool((batched.lower >= naive_lower - 1e-12).all())
+
+
+WINDOW_MODELS = {
+    "strided": lambda: nn.Sequential(
+        nn.Conv2d(1, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 5, 3, 2, 1), nn.ReLU(),
+        nn.Conv2d(5, 3, 3, 1, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 4),
+    ),
+    "dilated_padded": lambda: nn.Sequential(
+        Normalize([0.3], [0.2]), nn.Conv2d(1, 4, 3, 1, 1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 5, 3, 2, 1), nn.ReLU(), nn.Conv2d(5, 3, 3, 1, 2, dilation=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(3 * 5 * 5, 4),
+    ),
+    "cnn3_like": lambda: nn.Sequential(
+        Normalize([0.5], [0.25]), nn.Conv2d(1, 4, 5, 2, 2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 4, 2, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.Flatten(),
+        nn.Linear(6 * 3 * 3, 4),
+    ),
+    "unfolded_batch_norm": lambda: nn.Sequential(
+        nn.Conv2d(1, 4, 3, 1, 0), nn.ReLU(), nn.BatchNorm2d(4), nn.Identity(),
+        nn.Conv2d(4, 3, 2, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(WINDOW_MODELS))
+def test_windowed_intermediate_bounds_equal_dense_ones(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CROWN's intermediate pass over receptive-field windows computes the same bounds as the
+    pass over whole images (which the soundness tests also check by sampling)."""
+    import tightrope.bounds.linear as linear
+    from tightrope.bounds import Box
+
+    torch.manual_seed(7)
+    model = WINDOW_MODELS[name]().to(DTYPE)
+    _randomise_batch_norm(model, torch.Generator().manual_seed(7))
+    model.eval()
+    size = 12 if name == "cnn3_like" else (8 if name == "unfolded_batch_norm" else 10)
+    x = torch.rand(5, 1, size, size, dtype=DTYPE, generator=torch.Generator().manual_seed(8))
+    box = Box.from_linf(x, 0.05)
+    network = lower(model, x)
+    relus = network.relu_indices
+    assert all(linear._windowable(network, i) for i in relus)
+    windowed = linear.pre_activation_bounds(network, box)
+    monkeypatch.setattr(linear, "_windowable", lambda net, index: False)
+    dense = linear.pre_activation_bounds(network, box)
+    for index in relus:
+        torch.testing.assert_close(windowed.boxes[index].lower, dense.boxes[index].lower)
+        torch.testing.assert_close(windowed.boxes[index].upper, dense.boxes[index].upper)
+    # The comparison means something only if later layers had unstable neurons to tighten.
+    later = windowed.boxes[relus[-1]]
+    assert int(((later.lower < 0) & (later.upper > 0)).sum()) > 0

@@ -61,20 +61,29 @@ def backward_lower(
             if lower_slopes is not None and index in lower_slopes:
                 lower_slope = lower_slopes[index]
             else:
-                lower_slope = relaxation.lower_slope.unsqueeze(1)
-            # Where a coefficient is negative the upper line keeps the bound a lower bound:
-            # A' = A * lower_slope + A- * (upper_slope - lower_slope), constant += A- . intercept.
-            upper_slope, intercept = relaxation.upper_slope, relaxation.upper_intercept
+                lower_slope = relaxation.lower_slope
+                if _channels_last(A):
+                    lower_slope = lower_slope.contiguous(memory_format=torch.channels_last)
+                lower_slope = lower_slope.unsqueeze(1)
+            upper_slope = relaxation.upper_slope
             if _channels_last(A):
                 upper_slope = upper_slope.contiguous(memory_format=torch.channels_last)
-                if lower_slopes is None or index not in lower_slopes:
-                    lower_slope = relaxation.lower_slope.contiguous(
-                        memory_format=torch.channels_last
-                    ).unsqueeze(1)
-            negative = A.clamp(max=0)
-            bias = bias + features_dot(negative, intercept)
-            A = torch.addcmul(A * lower_slope, negative, upper_slope.unsqueeze(1) - lower_slope)
+            A, bias = relu_step(A, bias, lower_slope, upper_slope, relaxation.upper_intercept)
     return A, bias
+
+
+def relu_step(
+    A: Tensor, bias: Tensor, lower_slope: Tensor, upper_slope: Tensor, intercept: Tensor
+) -> tuple[Tensor, Tensor]:
+    """One ReLU of the backward pass: ``A: (B, K, *S)``, ``lower_slope: (B, 1 or K, *S)``,
+    ``upper_slope, intercept: (B, *S)``.
+
+    Where a coefficient is negative the upper line keeps the bound a lower bound:
+    ``A' = A * lower_slope + A- * (upper_slope - lower_slope)``, constant ``+= A- . intercept``.
+    """
+    negative = A.clamp(max=0)
+    bias = bias + features_dot(negative, intercept)
+    return torch.addcmul(A * lower_slope, negative, upper_slope.unsqueeze(1) - lower_slope), bias
 
 
 def _channels_last(A: Tensor) -> bool:

@@ -20,10 +20,10 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds.backward import backward_lower, both_sides
-from tightrope.bounds.core import Box, LinearBounds, concretize_lower
+from tightrope.bounds.backward import backward_lower, both_sides, relu_step
+from tightrope.bounds.core import Box, LinearBounds, concretize_lower, features_dot
 from tightrope.bounds.interval import interval_pre_activations, propagate_interval
-from tightrope.bounds.network import Affine, Network
+from tightrope.bounds.network import Affine, Network, Relu
 from tightrope.bounds.problem import Problem, prepare
 from tightrope.bounds.relaxation import LowerSlope, ReluRelaxation, relu_relaxation
 
@@ -71,7 +71,12 @@ def pre_activation_bounds(
         interval = propagate_interval(net, state, start=previous, end=index)
         mixing = sum(isinstance(op, Affine) and op.mixing for op in net.ops[:index])
         exact = previous == 0 and mixing <= 1
-        bounds = interval if exact else _tighten(net, index, box, interval, relaxations)
+        if exact:
+            bounds = interval
+        elif _windowable(net, index):
+            bounds = _tighten_windowed(net, index, box, interval, relaxations)
+        else:
+            bounds = _tighten(net, index, box, interval, relaxations)
         boxes[index] = bounds
         relaxations[index] = relu_relaxation(bounds, lower_slope)
         state = Box(torch.relu(bounds.lower), torch.relu(bounds.upper))
@@ -111,8 +116,8 @@ def _tighten(
         most = int(local.sum(dim=1).max())
         if most == 0:
             continue
-        # Per sample, its unstable neurons of this chunk first; rows past a sample's count
-        # bound stable neurons, which is harmless (every bound is sound and gets intersected).
+        # Per sample, its unstable neurons of this chunk first; rows past a sample's count are
+        # padding and their results are dropped.
         order = torch.argsort(local.to(torch.int8), dim=1, descending=True, stable=True)
         order = order[:, :most]
         A, bias = table[0][order], table_bias[0][order]
@@ -121,10 +126,113 @@ def _tighten(
         )
         found = concretize_lower(A_in, bias, box)
         chosen = neurons[order]
-        tight_lower = torch.maximum(found[:, :most], lower.gather(1, chosen))
-        tight_upper = torch.minimum(-found[:, most:], upper.gather(1, chosen))
+        # Only a sample's own unstable neurons take the new bounds, so a sample's result does
+        # not depend on the rest of its batch.
+        valid = local.gather(1, order)
+        old_lower, old_upper = lower.gather(1, chosen), upper.gather(1, chosen)
+        tight_lower = torch.where(valid, torch.maximum(found[:, :most], old_lower), old_lower)
+        tight_upper = torch.where(valid, torch.minimum(-found[:, most:], old_upper), old_upper)
         new_lower = new_lower.scatter(1, chosen, tight_lower)
         new_upper = new_upper.scatter(1, chosen, tight_upper)
+    return Box(new_lower.view(interval.lower.shape), new_upper.view(interval.upper.shape))
+
+
+def _windowable(net: Network, index: int) -> bool:
+    """Whether every op before ``index`` maps images to images locally (convolutions, per-channel
+    maps, ReLU), so the backward pass of one pre-activation pixel stays in its receptive field."""
+    if any(len(shape) != 3 for shape in net.shapes[: index + 1]):
+        return False
+    return all(
+        isinstance(op, Relu)
+        or (isinstance(op, Affine) and (op.window_transpose is not None or op.channelwise))
+        for op in net.ops[:index]
+    )
+
+
+def _window_backward(
+    net: Network,
+    end: int,
+    start: int,
+    A: Tensor,
+    corner: tuple[int, int],
+    bias: Tensor,
+    relaxations: Mapping[int, ReluRelaxation],
+) -> tuple[Tensor, tuple[int, int], Tensor]:
+    """``backward_lower`` for rows ``A: (B, R, C, h, w)`` supported on the window of ``(h, w)``
+    pixels whose top-left pixel is ``corner``; returns the rows on the input window of op
+    ``start`` and that window's corner."""
+    batch, rows = A.shape[0], A.shape[1]
+    for index in range(end - 1, start - 1, -1):
+        op = net.ops[index]
+        top, left = corner
+        height, width = A.shape[-2], A.shape[-1]
+        window = (slice(None), slice(None), slice(top, top + height), slice(left, left + width))
+        if isinstance(op, Affine):
+            bias = bias + features_dot(A, net.offset(index)[window])
+            flat = A.flatten(0, 1)
+            if op.window_transpose is not None:
+                size = (net.shapes[index][1], net.shapes[index][2])
+                flat, corner = op.window_transpose(flat, corner, size)
+            else:
+                assert op.fast_transpose is not None
+                flat = op.fast_transpose(flat)
+            A = flat.reshape(batch, rows, *flat.shape[1:])
+        else:
+            relaxation = relaxations[index]
+            A, bias = relu_step(
+                A, bias, relaxation.lower_slope[window].unsqueeze(1),
+                relaxation.upper_slope[window], relaxation.upper_intercept[window],
+            )
+    return A, corner, bias
+
+
+def _tighten_windowed(
+    net: Network, index: int, box: Box, interval: Box, relaxations: Mapping[int, ReluRelaxation]
+) -> Box:
+    """``_tighten`` for convolutional prefixes: one pass per pre-activation pixel, on the pixel's
+    receptive field only (in the spirit of auto_LiRPA's patches mode, without a patch type).
+
+    The rows of one pixel are its unstable channels; the sample-independent affine prefix is
+    transposed once per channel and gathered per sample, as in ``_tighten``.
+    """
+    channels, height, width = net.shapes[index]
+    unstable = (interval.lower < 0) & (interval.upper > 0)
+    split = max((i + 1 for i in net.relu_indices if i < index), default=0)
+    new_lower, new_upper = interval.lower.flatten(1), interval.upper.flatten(1)
+    for row in range(height):
+        for column in range(width):
+            local_all = unstable[:, :, row, column]
+            neurons = local_all.any(dim=0).nonzero().squeeze(1)
+            count = neurons.numel()
+            if count == 0:
+                continue
+            selector = interval.lower.new_zeros((1, count, channels, 1, 1))
+            selector[0, torch.arange(count), neurons] = 1.0
+            table, corner, table_bias = _window_backward(
+                net, index, split, selector, (row, column),
+                interval.lower.new_zeros((1, count)), {},
+            )
+            local = local_all[:, neurons]
+            most = int(local.sum(dim=1).max())
+            order = torch.argsort(local.to(torch.int8), dim=1, descending=True, stable=True)
+            order = order[:, :most]
+            A, bias = table[0][order], table_bias[0][order]
+            A, corner, bias = _window_backward(
+                net, split, 0, torch.cat([A, -A], dim=1), corner,
+                torch.cat([bias, -bias], dim=1), relaxations,
+            )
+            top, left = corner
+            rows = slice(top, top + A.shape[-2])
+            columns = slice(left, left + A.shape[-1])
+            cropped = Box(box.lower[:, :, rows, columns], box.upper[:, :, rows, columns])
+            found = concretize_lower(A, bias, cropped)
+            chosen = (neurons[order] * height + row) * width + column
+            valid = local.gather(1, order)
+            old_lower, old_upper = new_lower.gather(1, chosen), new_upper.gather(1, chosen)
+            tight_lower = torch.where(valid, torch.maximum(found[:, :most], old_lower), old_lower)
+            tight_upper = torch.where(valid, torch.minimum(-found[:, most:], old_upper), old_upper)
+            new_lower = new_lower.scatter(1, chosen, tight_lower)
+            new_upper = new_upper.scatter(1, chosen, tight_upper)
     return Box(new_lower.view(interval.lower.shape), new_upper.view(interval.upper.shape))
 
 

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 TensorMap: TypeAlias = Callable[[Tensor], Tensor]
+Corner: TypeAlias = tuple[int, int]
+WindowMap: TypeAlias = Callable[[Tensor, Corner, Corner], tuple[Tensor, Corner]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +67,14 @@ class Affine:
     #: For a weighted map (Linear, Conv2d): builds the composition of this map followed by the
     #: per-output-channel map ``z * scale + shift``, folded into the weights.
     absorb: Callable[[Tensor, Tensor], Affine] | None = None
+    #: For convolutions: ``L^T`` of rows supported on a spatial window. Takes rows
+    #: ``(N, C_out, h, w)`` whose top-left pixel is ``(i, j)`` in output coordinates and the
+    #: input's ``(H, W)``; returns the rows on the input window (clipped to the image) and its
+    #: top-left pixel. Lets intermediate CROWN passes work on receptive fields, not images.
+    window_transpose: WindowMap | None = None
+    #: True for maps that act per channel on ``(N, C, H, W)`` with the same shape out (scale and
+    #: shift): their ``fast_transpose`` applies unchanged to rows on any spatial window.
+    channelwise: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +294,9 @@ def _identity(r: Tensor) -> Tensor:
 def _identity_rule(module: nn.Module, reference: Tensor) -> Affine:
     # Dropout is the identity at inference; bounds describe the inference-time network.
     name = type(module).__name__
-    return Affine(_identity, _identity, name, mixing=False, fast_transpose=_identity)
+    return Affine(
+        _identity, _identity, name, mixing=False, fast_transpose=_identity, channelwise=True
+    )
 
 
 @affine_rule(nn.Flatten)
@@ -359,11 +371,27 @@ def _conv2d(
             rows, weight, None, stride, padding, output_padding, groups, dilation
         )
 
+    def window_transpose(rows: Tensor, corner: Corner, size: Corner) -> tuple[Tensor, Corner]:
+        # The full transposed convolution of the window (no padding, no cropping) covers input
+        # pixels from corner * stride - padding on; zero padding is no variable, so the parts
+        # outside the image are dropped.
+        rows = rows.contiguous(memory_format=torch.channels_last)
+        full = F.conv_transpose2d(rows, weight, None, stride, 0, 0, groups, dilation)
+        starts = [corner[d] * stride[d] - padding[d] for d in range(2)]
+        lows = [max(0, start) for start in starts]
+        highs = [min(size[d], starts[d] + full.shape[2 + d]) for d in range(2)]
+        rows_kept = slice(lows[0] - starts[0], highs[0] - starts[0])
+        columns_kept = slice(lows[1] - starts[1], highs[1] - starts[1])
+        return full[:, :, rows_kept, columns_kept], (lows[0], lows[1])
+
     def absorb(scale: Tensor, shift: Tensor) -> Affine:
         folded_bias = shift if bias is None else bias * scale + shift
         return _conv2d(weight * scale.view(-1, 1, 1, 1), folded_bias, module, in_shape)
 
-    return Affine(apply, apply_abs, "Conv2d", fast_transpose=fast_transpose, absorb=absorb)
+    return Affine(
+        apply, apply_abs, "Conv2d", fast_transpose=fast_transpose, absorb=absorb,
+        window_transpose=window_transpose,
+    )
 
 
 @affine_rule(nn.AvgPool2d)
@@ -377,7 +405,9 @@ def _normalize_rule(module: Normalize, reference: Tensor) -> Affine:
     def apply_abs(r: Tensor) -> Tensor:
         return r / module.std.view(1, -1, *([1] * (r.dim() - 2))).to(r.dtype)
 
-    return Affine(module, apply_abs, "Normalize", mixing=False, fast_transpose=apply_abs)
+    return Affine(
+        module, apply_abs, "Normalize", mixing=False, fast_transpose=apply_abs, channelwise=True
+    )
 
 
 def _uses_batch_stats(module: nn.Module) -> bool:
@@ -428,5 +458,6 @@ def _batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, reference: Tensor)
         type(module).__name__,
         mixing=False,
         fast_transpose=fast_transpose,
+        channelwise=reference.dim() == 4,
         channel_affine=(scale, shift) if reference.dim() in (2, 4) else None,
     )

@@ -1,4 +1,4 @@
-"""tightrope.losses: Certified-training losses: IBP, CROWN-IBP, SABR, TAPS, CC-/MTL-/Exp-IBP and more.
+"""tightrope.losses: certified-training losses (IBP, CROWN-IBP, SABR, TAPS, CC-/MTL-/Exp-IBP, ...).
 
 Not implemented yet: this package holds only its skeleton.
 """

@@ -1,4 +1,4 @@
-"""tightrope.train: Certified training: models, data, schedules, trainer and checkpoints.
+"""tightrope.train: certified training (models, data, schedules, trainer, checkpoints).
 
 Not implemented yet: this package holds only its skeleton.
 """

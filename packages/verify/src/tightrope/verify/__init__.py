@@ -1,4 +1,4 @@
-"""tightrope.verify: Certification of l_inf robustness: bound cascade, branch-and-bound, ONNX/VNNLIB front end.
+"""tightrope.verify: certification of l_inf robustness (cascade, BaB, ONNX/VNNLIB).
 
 Not implemented yet: this package holds only its skeleton.
 """
