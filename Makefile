@@ -20,7 +20,8 @@ setup:
 # Speed ratios (pytest-benchmark); see benchmarks/README.md.
 bench:
 	scripts/setup.sh
-	.venv/bin/python -m pytest benchmarks -p no:randomly --benchmark-only --benchmark-group-by=group
+	.venv/bin/python -m pytest benchmarks --benchmark-only --benchmark-group-by=group
+	.venv/bin/python benchmarks/bounds_memory.py
 
 lint:
 	scripts/setup.sh

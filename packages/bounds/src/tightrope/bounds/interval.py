@@ -44,13 +44,15 @@ def propagate_interval(
             # Fresh temporaries, so the in-place updates are safe under autograd.
             upper = (center + radius).relu_()
             lower = (center - radius).relu_()
-        else:
-            lower, upper = center - radius, center + radius
-            known = pre_activations.get(index)
-            if known is not None:
-                lower, upper = torch.maximum(lower, known.lower), torch.minimum(upper, known.upper)
-            pre_activations[index] = Box(lower, upper)
-            lower, upper = torch.relu(lower), torch.relu(upper)
+            radius = (upper - lower).mul_(0.5)
+            center = lower + radius
+            continue
+        lower, upper = center - radius, center + radius
+        known = pre_activations.get(index)
+        if known is not None:
+            lower, upper = torch.maximum(lower, known.lower), torch.minimum(upper, known.upper)
+        pre_activations[index] = Box(lower, upper)
+        lower, upper = torch.relu(lower), torch.relu(upper)
         center, radius = (upper + lower).mul_(0.5), (upper - lower).mul_(0.5)
     return Box.from_center_radius(center, radius)
 

@@ -125,16 +125,26 @@ def _tighten(
             net, split, torch.cat([A, -A], dim=1), relaxations, bias=torch.cat([bias, -bias], 1)
         )
         found = concretize_lower(A_in, bias, box)
-        chosen = neurons[order]
-        # Only a sample's own unstable neurons take the new bounds, so a sample's result does
-        # not depend on the rest of its batch.
-        valid = local.gather(1, order)
-        old_lower, old_upper = lower.gather(1, chosen), upper.gather(1, chosen)
-        tight_lower = torch.where(valid, torch.maximum(found[:, :most], old_lower), old_lower)
-        tight_upper = torch.where(valid, torch.minimum(-found[:, most:], old_upper), old_upper)
-        new_lower = new_lower.scatter(1, chosen, tight_lower)
-        new_upper = new_upper.scatter(1, chosen, tight_upper)
+        new_lower, new_upper = _merge(
+            new_lower, new_upper, found, neurons[order], local.gather(1, order)
+        )
     return Box(new_lower.view(interval.lower.shape), new_upper.view(interval.upper.shape))
+
+
+def _merge(
+    lower: Tensor, upper: Tensor, found: Tensor, chosen: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Intersect flat bounds ``lower, upper: (B, n)`` at neurons ``chosen: (B, R)`` with
+    ``found: (B, 2R)`` (lower bounds, then negated upper bounds) where ``valid``.
+
+    Only a sample's own unstable neurons take new bounds (the other rows are padding), so a
+    sample's result does not depend on the rest of its batch.
+    """
+    rows = chosen.shape[1]
+    old_lower, old_upper = lower.gather(1, chosen), upper.gather(1, chosen)
+    tight_lower = torch.where(valid, torch.maximum(found[:, :rows], old_lower), old_lower)
+    tight_upper = torch.where(valid, torch.minimum(-found[:, rows:], old_upper), old_upper)
+    return lower.scatter(1, chosen, tight_lower), upper.scatter(1, chosen, tight_upper)
 
 
 def _windowable(net: Network, index: int) -> bool:
@@ -227,12 +237,9 @@ def _tighten_windowed(
             cropped = Box(box.lower[:, :, rows, columns], box.upper[:, :, rows, columns])
             found = concretize_lower(A, bias, cropped)
             chosen = (neurons[order] * height + row) * width + column
-            valid = local.gather(1, order)
-            old_lower, old_upper = new_lower.gather(1, chosen), new_upper.gather(1, chosen)
-            tight_lower = torch.where(valid, torch.maximum(found[:, :most], old_lower), old_lower)
-            tight_upper = torch.where(valid, torch.minimum(-found[:, most:], old_upper), old_upper)
-            new_lower = new_lower.scatter(1, chosen, tight_lower)
-            new_upper = new_upper.scatter(1, chosen, tight_upper)
+            new_lower, new_upper = _merge(
+                new_lower, new_upper, found, chosen, local.gather(1, order)
+            )
     return Box(new_lower.view(interval.lower.shape), new_upper.view(interval.upper.shape))
 
 

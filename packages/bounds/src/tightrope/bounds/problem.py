@@ -48,8 +48,10 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
                 f"model tensor {name} is {tensor.dtype} on {tensor.device} but the box is "
                 f"{box.lower.dtype} on {box.lower.device}; move the model or the box with .to()"
             )
-    center = box.center
-    reference = center if needs_batch_reference(model) else center[:1]
+    # The clean forward pass fixes shapes; BatchNorm on batch statistics needs the whole batch.
+    batch_reference = needs_batch_reference(model)
+    sample = box if batch_reference else Box(box.lower[:1], box.upper[:1])
+    reference = sample.center
     net = lower(model, reference)
     n_out = 1
     for size in net.output_shape:
