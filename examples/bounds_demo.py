@@ -102,10 +102,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"directory of the Fashion-MNIST IDX files (default {DEFAULT_DATA})")
     parser.add_argument("--eps", type=float, default=0.01, help="l_inf radius in [0, 1] pixels")
     parser.add_argument("--images", type=int, default=5, help="test images to bound")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the training run")
     args = parser.parse_args(argv)
     if not 0 <= args.eps <= 1:
         parser.error(f"--eps must lie in [0, 1], got {args.eps}")
+    if not 1 <= args.images <= 20:
+        parser.error(f"--images must lie in [1, 20] (one table column each), got {args.images}")
 
     try:
         train_x, train_y = load_split(args.data, "train")
