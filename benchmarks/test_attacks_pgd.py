@@ -10,7 +10,7 @@ Groups (each compares members measured in the same run; ratios are printed at th
 * ``pgd-restarts`` — on an easily broken model (most samples fall in the first run), 5 restarts
   that re-attack only the still-robust samples against 5 full runs on the whole batch.
 
-Models follow METHODS.md (Shi et al. 2021): CNN7 on CIFAR-shaped 3x32x32 inputs, CNN3 on
+Models are benchmarks/_models.py's (Shi et al. 2021): CNN7 on CIFAR-shaped 3x32x32 inputs, CNN3 on
 MNIST-shaped 1x28x28 inputs, randomly initialised, BatchNorm in eval mode; float32 on CPU, with
 the thread count benchmarks/conftest.py sets. Each group marks its baseline in ``extra_info``.
 """
@@ -22,6 +22,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from _models import cnn3, cnn7
 from pytest_benchmark.fixture import BenchmarkFixture
 from torch import Tensor, nn
 
@@ -29,53 +30,6 @@ from tightrope.attacks import PGDConfig, pgd
 
 STEPS = 10
 ROUNDS = 7
-
-
-class Normalize(nn.Module):
-    """Per-channel ``(x - mean) / std``: the first layer, so attacks work in pixel space."""
-
-    mean: Tensor
-    std: Tensor
-
-    def __init__(self, mean: list[float], std: list[float]) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std
-
-
-def conv_bn_relu(cin: int, cout: int, kernel: int, stride: int, padding: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride, padding), nn.BatchNorm2d(cout), nn.ReLU()]
-
-
-def cnn7(num_classes: int = 10) -> nn.Sequential:
-    """CNN7 for 3x32x32 inputs (Shi et al. 2021)."""
-    return nn.Sequential(
-        Normalize([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
-        *conv_bn_relu(3, 64, 3, 1, 1),
-        *conv_bn_relu(64, 64, 3, 1, 1),
-        *conv_bn_relu(64, 128, 3, 2, 1),
-        *conv_bn_relu(128, 128, 3, 1, 1),
-        *conv_bn_relu(128, 128, 3, 1, 1),
-        nn.Flatten(),
-        nn.Linear(128 * 16 * 16, 512),
-        nn.BatchNorm1d(512),
-        nn.ReLU(),
-        nn.Linear(512, num_classes),
-    )
-
-
-def cnn3(num_classes: int = 10) -> nn.Sequential:
-    """CNN3 for 1x28x28 inputs (Shi et al. 2021)."""
-    return nn.Sequential(
-        Normalize([0.1307], [0.3081]),
-        *conv_bn_relu(1, 16, 5, 2, 2),
-        *conv_bn_relu(16, 32, 4, 2, 1),
-        nn.Flatten(),
-        nn.Linear(32 * 7 * 7, num_classes),
-    )
 
 
 CASES = {"cnn7": (cnn7, (16, 3, 32, 32)), "cnn3": (cnn3, (64, 1, 28, 28))}
