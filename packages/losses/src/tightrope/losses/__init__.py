@@ -1,8 +1,74 @@
-"""tightrope.losses: certified-training losses (IBP, CROWN-IBP, SABR, TAPS, CC-/MTL-/Exp-IBP, ...).
+"""tightrope.losses: certified-training losses built from tightrope.bounds and tightrope.attacks.
 
-Not implemented yet: this package holds only its skeleton.
+Every loss is a frozen callable ``loss(model, x, y, eps) -> LossOutput(loss, logits, metrics)``
+(the :class:`CertifiedLoss` protocol) built from a frozen config whose defaults are the paper's
+settings; randomised losses hold a ``torch.Generator`` (never global seeding). ``x: (B, *S)``
+in ``[0, 1]``, ``y: (B,)`` labels, ``eps`` the l_inf radius in pixel units.
+
+* :class:`StandardLoss` — natural cross-entropy;
+* :class:`PGDTrainingLoss` — PGD adversarial training (Madry et al. 2018);
+* :class:`IBPLoss` — robust cross-entropy of IBP margin bounds (Gowal et al. 2018);
+* :class:`CROWNIBPLoss` — the ``beta`` mix of CROWN-IBP and IBP bounds with natural weight
+  ``kappa`` (Zhang et al. 2020);
+* :class:`SABRLoss` — IBP on a small box around a PGD point (Mueller et al. 2023);
+* :class:`CCIBPLoss`, :class:`MTLIBPLoss`, :class:`ExpIBPLoss` — the expressive losses
+  (De Palma et al. 2024);
+* :data:`METHODS` / :func:`build_loss` — the registry of method names;
+* :class:`BatchNormPolicy` — which batch normalises the adversarial and bound passes (default:
+  the clean batch, the CTBench convention).
+
+Example::
+
+    import torch
+    from tightrope.losses import MTLIBPConfig, MTLIBPLoss
+
+    loss = MTLIBPLoss(MTLIBPConfig(alpha=0.5), generator=torch.Generator().manual_seed(0))
+    out = loss(model, x, y, eps=8 / 255)
+    out.loss.backward()
+    out.metrics["ibp_verified_accuracy"]
 """
 
 from tightrope.losses.__about__ import __version__
+from tightrope.losses.adversarial import PGDTrainingConfig, PGDTrainingLoss
+from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
+from tightrope.losses.cc_ibp import CCIBPConfig, CCIBPLoss
+from tightrope.losses.core import CertifiedLoss, LossOutput, logit_margins, robust_cross_entropy
+from tightrope.losses.crown_ibp import CROWNIBPConfig, CROWNIBPLoss
+from tightrope.losses.exp_ibp import ExpIBPConfig, ExpIBPLoss
+from tightrope.losses.expressive import expressive_attack
+from tightrope.losses.interval import IBPConfig, IBPLoss
+from tightrope.losses.mtl_ibp import MTLIBPConfig, MTLIBPLoss
+from tightrope.losses.registry import METHODS, Method, build_loss
+from tightrope.losses.sabr import SABRConfig, SABRLoss, small_box
+from tightrope.losses.standard import StandardConfig, StandardLoss
 
-__all__ = ["__version__"]
+__all__ = [
+    "METHODS",
+    "BatchNormPolicy",
+    "CCIBPConfig",
+    "CCIBPLoss",
+    "CROWNIBPConfig",
+    "CROWNIBPLoss",
+    "CertifiedLoss",
+    "ExpIBPConfig",
+    "ExpIBPLoss",
+    "IBPConfig",
+    "IBPLoss",
+    "LossOutput",
+    "MTLIBPConfig",
+    "MTLIBPLoss",
+    "Method",
+    "PGDTrainingConfig",
+    "PGDTrainingLoss",
+    "SABRConfig",
+    "SABRLoss",
+    "StandardConfig",
+    "StandardLoss",
+    "__version__",
+    "build_loss",
+    "clean_pass",
+    "expressive_attack",
+    "logit_margins",
+    "robust_cross_entropy",
+    "small_box",
+]

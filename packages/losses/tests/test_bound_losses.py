@@ -1,0 +1,128 @@
+"""IBP, CROWN-IBP and SABR against direct computations with tightrope.bounds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tightrope.attacks import PGDConfig, pgd
+from tightrope.bounds import Box, crown_ibp, ibp, margin_spec
+from tightrope.losses import (
+    CROWNIBPConfig,
+    CROWNIBPLoss,
+    IBPConfig,
+    IBPLoss,
+    SABRConfig,
+    SABRLoss,
+    robust_cross_entropy,
+    small_box,
+)
+
+from .conftest import batch, small_cnn, small_mlp
+
+SEEDS = range(4)
+
+
+def _direct(bound: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+            eps: float) -> torch.Tensor:
+    C = margin_spec(y, 4, dtype=x.dtype)
+    box = Box.from_linf(x, eps)
+    if bound == "ibp":
+        return ibp(model, box, C).lower
+    return crown_ibp(model, box, C).lower
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_ibp_loss_is_robust_ce_of_ibp_margins(seed: int) -> None:
+    model = small_mlp(seed)
+    x, y = batch(seed + 100, (16, 6), 4)
+    eps = 0.05 + 0.05 * seed
+    out = IBPLoss()(model, x, y, eps)
+    lower = _direct("ibp", model, x, y, eps)
+    torch.testing.assert_close(out.loss, robust_cross_entropy(lower).mean(), rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.metrics["ibp_verified_accuracy"],
+                               (lower > 0).all(dim=1).double().mean())
+    mixed = IBPLoss(IBPConfig(kappa=0.25))(model, x, y, eps)
+    expected = 0.25 * F.cross_entropy(model(x), y) + 0.75 * robust_cross_entropy(lower).mean()
+    torch.testing.assert_close(mixed.loss, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_crown_ibp_beta_one_uses_crown_ibp_and_zero_is_ibp(seed: int) -> None:
+    model = small_mlp(seed)
+    x, y = batch(seed + 200, (16, 6), 4)
+    eps = 0.1
+    crown_lower = _direct("crown_ibp", model, x, y, eps)
+    ibp_lower = _direct("ibp", model, x, y, eps)
+    # The two bounds must differ on these nets, or the comparisons below prove nothing.
+    assert not torch.allclose(crown_lower, ibp_lower)
+    at_one = CROWNIBPLoss(CROWNIBPConfig(beta=1.0))(model, x, y, eps)
+    torch.testing.assert_close(
+        at_one.loss, robust_cross_entropy(crown_lower).mean(), rtol=1e-12, atol=0
+    )
+    at_zero = CROWNIBPLoss(CROWNIBPConfig(beta=0.0))(model, x, y, eps)
+    torch.testing.assert_close(at_zero.loss, IBPLoss()(model, x, y, eps).loss, rtol=0, atol=0)
+    half = CROWNIBPLoss(CROWNIBPConfig(beta=0.3, kappa=0.5))(model, x, y, eps)
+    robust = robust_cross_entropy(0.3 * crown_lower + 0.7 * ibp_lower).mean()
+    expected = 0.5 * F.cross_entropy(model(x), y) + 0.5 * robust
+    torch.testing.assert_close(half.loss, expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_small_box_lies_inside_the_eps_box(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(64, 5, generator=generator, dtype=torch.float64)
+    eps = 0.3 * torch.rand(64, 1, generator=generator, dtype=torch.float64)
+    # Any point, also outside the ball: the centre is clamped into the admissible range.
+    x_adv = x + 2 * eps * (2 * torch.rand(64, 5, generator=generator, dtype=torch.float64) - 1)
+    outer = Box.from_linf(x, eps)
+    for shrink in (0.05, 0.3, 0.7, 1.0):
+        inner = small_box(x, x_adv, eps, shrink)
+        assert bool((inner.lower >= outer.lower - 1e-15).all())
+        assert bool((inner.upper <= outer.upper + 1e-15).all())
+        assert bool((inner.lower <= inner.upper).all())
+        # Away from the domain's edges the box has the full radius shrink * eps.
+        width = inner.upper - inner.lower
+        interior = ((x - eps > 0) & (x + eps < 1)).expand_as(width)
+        torch.testing.assert_close(width[interior], (2 * shrink * eps).expand_as(width)[interior])
+
+
+def test_small_box_keeps_an_inner_point_as_centre() -> None:
+    x = torch.full((1, 3), 0.5, dtype=torch.float64)
+    x_adv = x + torch.tensor([[0.05, -0.2, 0.0]], dtype=torch.float64)
+    box = small_box(x, x_adv, 0.2, 0.25)
+    torch.testing.assert_close(box.center, torch.tensor([[0.55, 0.35, 0.5]],
+                                                        dtype=torch.float64))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_sabr_reduces_to_ibp_at_shrink_one(seed: int) -> None:
+    model = small_mlp(seed)
+    x, y = batch(seed + 300, (16, 6), 4)
+    eps = 0.1
+    generator = torch.Generator().manual_seed(seed)
+    sabr = SABRLoss(SABRConfig(shrink=1.0), generator)(model, x, y, eps)
+    torch.testing.assert_close(sabr.loss, IBPLoss()(model, x, y, eps).loss, rtol=1e-12, atol=0)
+    small = SABRLoss(SABRConfig(shrink=0.2), torch.Generator().manual_seed(seed))(
+        model, x, y, eps)
+    assert float(small.loss.detach()) < float(sabr.loss.detach())
+
+
+def test_sabr_loss_is_ibp_on_the_small_box() -> None:
+    model = small_mlp(7)
+    x, y = batch(8, (16, 6), 4)
+    eps, shrink = 0.1, 0.4
+    attack = PGDConfig(steps=3, random_start=False, early_stop=False)
+    out = SABRLoss(SABRConfig(shrink=shrink, attack=attack))(model, x, y, eps)
+    x_adv = pgd(model, x, y, eps, config=attack).x_adv
+    lower = ibp(model, small_box(x, x_adv, eps, shrink), margin_spec(y, 4, dtype=x.dtype)).lower
+    torch.testing.assert_close(out.loss, robust_cross_entropy(lower).mean(), rtol=1e-12, atol=0)
+
+
+def test_bound_losses_in_eval_mode_match_the_direct_bounds_on_a_cnn() -> None:
+    model = small_cnn(3, classes=4).eval()
+    x, y = batch(4, (8, 1, 8, 8), 4)
+    out = IBPLoss()(model, x, y, 0.02)
+    lower = _direct("ibp", model, x, y, 0.02)
+    torch.testing.assert_close(out.loss, robust_cross_entropy(lower).mean(), rtol=1e-12, atol=0)
