@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -125,3 +127,32 @@ def test_adversarial_pass_uses_the_clean_statistics() -> None:
     assert not torch.allclose(*directs.values())
     for policy in BatchNormPolicy:
         torch.testing.assert_close(losses[policy], directs[policy], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("track", [True, False])
+def test_ibp_loss_under_clean_statistics_is_ibp_of_the_frozen_network(track: bool) -> None:
+    # Direct computation: a copy in eval mode whose running statistics are the clean batch's.
+    model = small_cnn(8, classes=4)
+    if not track:
+        for layer in model.modules():
+            if isinstance(layer, nn.BatchNorm2d):
+                layer.track_running_stats = False
+                layer.running_mean = None
+                layer.running_var = None
+    x, y = batch(9, (16, 1, 8, 8), 4)
+    frozen = copy.deepcopy(model).eval()
+    z = x
+    for module, twin in zip(model, frozen, strict=True):
+        if isinstance(module, nn.BatchNorm2d):
+            twin.track_running_stats = True
+            twin.running_mean = z.mean(dim=(0, 2, 3)).detach()
+            twin.running_var = z.var(dim=(0, 2, 3), unbiased=False).detach()
+        z = twin(z) if isinstance(module, nn.BatchNorm2d) else module(z)
+    out = IBPLoss()(model, x, y, 0.03)
+    expected = IBPLoss()(frozen, x, y, 0.03)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-10, atol=0)
+    torch.testing.assert_close(out.logits, frozen(x), rtol=1e-10, atol=1e-12)
+    for layer in model.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            assert layer.training
+            assert (layer.running_mean is None) is (not track)

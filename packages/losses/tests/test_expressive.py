@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tightrope.attacks import FGSMConfig, fgsm
+from tightrope.bounds import Box, ibp, margin_spec
 from tightrope.losses import (
     CCIBPConfig,
     CCIBPLoss,
@@ -23,6 +24,8 @@ from tightrope.losses import (
     IBPLoss,
     MTLIBPConfig,
     MTLIBPLoss,
+    logit_margins,
+    robust_cross_entropy,
 )
 from tightrope.losses.core import CertifiedLoss
 
@@ -98,3 +101,29 @@ def test_cc_ibp_mixes_margins_not_losses() -> None:
     cc = BUILDERS["cc_ibp"](0.5, torch.Generator().manual_seed(0))(model, x, y, 0.2).loss
     mtl = BUILDERS["mtl_ibp"](0.5, torch.Generator().manual_seed(0))(model, x, y, 0.2).loss
     assert float(cc.detach()) < float(mtl.detach())
+
+
+def test_interior_alpha_matches_the_formulas() -> None:
+    model = small_mlp(4)
+    x, y = batch(9, (16, 6), 4)
+    eps, alpha = 0.15, 0.3
+    x_adv = fgsm(model, x, y, eps, config=FGSMConfig(step_size=10.0, random_start=True),
+                 generator=torch.Generator().manual_seed(0)).x_adv
+    adversarial_logits = model(x_adv)
+    ibp_lower = ibp(model, Box.from_linf(x, eps), margin_spec(y, 4, dtype=x.dtype)).lower
+    l_ibp = robust_cross_entropy(ibp_lower).mean()
+    l_adv = F.cross_entropy(adversarial_logits, y)
+    expected = {
+        "cc_ibp": robust_cross_entropy(
+            alpha * ibp_lower + (1 - alpha) * logit_margins(adversarial_logits, y)
+        ).mean(),
+        "mtl_ibp": alpha * l_ibp + (1 - alpha) * l_adv,
+        "exp_ibp": l_ibp**alpha * l_adv ** (1 - alpha),
+    }
+    values = {
+        name: build(alpha, torch.Generator().manual_seed(0))(model, x, y, eps).loss
+        for name, build in BUILDERS.items()
+    }
+    for name in BUILDERS:
+        torch.testing.assert_close(values[name], expected[name], rtol=1e-12, atol=0)
+    assert len({round(float(v.detach()), 9) for v in values.values()}) == 3
