@@ -25,5 +25,5 @@ bench:
 
 lint:
 	scripts/setup.sh
-	.venv/bin/ruff check packages apps tests benchmarks examples scripts
+	.venv/bin/ruff check packages apps tests benchmarks examples scripts conftest.py
 	.venv/bin/mypy packages/*/src

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), then run the checks CI runs: ruff, mypy --strict on the packages,
-# the fast test suite, and an install of tightrope-bounds alone into a fresh environment.
+# an install of tightrope-bounds alone into a fresh environment, and the fast test suite (last,
+# so that its summary closes the output).
 # Usage: scripts/test.sh [--all] [extra pytest arguments]
 #   --all  also runs the tests marked slow (long end-to-end and large property runs).
 set -euo pipefail
@@ -14,9 +15,11 @@ if [[ "${1:-}" == "--all" ]]; then
 fi
 
 echo "== ruff"
-.venv/bin/ruff check packages apps tests benchmarks examples scripts
+.venv/bin/ruff check packages apps tests benchmarks examples scripts conftest.py
 echo "== mypy --strict (packages)"
 .venv/bin/mypy packages/*/src
+echo "== tightrope-bounds installs and runs alone"
+scripts/check_standalone.sh
 echo "== pytest"
 status=0
 .venv/bin/python -m pytest "${marker[@]}" "$@" || status=$?
@@ -24,8 +27,4 @@ if [[ $status -eq 5 ]]; then
   echo "pytest collected no tests" >&2
   exit 1
 fi
-if [[ $status -ne 0 ]]; then
-  exit "$status"
-fi
-echo "== tightrope-bounds installs and runs alone"
-scripts/check_standalone.sh
+exit "$status"
