@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad() if name != "alpha-CROWN" else torch.enable_grad():
             bounds = compute()
         elapsed = time.perf_counter() - started
-        worst = bounds.lower.min(dim=1).values
+        worst = bounds.lower.detach().min(dim=1).values
         cells = "".join(f"{float(v):>13.3f}{'*' if v > 0 else ' '}" for v in worst)
         print(f"{name:<12}{elapsed * 1e3:>7.1f}ms  {cells}")
     print("\n* verified. Every bound is sound; tighter methods cost more. See README.md.")
