@@ -11,9 +11,9 @@ layer except ReLU is an affine map of one sample, ``z -> L z + b``, and is descr
 The backward (CROWN) pass needs ``L^T``, which a rule need not write: by default it is the
 vector-Jacobian product of ``apply`` (see :func:`transpose`). The built-in layers also give an
 optional ``fast_transpose`` (and, for convolutions, a ``window_transpose`` on receptive fields)
-for speed; the tests check each against the vector-Jacobian product. BatchNorm is folded into
-a preceding convolution through ``channel_affine``/``absorb``. To support a new affine layer,
-register a rule::
+for speed; tests check them against the vector-Jacobian product and the dense pass. BatchNorm
+is folded into a preceding convolution through ``channel_affine``/``absorb``. To support a new
+affine layer, register a rule::
 
     @affine_rule(MyScale)
     def _my_scale(module: MyScale, reference: Tensor) -> Affine:
