@@ -102,14 +102,15 @@ def test_losses_reject_bad_batches() -> None:
 def test_randomised_losses_need_a_generator() -> None:
     model = small_mlp(0)
     x, y = batch(1, (8, 6), 4)
-    for name in ("cc_ibp", "mtl_ibp", "exp_ibp", "sabr", "pgd"):
+    for name in ("cc_ibp", "mtl_ibp", "exp_ibp", "sabr", "pgd", "taps", "staps"):
         with pytest.raises(ValueError, match=r"[Gg]enerator"):
             build_loss(name)(model, x, y, 0.1)
 
 
 def test_registry() -> None:
     assert set(METHODS) == {
-        "standard", "pgd", "ibp", "crown_ibp", "sabr", "cc_ibp", "mtl_ibp", "exp_ibp",
+        "standard", "pgd", "ibp", "crown_ibp", "sabr", "cc_ibp", "mtl_ibp", "exp_ibp", "taps",
+        "staps",
     }
     model = small_mlp(0)
     x, y = batch(1, (8, 6), 4)

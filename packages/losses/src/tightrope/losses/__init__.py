@@ -11,6 +11,8 @@ in ``[0, 1]``, ``y: (B,)`` labels, ``eps`` the l_inf radius in pixel units.
 * :class:`CROWNIBPLoss` — the ``beta`` mix of CROWN-IBP and IBP bounds with natural weight
   ``kappa`` (Zhang et al. 2020);
 * :class:`SABRLoss` — IBP on a small box around a PGD point (Mueller et al. 2023);
+* :class:`TAPSLoss`, :class:`STAPSLoss` — IBP to a split layer, per-class PGD estimators in
+  the latent box and a gradient connector, times the IBP loss (Mao et al. 2023);
 * :class:`CCIBPLoss`, :class:`MTLIBPLoss`, :class:`ExpIBPLoss` — the expressive losses
   (De Palma et al. 2024);
 * :data:`METHODS` / :func:`build_loss` — the registry of method names;
@@ -41,6 +43,15 @@ from tightrope.losses.mtl_ibp import MTLIBPConfig, MTLIBPLoss
 from tightrope.losses.registry import METHODS, Method, build_loss
 from tightrope.losses.sabr import SABRConfig, SABRLoss, small_box
 from tightrope.losses.standard import StandardConfig, StandardLoss
+from tightrope.losses.staps import STAPSConfig, STAPSLoss
+from tightrope.losses.taps import (
+    TAPSBounds,
+    TAPSConfig,
+    TAPSLoss,
+    gradient_connector,
+    scale_gradient,
+    taps_bounds,
+)
 
 __all__ = [
     "METHODS",
@@ -62,13 +73,21 @@ __all__ = [
     "PGDTrainingLoss",
     "SABRConfig",
     "SABRLoss",
+    "STAPSConfig",
+    "STAPSLoss",
     "StandardConfig",
     "StandardLoss",
+    "TAPSBounds",
+    "TAPSConfig",
+    "TAPSLoss",
     "__version__",
     "build_loss",
     "clean_pass",
     "expressive_attack",
+    "gradient_connector",
     "logit_margins",
     "robust_cross_entropy",
+    "scale_gradient",
     "small_box",
+    "taps_bounds",
 ]

@@ -26,6 +26,8 @@ from tightrope.losses.interval import IBPConfig, IBPLoss
 from tightrope.losses.mtl_ibp import MTLIBPConfig, MTLIBPLoss
 from tightrope.losses.sabr import SABRConfig, SABRLoss
 from tightrope.losses.standard import StandardConfig, StandardLoss
+from tightrope.losses.staps import STAPSConfig, STAPSLoss
+from tightrope.losses.taps import TAPSConfig, TAPSLoss
 
 __all__ = ["METHODS", "Method", "build_loss"]
 
@@ -69,6 +71,8 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "cc_ibp": _checked(CCIBPConfig, lambda c, g: CCIBPLoss(c, g)),
     "mtl_ibp": _checked(MTLIBPConfig, lambda c, g: MTLIBPLoss(c, g)),
     "exp_ibp": _checked(ExpIBPConfig, lambda c, g: ExpIBPLoss(c, g)),
+    "taps": _checked(TAPSConfig, lambda c, g: TAPSLoss(c, g)),
+    "staps": _checked(STAPSConfig, lambda c, g: STAPSLoss(c, g)),
 })
 
 
