@@ -13,12 +13,9 @@ from tightrope.attacks import FGSMConfig
 from tightrope.losses.batchnorm import BatchNormPolicy
 from tightrope.losses.core import (
     LossOutput,
-    accuracy,
     check_unit_interval,
-    cross_entropy,
     logit_margins,
     robust_cross_entropy,
-    verified_accuracy,
 )
 from tightrope.losses.expressive import expressive_attack, expressive_step
 
@@ -65,12 +62,4 @@ class CCIBPLoss:
         adversarial = logit_margins(step.adversarial_logits, y)
         combined = alpha * step.ibp_lower + (1.0 - alpha) * adversarial
         loss = robust_cross_entropy(combined).mean()
-        metrics = {
-            "robust_loss": robust_cross_entropy(step.ibp_lower).mean().detach(),
-            "adversarial_loss": cross_entropy(step.adversarial_logits, y).detach(),
-            "natural_loss": cross_entropy(step.logits, y).detach(),
-            "natural_accuracy": accuracy(step.logits, y),
-            "adversarial_accuracy": accuracy(step.adversarial_logits, y),
-            "ibp_verified_accuracy": verified_accuracy(step.ibp_lower),
-        }
-        return LossOutput(loss=loss, logits=step.logits, metrics=metrics)
+        return step.output(loss, y)

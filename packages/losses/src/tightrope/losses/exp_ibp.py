@@ -12,11 +12,9 @@ from tightrope.attacks import FGSMConfig
 from tightrope.losses.batchnorm import BatchNormPolicy
 from tightrope.losses.core import (
     LossOutput,
-    accuracy,
     check_unit_interval,
     cross_entropy,
     robust_cross_entropy,
-    verified_accuracy,
 )
 from tightrope.losses.expressive import expressive_attack, expressive_step
 
@@ -63,12 +61,4 @@ class ExpIBPLoss:
         robust = robust_cross_entropy(step.ibp_lower).mean()
         adversarial = cross_entropy(step.adversarial_logits, y)
         loss = robust.pow(alpha) * adversarial.pow(1.0 - alpha)
-        metrics = {
-            "robust_loss": robust.detach(),
-            "adversarial_loss": adversarial.detach(),
-            "natural_loss": cross_entropy(step.logits, y).detach(),
-            "natural_accuracy": accuracy(step.logits, y),
-            "adversarial_accuracy": accuracy(step.adversarial_logits, y),
-            "ibp_verified_accuracy": verified_accuracy(step.ibp_lower),
-        }
-        return LossOutput(loss=loss, logits=step.logits, metrics=metrics)
+        return step.output(loss, y)

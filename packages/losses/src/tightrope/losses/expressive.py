@@ -17,7 +17,16 @@ from torch import Tensor, nn
 
 from tightrope.attacks import FGSMConfig, fgsm
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
-from tightrope.losses.core import check_batch, check_unit_interval, ibp_margins
+from tightrope.losses.core import (
+    LossOutput,
+    accuracy,
+    check_batch,
+    check_unit_interval,
+    cross_entropy,
+    ibp_margins,
+    robust_cross_entropy,
+    verified_accuracy,
+)
 
 __all__ = ["ExpressiveStep", "expressive_attack", "expressive_step"]
 
@@ -40,6 +49,18 @@ class ExpressiveStep:
     logits: Tensor
     adversarial_logits: Tensor
     ibp_lower: Tensor
+
+    def output(self, loss: Tensor, y: Tensor) -> LossOutput:
+        """``loss`` with the metrics every expressive loss logs (all detached)."""
+        metrics = {
+            "robust_loss": robust_cross_entropy(self.ibp_lower).mean().detach(),
+            "adversarial_loss": cross_entropy(self.adversarial_logits, y).detach(),
+            "natural_loss": cross_entropy(self.logits, y).detach(),
+            "natural_accuracy": accuracy(self.logits, y),
+            "adversarial_accuracy": accuracy(self.adversarial_logits, y),
+            "ibp_verified_accuracy": verified_accuracy(self.ibp_lower),
+        }
+        return LossOutput(loss=loss, logits=self.logits, metrics=metrics)
 
 
 def expressive_step(
