@@ -26,4 +26,4 @@ bench:
 lint:
 	scripts/setup.sh
 	.venv/bin/ruff check packages apps tests benchmarks examples scripts conftest.py
-	.venv/bin/mypy packages/*/src
+	.venv/bin/mypy packages/*/src apps/*/src

@@ -24,7 +24,7 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.tightrope-installed
-inputs=(scripts/setup.sh requirements-dev.txt packages/*/pyproject.toml)
+inputs=(scripts/setup.sh requirements-dev.txt packages/*/pyproject.toml apps/*/pyproject.toml)
 if [[ -f "$stamp" ]] && [[ -z "$(find "${inputs[@]}" -newer "$stamp" 2>/dev/null)" ]]; then
   exit 0
 fi
@@ -32,5 +32,6 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "$TORCH_PIN"
 "${pip[@]}" -r requirements-dev.txt \
   -e "packages/bounds[oracles]" -e packages/attacks -e packages/losses \
-  -e packages/verify -e packages/train
+  -e packages/verify -e packages/train \
+  -e apps/train -e apps/certify
 touch "$stamp"

@@ -16,8 +16,8 @@ fi
 
 echo "== ruff"
 .venv/bin/ruff check packages apps tests benchmarks examples scripts conftest.py
-echo "== mypy --strict (packages)"
-.venv/bin/mypy packages/*/src
+echo "== mypy --strict (packages and apps)"
+.venv/bin/mypy packages/*/src apps/*/src
 echo "== tightrope-bounds installs and runs alone"
 scripts/check_standalone.sh
 echo "== pytest"
