@@ -25,7 +25,7 @@ Example::
 from tightrope.bounds.__about__ import __version__
 from tightrope.bounds.alpha import alpha_crown
 from tightrope.bounds.core import Box, LinearBounds, margin_spec
-from tightrope.bounds.interval import ibp
+from tightrope.bounds.interval import IntervalTrace, ibp, ibp_trace
 from tightrope.bounds.linear import Intermediate, crown, crown_ibp, linear_bounds
 from tightrope.bounds.modules import Normalize
 from tightrope.bounds.network import Affine, affine_rule, supported_layers
@@ -36,6 +36,7 @@ __all__ = [
     "Affine",
     "Box",
     "Intermediate",
+    "IntervalTrace",
     "LinearBounds",
     "LowerSlope",
     "Normalize",
@@ -45,6 +46,7 @@ __all__ = [
     "crown",
     "crown_ibp",
     "ibp",
+    "ibp_trace",
     "linear_bounds",
     "lp_bound",
     "margin_spec",

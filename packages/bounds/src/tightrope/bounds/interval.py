@@ -9,6 +9,8 @@ after the last ReLU), so the output bound is that of the single affine map ``C f
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
@@ -17,7 +19,7 @@ from tightrope.bounds.core import Box
 from tightrope.bounds.network import Affine, Network
 from tightrope.bounds.problem import prepare
 
-__all__ = ["ibp", "interval_pre_activations", "propagate_interval"]
+__all__ = ["IntervalTrace", "ibp", "ibp_trace", "interval_pre_activations", "propagate_interval"]
 
 
 def propagate_interval(
@@ -85,6 +87,41 @@ def ibp(model: nn.Module, box: Box, C: Tensor | None = None) -> Box:
     tail_start = max(net.relu_indices, default=-1) + 1
     tail_input = propagate_interval(net, box, end=tail_start)
     return tail_bounds(net, problem.spec, tail_input, tail_start)
+
+
+@dataclass(frozen=True, slots=True)
+class IntervalTrace:
+    """The result of :func:`ibp_trace`.
+
+    Attributes:
+        output: bounds on ``C f(x)`` (or ``f(x)``), as :func:`ibp` returns them.
+        pre_activations: the interval of each ReLU's input, in network order, each
+            ``(B, *S_i)``; BatchNorm is folded into the preceding layer, so these are the
+            post-BatchNorm pre-activations.
+    """
+
+    output: Box
+    pre_activations: tuple[Box, ...]
+
+
+def ibp_trace(model: nn.Module, box: Box, C: Tensor | None = None) -> IntervalTrace:
+    """:func:`ibp` that also returns the pre-activation intervals it passed through.
+
+    For training terms that look inside the network, e.g. the tightness and ReLU-balance
+    regularisers of Shi et al. 2021 ("Fast Certified Robust Training with Short Warmup").
+    Same arguments, cost (plus one copy of each ReLU's bounds) and differentiability as
+    :func:`ibp`.
+    """
+    problem = prepare(model, box, C)
+    net = problem.net
+    found: dict[int, Box] = {}
+    tail_start = max(net.relu_indices, default=-1) + 1
+    tail_input = propagate_interval(net, box, end=tail_start, pre_activations=found)
+    if problem.spec is None:
+        output = propagate_interval(net, tail_input, start=tail_start)
+    else:
+        output = tail_bounds(net, problem.spec, tail_input, tail_start)
+    return IntervalTrace(output, tuple(found[index] for index in sorted(found)))
 
 
 def tail_bounds(net: Network, C: Tensor, tail_input: Box, tail_start: int) -> Box:
