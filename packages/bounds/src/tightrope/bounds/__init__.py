@@ -9,6 +9,7 @@ every ``x`` in an input box:
 * :func:`crown_ibp` — CROWN-IBP (Zhang et al. 2020);
 * :func:`alpha_crown` — CROWN with optimised lower slopes (Xu et al. 2021);
 * :func:`linear_bounds` — the linear functions behind ``crown``;
+* :func:`relax` — ``crown``'s relaxation with the lower slopes left to the caller;
 * :func:`lp_bound`, :func:`milp_bound` — LP (triangle relaxation) and exact MILP oracles
   solved with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``).
 
@@ -31,6 +32,7 @@ from tightrope.bounds.modules import Normalize
 from tightrope.bounds.network import Affine, affine_rule, supported_layers
 from tightrope.bounds.oracles import lp_bound, milp_bound
 from tightrope.bounds.relaxation import LowerSlope
+from tightrope.bounds.relaxed import Relaxed, relax
 
 __all__ = [
     "Affine",
@@ -40,6 +42,7 @@ __all__ = [
     "LinearBounds",
     "LowerSlope",
     "Normalize",
+    "Relaxed",
     "__version__",
     "affine_rule",
     "alpha_crown",
@@ -51,5 +54,6 @@ __all__ = [
     "lp_bound",
     "margin_spec",
     "milp_bound",
+    "relax",
     "supported_layers",
 ]
