@@ -41,6 +41,14 @@ from tightrope.losses.expressive import expressive_attack
 from tightrope.losses.interval import IBPConfig, IBPLoss
 from tightrope.losses.mtl_ibp import MTLIBPConfig, MTLIBPLoss
 from tightrope.losses.registry import METHODS, Method, build_loss
+from tightrope.losses.regularizers import (
+    Regularized,
+    RegularizerConfig,
+    ibp_initialize,
+    l1_penalty,
+    relu_balance_penalty,
+    tightness_penalty,
+)
 from tightrope.losses.sabr import SABRConfig, SABRLoss, small_box
 from tightrope.losses.standard import StandardConfig, StandardLoss
 from tightrope.losses.staps import STAPSConfig, STAPSLoss
@@ -71,6 +79,8 @@ __all__ = [
     "Method",
     "PGDTrainingConfig",
     "PGDTrainingLoss",
+    "Regularized",
+    "RegularizerConfig",
     "SABRConfig",
     "SABRLoss",
     "STAPSConfig",
@@ -85,9 +95,13 @@ __all__ = [
     "clean_pass",
     "expressive_attack",
     "gradient_connector",
+    "ibp_initialize",
+    "l1_penalty",
     "logit_margins",
+    "relu_balance_penalty",
     "robust_cross_entropy",
     "scale_gradient",
     "small_box",
     "taps_bounds",
+    "tightness_penalty",
 ]

@@ -7,7 +7,9 @@ Margins are ``z_y - z_j`` for the ``K - 1`` classes ``j != y``, in the order of
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, ibp, margin_spec
+from tightrope.bounds import Box, ibp, ibp_trace, margin_spec
 
 __all__ = [
     "CertifiedLoss",
@@ -23,7 +25,11 @@ __all__ = [
     "check_batch",
     "check_unit_interval",
     "ibp_margins",
+    "interval_bounds",
+    "is_recording",
     "logit_margins",
+    "record_pre_activations",
+    "recording_pre_activations",
     "robust_cross_entropy",
 ]
 
@@ -83,11 +89,55 @@ def logit_margins(logits: Tensor, y: Tensor) -> Tensor:
     return torch.einsum("bkn,bn->bk", C, logits)
 
 
+#: Where the bound passes of a loss leave their pre-activation bounds while a regulariser
+#: listens (else None): ``(input box, ReLU input boxes in network order)`` per pass.
+_TRACES: ContextVar[list[tuple[Box, tuple[Box, ...]]] | None] = ContextVar(
+    "tightrope_losses_pre_activation_traces", default=None
+)
+
+
+@contextmanager
+def recording_pre_activations() -> Iterator[list[tuple[Box, tuple[Box, ...]]]]:
+    """Collect ``(input box, pre-activation boxes)`` of every bound pass of a loss in the block.
+
+    Regularisers on the pre-activation bounds (Shi et al. 2021) read the bounds of the step's
+    own IBP pass this way instead of propagating the box a second time.
+    """
+    traces: list[tuple[Box, tuple[Box, ...]]] = []
+    token = _TRACES.set(traces)
+    try:
+        yield traces
+    finally:
+        _TRACES.reset(token)
+
+
+def is_recording() -> bool:
+    """Whether a :func:`recording_pre_activations` block is listening."""
+    return _TRACES.get() is not None
+
+
+def record_pre_activations(box: Box, pre_activations: tuple[Box, ...]) -> None:
+    """Hand the interval pre-activation bounds of a pass over ``box`` to the listener, if any."""
+    traces = _TRACES.get()
+    if traces is not None:
+        traces.append((box, pre_activations))
+
+
+def interval_bounds(model: nn.Module, box: Box, C: Tensor | None = None) -> Box:
+    """``tightrope.bounds.ibp``, recording the pre-activation intervals while
+    :func:`recording_pre_activations` is active. Every IBP pass of a loss goes through here."""
+    if not is_recording():
+        return ibp(model, box, C)
+    trace = ibp_trace(model, box, C)
+    record_pre_activations(box, trace.pre_activations)
+    return trace.output
+
+
 def ibp_margins(model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, num_classes: int
                 ) -> Tensor:
     """IBP lower bounds ``(B, K-1)`` of the margins on ``[x - eps, x + eps] ∩ [0, 1]``."""
     C = margin_spec(y, num_classes, dtype=x.dtype).to(x.device)
-    return ibp(model, Box.from_linf(x, eps), C).lower
+    return interval_bounds(model, Box.from_linf(x, eps), C).lower
 
 
 def check_batch(x: Tensor, y: Tensor, eps: float | Tensor) -> None:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, LowerSlope, crown_ibp, margin_spec
+from tightrope.bounds import Box, LowerSlope, crown_ibp, margin_spec, relax
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (
     LossOutput,
@@ -16,6 +16,8 @@ from tightrope.losses.core import (
     check_unit_interval,
     cross_entropy,
     ibp_margins,
+    is_recording,
+    record_pre_activations,
     robust_cross_entropy,
     verified_accuracy,
 )
@@ -54,7 +56,11 @@ def crown_ibp_margins(
     """CROWN-IBP lower bounds ``(B, K-1)`` of the margins (lower side only)."""
     C = margin_spec(y, num_classes, dtype=x.dtype).to(x.device)
     box = Box.from_linf(x, eps)
-    return crown_ibp(model, box, C, lower_slope=lower_slope, upper=False).lower
+    if not is_recording():
+        return crown_ibp(model, box, C, lower_slope=lower_slope, upper=False).lower
+    relaxed = relax(model, box, C, intermediate="ibp", lower_slope=lower_slope)
+    record_pre_activations(box, relaxed.pre_activations)
+    return relaxed.lower()
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,13 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.attacks import PGDConfig, pgd
-from tightrope.bounds import Box, ibp, margin_spec
+from tightrope.bounds import Box, margin_spec
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (
     LossOutput,
     accuracy,
     check_batch,
     cross_entropy,
+    interval_bounds,
     robust_cross_entropy,
     verified_accuracy,
 )
@@ -81,7 +82,7 @@ class SABRLoss:
         box = small_box(x, x_adv, eps, self.config.shrink)
         with clean_pass(model, x, self.config.batchnorm) as logits:
             C = margin_spec(y, logits.shape[1], dtype=x.dtype).to(x.device)
-            lower = ibp(model, box, C).lower
+            lower = interval_bounds(model, box, C).lower
         robust = robust_cross_entropy(lower).mean()
         metrics = {
             "robust_loss": robust.detach(),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.attacks import MultiEstimatorConfig, MultiStepDecay, multi_estimator_box_pgd
-from tightrope.bounds import Box, ibp, margin_spec
+from tightrope.bounds import Box, margin_spec
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (
     LossOutput,
@@ -20,6 +20,7 @@ from tightrope.losses.core import (
     check_batch,
     check_unit_interval,
     cross_entropy,
+    interval_bounds,
     robust_cross_entropy,
     verified_accuracy,
 )
@@ -220,14 +221,14 @@ def taps_bounds(
         box: ``(B, *S)`` input box; ``y: (B,)`` labels.
     """
     extractor, classifier = model[:split], model[split:]
-    latent = ibp(extractor, box)
+    latent = interval_bounds(extractor, box)
     found = multi_estimator_box_pgd(
         classifier, latent.lower, latent.upper, y, config=estimators, generator=generator
     )
     batch, estimators_per_sample = found.classes.shape
     num_classes = estimators_per_sample + 1
     C = margin_spec(y, num_classes, dtype=box.lower.dtype).to(box.lower.device)
-    ibp_lower = ibp(classifier, latent, C).lower
+    ibp_lower = interval_bounds(classifier, latent, C).lower
 
     def per_estimator(t: Tensor) -> Tensor:
         return t.unsqueeze(1).expand(found.points.shape)
@@ -276,7 +277,7 @@ def taps_loss(
     with clean_pass(model, x, config.batchnorm) as logits:
         if split == len(model):
             C = margin_spec(y, logits.shape[1], dtype=x.dtype).to(x.device)
-            ibp_lower = ibp(model, box, C).lower
+            ibp_lower = interval_bounds(model, box, C).lower
             taps_margins = ibp_lower
         else:
             bounds = taps_bounds(
