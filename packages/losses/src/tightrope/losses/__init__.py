@@ -13,6 +13,11 @@ in ``[0, 1]``, ``y: (B,)`` labels, ``eps`` the l_inf radius in pixel units.
 * :class:`SABRLoss` — IBP on a small box around a PGD point (Mueller et al. 2023);
 * :class:`TAPSLoss`, :class:`STAPSLoss` — IBP to a split layer, per-class PGD estimators in
   the latent box and a gradient connector, times the IBP loss (Mao et al. 2023);
+* :class:`LeeLoss` — CROWN-IBP with 0/1 lower slopes from one signed-gradient step
+  (Lee et al. 2021);
+* :class:`WongKolterLoss` — robust training with the dual network's bound (Wong & Kolter 2018);
+* :class:`Regularized`, :func:`ibp_initialize` — Shi et al. 2021's initialisation and
+  regularisers, and L1;
 * :class:`CCIBPLoss`, :class:`MTLIBPLoss`, :class:`ExpIBPLoss` — the expressive losses
   (De Palma et al. 2024);
 * :data:`METHODS` / :func:`build_loss` — the registry of method names;
@@ -39,6 +44,7 @@ from tightrope.losses.crown_ibp import CROWNIBPConfig, CROWNIBPLoss
 from tightrope.losses.exp_ibp import ExpIBPConfig, ExpIBPLoss
 from tightrope.losses.expressive import expressive_attack
 from tightrope.losses.interval import IBPConfig, IBPLoss
+from tightrope.losses.lee import LeeConfig, LeeLoss, signed_step_slopes
 from tightrope.losses.mtl_ibp import MTLIBPConfig, MTLIBPLoss
 from tightrope.losses.registry import METHODS, Method, build_loss
 from tightrope.losses.regularizers import (
@@ -60,6 +66,7 @@ from tightrope.losses.taps import (
     scale_gradient,
     taps_bounds,
 )
+from tightrope.losses.wong_kolter import WongKolterConfig, WongKolterLoss
 
 __all__ = [
     "METHODS",
@@ -73,6 +80,8 @@ __all__ = [
     "ExpIBPLoss",
     "IBPConfig",
     "IBPLoss",
+    "LeeConfig",
+    "LeeLoss",
     "LossOutput",
     "MTLIBPConfig",
     "MTLIBPLoss",
@@ -90,6 +99,8 @@ __all__ = [
     "TAPSBounds",
     "TAPSConfig",
     "TAPSLoss",
+    "WongKolterConfig",
+    "WongKolterLoss",
     "__version__",
     "build_loss",
     "clean_pass",
@@ -101,6 +112,7 @@ __all__ = [
     "relu_balance_penalty",
     "robust_cross_entropy",
     "scale_gradient",
+    "signed_step_slopes",
     "small_box",
     "taps_bounds",
     "tightness_penalty",

@@ -23,11 +23,13 @@ from tightrope.losses.core import CertifiedLoss
 from tightrope.losses.crown_ibp import CROWNIBPConfig, CROWNIBPLoss
 from tightrope.losses.exp_ibp import ExpIBPConfig, ExpIBPLoss
 from tightrope.losses.interval import IBPConfig, IBPLoss
+from tightrope.losses.lee import LeeConfig, LeeLoss
 from tightrope.losses.mtl_ibp import MTLIBPConfig, MTLIBPLoss
 from tightrope.losses.sabr import SABRConfig, SABRLoss
 from tightrope.losses.standard import StandardConfig, StandardLoss
 from tightrope.losses.staps import STAPSConfig, STAPSLoss
 from tightrope.losses.taps import TAPSConfig, TAPSLoss
+from tightrope.losses.wong_kolter import WongKolterConfig, WongKolterLoss
 
 __all__ = ["METHODS", "Method", "build_loss"]
 
@@ -67,6 +69,8 @@ METHODS: Mapping[str, Method] = MappingProxyType({
     "pgd": _checked(PGDTrainingConfig, lambda c, g: PGDTrainingLoss(c, g)),
     "ibp": _checked(IBPConfig, lambda c, g: IBPLoss(c)),
     "crown_ibp": _checked(CROWNIBPConfig, lambda c, g: CROWNIBPLoss(c)),
+    "lee": _checked(LeeConfig, lambda c, g: LeeLoss(c)),
+    "wong_kolter": _checked(WongKolterConfig, lambda c, g: WongKolterLoss(c)),
     "sabr": _checked(SABRConfig, lambda c, g: SABRLoss(c, g)),
     "cc_ibp": _checked(CCIBPConfig, lambda c, g: CCIBPLoss(c, g)),
     "mtl_ibp": _checked(MTLIBPConfig, lambda c, g: MTLIBPLoss(c, g)),
