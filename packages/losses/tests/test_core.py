@@ -110,7 +110,7 @@ def test_randomised_losses_need_a_generator() -> None:
 def test_registry() -> None:
     assert set(METHODS) == {
         "standard", "pgd", "ibp", "crown_ibp", "sabr", "cc_ibp", "mtl_ibp", "exp_ibp", "taps",
-        "staps",
+        "staps", "lee", "wong_kolter",
     }
     model = small_mlp(0)
     x, y = batch(1, (8, 6), 4)
