@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from tightrope.attacks import PGDConfig, pgd
 from tightrope.bounds import Box, crown_ibp, ibp, margin_spec
@@ -18,6 +19,7 @@ from tightrope.losses import (
     robust_cross_entropy,
     small_box,
 )
+from tightrope.losses.sabr import shrunk_interval_bounds
 
 from .conftest import batch, small_cnn, small_mlp
 
@@ -126,3 +128,35 @@ def test_bound_losses_in_eval_mode_match_the_direct_bounds_on_a_cnn() -> None:
     out = IBPLoss()(model, x, y, 0.02)
     lower = _direct("ibp", model, x, y, 0.02)
     torch.testing.assert_close(out.loss, robust_cross_entropy(lower).mean(), rtol=1e-12, atol=0)
+
+
+def test_sabr_relu_shrink_scales_only_unstable_upper_bounds() -> None:
+    model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 2)).double()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[1.0], [1.0]]))
+        model[0].bias.copy_(torch.tensor([0.0, 1.5]))   # pre-activations [-1, 1] and [0.5, 2.5]
+        model[2].weight.copy_(torch.tensor([[1.0, 1.0], [0.0, 0.0]]))
+        model[2].bias.zero_()
+    box = Box.from_center_radius(torch.zeros(1, 1, dtype=torch.float64),
+                                 torch.ones(1, 1, dtype=torch.float64))
+    C = torch.tensor([[[1.0, -1.0]]], dtype=torch.float64)
+    with torch.no_grad():
+        plain = shrunk_interval_bounds(model, box, C, 1.0)
+        torch.testing.assert_close(plain.upper, ibp(model, box, C).upper)
+        torch.testing.assert_close(plain.lower, ibp(model, box, C).lower)
+        shrunk = shrunk_interval_bounds(model, box, C, 0.8)
+    # Unstable neuron: [0, 1] -> [0, 0.8]; the stable one keeps [0.5, 2.5].
+    assert float(shrunk.upper) == pytest.approx(0.8 + 2.5)
+    assert float(shrunk.lower) == pytest.approx(0.0 + 0.5)
+
+
+def test_sabr_relu_shrink_never_raises_the_loss() -> None:
+    model = small_cnn(11).eval()  # eval: both calls see the same running statistics
+    x, y = batch(4, (6, 1, 8, 8), 3)
+    losses = []
+    for factor in (1.0, 0.8):
+        loss = SABRLoss(SABRConfig(relu_shrink=factor), torch.Generator().manual_seed(0))
+        losses.append(loss(model, x, y, 0.1).loss)
+    assert float(losses[1].detach()) <= float(losses[0].detach()) + 1e-12
+    with pytest.raises(ValueError, match="relu_shrink"):
+        SABRConfig(relu_shrink=0.0)
