@@ -61,7 +61,7 @@ def test_ibp_initialize_is_reproducible_and_checks_the_model() -> None:
 def test_l1_penalty_sums_weights_only() -> None:
     model = small_mlp(2)
     expected = sum(float(m.weight.detach().abs().sum()) for m in model if isinstance(m, nn.Linear))
-    assert float(l1_penalty(model)) == pytest.approx(expected, rel=1e-12)
+    assert float(l1_penalty(model).detach()) == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="no Linear"):
         l1_penalty(nn.Sequential(nn.ReLU()))
 
