@@ -1,0 +1,101 @@
+"""ONNX import without the ``onnx`` package: a protobuf decoder, a graph-to-``nn.Sequential``
+converter for the layers ``tightrope.bounds`` supports, and an exporter for such models.
+
+Example::
+
+    from tightrope.verify.onnx import load_onnx
+
+    net = load_onnx("mnist-net_256x2.onnx")   # OnnxModel
+    y = net.module(x.reshape(-1, *net.input_shape))   # (N, net.num_outputs)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tightrope.verify.onnx.convert import OnnxImportError, convert_graph
+from tightrope.verify.onnx.export import export_onnx
+from tightrope.verify.onnx.proto import decode_model
+from tightrope.verify.onnx.wire import WireError
+
+__all__ = ["OnnxImportError", "OnnxModel", "export_onnx", "load_onnx"]
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxModel:
+    """A network read from an ONNX file.
+
+    Attributes:
+        module: ``nn.Sequential`` in eval mode mapping ``(N, *input_shape)`` to
+            ``(N, num_outputs)``; built only from layers that ``tightrope.bounds`` supports.
+        input_shape: the per-sample input shape ``S`` the module takes. Its row-major order is
+            the ONNX input's (VNNLIB's ``X_i`` is element ``i`` of the flattened input).
+        onnx_input_shape: the input shape declared in the file (symbolic dims as 1).
+        num_outputs: the number of outputs (VNNLIB's ``Y_i``), flattened in ONNX order.
+        dtype: the element type of the ONNX input (the module's parameters use it unless
+            :func:`load_onnx` was asked for another).
+        input_name, output_name: the graph's input and output names.
+    """
+
+    module: nn.Sequential
+    input_shape: tuple[int, ...]
+    onnx_input_shape: tuple[int, ...]
+    num_outputs: int
+    dtype: torch.dtype
+    input_name: str
+    output_name: str
+
+    @property
+    def input_size(self) -> int:
+        """The number of input values (VNNLIB's ``X_i``)."""
+        size = 1
+        for d in self.input_shape:
+            size *= d
+        return size
+
+
+def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> OnnxModel:
+    """Read an ONNX file into an :class:`OnnxModel`.
+
+    Supported operators: Gemm, MatMul, Add, Sub, Mul, Div, Neg (with constants), Conv (2-D,
+    symmetric pads), Relu, Flatten, Reshape, Squeeze, Unsqueeze, Transpose (when it keeps the
+    element order), Constant, BatchNormalization, AveragePool, Identity, Dropout, Cast, and
+    Shape/Gather/Concat on constants; the graph must be a chain from one input to one output.
+
+    Args:
+        path: the ``.onnx`` file (all tensors stored inside it).
+        dtype: the module's parameter dtype; the ONNX input's element type by default. The
+            conversion itself is done in float64.
+
+    Raises:
+        OnnxImportError: the file is missing or corrupt (message names the file and the
+            problem), or nodes cannot be converted (message lists every one of them).
+    """
+    source = os.fspath(path)
+    try:
+        with open(source, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise OnnxImportError(source, [f"cannot read the file: {error.strerror}"]) from error
+    try:
+        model = decode_model(data)
+    except WireError as error:
+        raise OnnxImportError(source, [f"not a valid ONNX (protobuf) file: {error}"]) from error
+    converted = convert_graph(model.graph, model.opset, source)
+    module = converted.module.to(dtype or converted.dtype)
+    num_outputs = 1
+    for d in converted.onnx_output_shape:
+        num_outputs *= d
+    return OnnxModel(
+        module=module,
+        input_shape=converted.input_shape,
+        onnx_input_shape=converted.onnx_input_shape,
+        num_outputs=num_outputs,
+        dtype=converted.dtype,
+        input_name=converted.input_name,
+        output_name=converted.output_name,
+    )

@@ -1,0 +1,601 @@
+"""Converting an ONNX graph into an ``nn.Sequential`` that ``tightrope.bounds`` accepts.
+
+The graph is evaluated once, symbolically, on its single input. Every tensor is either a
+*constant* (initializers, ``Constant`` nodes and anything computed from constants only, folded
+here) or the *variable*: the one chain of values that depends on the input. Each node on the
+chain becomes zero or more torch layers:
+
+* Gemm, MatMul with a constant matrix -> ``nn.Linear``; Conv -> ``nn.Conv2d``; Relu ->
+  ``nn.ReLU``; AveragePool -> ``nn.AvgPool2d``;
+* Add / Sub / Mul / Div / Neg with constants and BatchNormalization are elementwise affine maps
+  ``z -> s * z + t``; consecutive ones are composed and then folded into the preceding Linear
+  (or, per channel, Conv) layer, into the following Linear layer, into ``Normalize`` at the
+  input (positive per-channel scale) or, failing those, into an eval-mode BatchNorm layer;
+* Flatten, Reshape, Squeeze, Unsqueeze and Transposes that keep the element order change only
+  the ONNX shape: the torch layout is re-derived (an ``nn.Flatten`` before a Linear layer).
+
+The ONNX model is evaluated with its declared input shape (symbolic leading dimensions taken as
+1); the torch module applies the same per-sample function to a batch ``(N, *S)``. Constants are
+combined in float64, so folding adds no rounding beyond the final cast to the requested dtype.
+
+Everything the converter cannot express is collected and raised once (:class:`OnnxImportError`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from tightrope.bounds import Normalize
+from tightrope.verify.onnx.proto import DTYPES, Attribute, Graph, Node
+
+__all__ = ["Converted", "OnnxImportError", "convert_graph"]
+
+Shape = tuple[int, ...]
+
+
+class OnnxImportError(ValueError):
+    """The ONNX file is corrupt, or holds nodes the importer cannot convert (all listed)."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = tuple(problems)
+        listing = "\n  - ".join(problems)
+        super().__init__(f"{source}: cannot import the ONNX model:\n  - {listing}")
+
+
+class _UnsupportedError(Exception):
+    """One node cannot be converted; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Converted:
+    """The converted network: ``module`` maps ``(N, *input_shape)`` to ``(N, num_outputs)``."""
+
+    module: nn.Sequential
+    input_shape: Shape
+    onnx_input_shape: Shape
+    onnx_output_shape: Shape
+    input_name: str
+    output_name: str
+    dtype: torch.dtype
+
+
+@dataclass(slots=True)
+class _Variable:
+    """The value that depends on the input: its ONNX shape and the layout of the torch tensor.
+
+    ``layout`` is the per-sample shape of the torch tensor that holds it; it has the same
+    elements as ``shape`` in the same row-major order. ``scale``/``shift`` (flat, length
+    ``numel``) are a pending elementwise map ``z -> scale * z + shift`` not yet emitted.
+    """
+
+    name: str
+    shape: Shape
+    layout: Shape
+    scale: Tensor | None = None
+    shift: Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(slots=True)
+class _Builder:
+    layers: list[nn.Module] = field(default_factory=list)
+    input_layout: Shape = ()
+    #: Whether ``layers[-1]`` is affine and may absorb a following elementwise map.
+    last_absorbs: bool = False
+
+
+def _attr_int(node: Node, name: str, default: int) -> int:
+    attribute = node.attributes.get(name)
+    return default if attribute is None or attribute.i is None else attribute.i
+
+
+def _attr_float(node: Node, name: str, default: float) -> float:
+    attribute = node.attributes.get(name)
+    return default if attribute is None or attribute.f is None else attribute.f
+
+
+def _attr_ints(node: Node, name: str) -> tuple[int, ...] | None:
+    attribute = node.attributes.get(name)
+    return None if attribute is None else attribute.ints
+
+
+def _attr_str(node: Node, name: str, default: str) -> str:
+    attribute = node.attributes.get(name)
+    return default if attribute is None or attribute.s is None else attribute.s.decode()
+
+
+def _constant_of(attribute: Attribute) -> Tensor:
+    if attribute.t is not None:
+        return attribute.t.values
+    if attribute.name == "value_float" and attribute.f is not None:
+        return torch.tensor(attribute.f, dtype=torch.float32)
+    if attribute.name == "value_int" and attribute.i is not None:
+        return torch.tensor(attribute.i, dtype=torch.int64)
+    if attribute.name == "value_floats":
+        return torch.tensor(attribute.floats, dtype=torch.float32)
+    if attribute.name == "value_ints":
+        return torch.tensor(attribute.ints, dtype=torch.int64)
+    raise _UnsupportedError(f"Constant with attribute {attribute.name!r} is not supported")
+
+
+def _axes(node: Node, constants: dict[str, Tensor], rank: int) -> list[int]:
+    """The ``axes`` of Squeeze/Unsqueeze (attribute before opset 13, input after), in
+    ``[0, rank)``."""
+    axes = _attr_ints(node, "axes")
+    if axes is None and len(node.inputs) > 1 and node.inputs[1]:
+        axes = tuple(int(a) for a in constants[node.inputs[1]].reshape(-1).tolist())
+    return [a + rank if a < 0 else a for a in (axes or ())]
+
+
+def _axes_count(node: Node, constants: dict[str, Tensor]) -> int:
+    return len(_axes(node, constants, 0))
+
+
+def _reshape_target(shape: Shape, target: list[int], allow_zero: bool) -> Shape:
+    out = [shape[i] if (t == 0 and not allow_zero) else t for i, t in enumerate(target)]
+    known = math.prod(d for d in out if d != -1)
+    if out.count(-1) > 1:
+        raise _UnsupportedError(f"Reshape target {target} has more than one -1")
+    if -1 in out:
+        if known == 0 or math.prod(shape) % known:
+            raise _UnsupportedError(f"cannot reshape {shape} to {target}")
+        out[out.index(-1)] = math.prod(shape) // known
+    if math.prod(out) != math.prod(shape):
+        raise _UnsupportedError(f"cannot reshape {shape} ({math.prod(shape)} values) to {target}")
+    return tuple(out)
+
+
+def _fold_constant(node: Node, args: list[Tensor], opset: int) -> Tensor:
+    """Evaluate ``node`` on constant inputs (the ops that appear in shape computations)."""
+    op = node.op_type
+    binary: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+        "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "MatMul": torch.matmul,
+    }
+    if op in binary:
+        return binary[op](args[0], args[1])
+    if op == "Div":
+        if args[0].is_floating_point() or args[1].is_floating_point():
+            return args[0] / args[1]
+        return torch.div(args[0], args[1], rounding_mode="trunc")
+    if op == "Neg":
+        return -args[0]
+    if op in ("Identity", "Dropout"):
+        return args[0]
+    if op == "Cast":
+        code = _attr_int(node, "to", 1)
+        if code not in DTYPES:
+            raise _UnsupportedError(f"Cast to data type {code}")
+        return args[0].to(DTYPES[code])
+    if op == "Reshape":
+        target = [int(v) for v in args[1].tolist()]
+        shape = _reshape_target(tuple(args[0].shape), target, bool(_attr_int(node, "allowzero", 0)))
+        return args[0].reshape(shape)
+    if op == "Flatten":
+        axis = _attr_int(node, "axis", 1) % max(args[0].dim(), 1)
+        return args[0].reshape(math.prod(args[0].shape[:axis]), -1)
+    if op == "Transpose":
+        perm = _attr_ints(node, "perm") or tuple(reversed(range(args[0].dim())))
+        return args[0].permute(*perm)
+    if op == "Unsqueeze":
+        out = args[0]
+        constants = {node.inputs[1]: args[1]} if len(args) > 1 else {}
+        for axis in sorted(_axes(node, constants, out.dim() + _axes_count(node, constants))):
+            out = out.unsqueeze(axis)
+        return out
+    if op == "Squeeze":
+        constants = {node.inputs[1]: args[1]} if len(args) > 1 else {}
+        axes = _axes(node, constants, args[0].dim())
+        keep = [d for i, d in enumerate(args[0].shape) if (axes and i not in axes)
+                or (not axes and d != 1)]
+        return args[0].reshape(keep)
+    if op == "Concat":
+        return torch.cat(args, dim=_attr_int(node, "axis", 0))
+    if op == "Gather":
+        axis = _attr_int(node, "axis", 0)
+        index = args[1].long()
+        index = torch.where(index < 0, index + args[0].shape[axis], index)
+        return torch.index_select(args[0], axis, index.reshape(-1)).reshape(
+            (*args[0].shape[:axis], *index.shape, *args[0].shape[axis + 1 :])
+        )
+    if op == "Relu":
+        return torch.relu(args[0])
+    raise _UnsupportedError(f"{op} on constants is not supported")
+
+
+def _elementwise(var: _Variable, scale: Tensor, shift: Tensor) -> None:
+    """Compose ``z -> scale * z + shift`` (flat, float64) after the variable's pending map."""
+    if var.scale is None or var.shift is None:
+        var.scale, var.shift = scale, shift
+    else:
+        var.scale, var.shift = scale * var.scale, scale * var.shift + shift
+
+
+def _broadcast_constant(var: _Variable, constant: Tensor, node: Node) -> Tensor:
+    """``constant`` broadcast to the variable's ONNX shape, flat, float64."""
+    shape = tuple(constant.shape)
+    if len(shape) > len(var.shape) or any(
+        c not in (1, v) for c, v in zip(reversed(shape), reversed(var.shape), strict=False)
+    ):
+        raise _UnsupportedError(f"a constant of shape {shape} does not broadcast to the "
+                                f"shape {var.shape} of the input-dependent value")
+    return constant.to(torch.float64).expand(var.shape).reshape(-1)
+
+
+def _per_channel(values: Tensor, layout: Shape) -> Tensor | None:
+    """The per-channel values (``layout[0]`` of them) if ``values`` is constant per channel."""
+    grid = values.reshape(layout[0], -1)
+    if bool((grid == grid[:, :1]).all()):
+        return grid[:, 0].clone()
+    return None
+
+
+def _absorb_backward(var: _Variable, builder: _Builder) -> bool:
+    """Fold the pending map into the preceding Linear (or, per channel, Conv2d) layer."""
+    if var.scale is None or var.shift is None or not builder.last_absorbs:
+        return False
+    scale, shift = var.scale, var.shift
+    last = builder.layers[-1]
+    if isinstance(last, nn.Conv2d):
+        channel_scale = _per_channel(scale, var.layout)
+        channel_shift = _per_channel(shift, var.layout)
+        if channel_scale is None or channel_shift is None:
+            return False
+        scale, shift = channel_scale, channel_shift
+    elif not isinstance(last, nn.Linear):
+        return False
+    bias = last.bias
+    if bias is None:  # never: the importer always creates layers with a bias
+        return False
+    with torch.no_grad():
+        last.weight.mul_(scale.view(-1, *([1] * (last.weight.dim() - 1))))
+        bias.mul_(scale).add_(shift)
+    var.scale = var.shift = None
+    return True
+
+
+def _flush(var: _Variable, builder: _Builder, next_linear: nn.Linear | None = None) -> None:
+    """Emit the pending elementwise map of ``var``: folded into the previous layer, into
+    ``next_linear`` (about to be appended), or as a Normalize/BatchNorm layer of its own."""
+    if var.scale is None or var.shift is None:
+        return
+    if bool((var.scale == 1).all()) and bool((var.shift == 0).all()):
+        var.scale = var.shift = None
+        return
+    if _absorb_backward(var, builder):
+        return
+    scale, shift = var.scale, var.shift
+    var.scale = var.shift = None
+    if next_linear is not None and next_linear.bias is not None:
+        with torch.no_grad():
+            next_linear.bias.add_(next_linear.weight @ shift)
+            next_linear.weight.mul_(scale[None, :])
+        return
+    channel_scale = _per_channel(scale, var.layout)
+    channel_shift = _per_channel(shift, var.layout)
+    if channel_scale is None or channel_shift is None or len(var.layout) > 3:
+        raise _UnsupportedError(
+            f"an elementwise affine map that varies within a channel of {var.shape} and "
+            "follows no Linear layer and precedes none"
+        )
+    if not builder.layers and bool((channel_scale > 0).all()):
+        normalize = Normalize([0.0] * len(channel_scale), [1.0] * len(channel_scale))
+        normalize.mean = -channel_shift / channel_scale
+        normalize.std = 1.0 / channel_scale
+        builder.layers.append(normalize)
+    else:
+        norm_type = nn.BatchNorm1d if len(var.layout) < 3 else nn.BatchNorm2d
+        norm = norm_type(var.layout[0], eps=0.0, dtype=torch.float64)
+        with torch.no_grad():
+            norm.weight.copy_(channel_scale)
+            norm.bias.copy_(channel_shift)
+        builder.layers.append(norm.eval())
+    builder.last_absorbs = False
+
+
+def _emit_linear(var: _Variable, builder: _Builder, weight: Tensor, bias: Tensor | None,
+                 out_shape: Shape) -> None:
+    """Append ``Linear(weight: (m, n), bias: (m,))`` acting on the flattened variable."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
+    if len(var.layout) != 1:
+        _absorb_backward(var, builder)
+        builder.layers.append(nn.Flatten())
+        builder.last_absorbs = False
+        var.layout = (var.numel,)
+    _flush(var, builder, next_linear=linear)
+    builder.layers.append(linear)
+    builder.last_absorbs = True
+    var.shape = out_shape
+    var.layout = (math.prod(out_shape),)
+
+
+def _need_image_layout(var: _Variable, builder: _Builder, node: Node) -> None:
+    if len(var.shape) != 4 or var.shape[0] != 1:
+        raise _UnsupportedError(f"needs a (1, C, H, W) input, got {var.shape}")
+    if var.layout != var.shape[1:]:
+        if builder.layers:
+            raise _UnsupportedError(f"would need to reshape a flat value to {var.shape}, which "
+                               "tightrope.bounds cannot express after the first layer")
+        builder.input_layout = var.shape[1:]
+        var.layout = var.shape[1:]
+
+
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    if len(values) != 2:
+        raise _UnsupportedError(f"expected two spatial values, got {list(values)}")
+    return (values[0], values[1])
+
+
+def _pads(node: Node, spatial: int) -> tuple[int, int]:
+    auto_pad = _attr_str(node, "auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise _UnsupportedError(f"auto_pad={auto_pad} (export with explicit pads)")
+    pads = _attr_ints(node, "pads") or (0,) * (2 * spatial)
+    if tuple(pads[:spatial]) != tuple(pads[spatial:]):
+        raise _UnsupportedError(f"asymmetric pads {pads}")
+    return _pair(tuple(pads[:spatial]))
+
+
+def _convert_variable_node(
+    node: Node, var: _Variable, constants: dict[str, Tensor], builder: _Builder, opset: int
+) -> None:
+    """Turn one node on the input-dependent chain into layers; updates ``var`` in place."""
+    op = node.op_type
+    inputs = list(node.inputs)
+    position = inputs.index(var.name)
+
+    def const(index: int) -> Tensor:
+        name = inputs[index] if index < len(inputs) else ""
+        if not name:
+            raise _UnsupportedError(f"input {index} is missing")
+        if name not in constants:
+            raise _UnsupportedError(f"input {index} ({name!r}) depends on the network input too "
+                               "(only one input-dependent operand is supported)")
+        return constants[name]
+
+    if op in ("Relu",):
+        _flush(var, builder)
+        builder.layers.append(nn.ReLU())
+        builder.last_absorbs = False
+    elif op in ("Identity", "Dropout"):
+        pass
+    elif op == "Cast":
+        target = DTYPES.get(_attr_int(node, "to", 1))
+        if target not in (torch.float32, torch.float64, torch.float16):
+            raise _UnsupportedError("Cast of the input-dependent value to a non-float type")
+    elif op in ("Add", "Sub", "Mul", "Div"):
+        other = _broadcast_constant(var, const(1 - position), node)
+        ones, zeros = torch.ones_like(other), torch.zeros_like(other)
+        if op == "Add":
+            _elementwise(var, ones, other)
+        elif op == "Sub":
+            _elementwise(var, ones if position == 0 else -ones, -other if position == 0 else other)
+        elif op == "Mul":
+            _elementwise(var, other, zeros)
+        elif position == 0:
+            if bool((other == 0).any()):
+                raise _UnsupportedError("division by a constant that has zeros")
+            _elementwise(var, 1.0 / other, zeros)
+        else:
+            raise _UnsupportedError("division by the input-dependent value is not affine")
+    elif op == "Neg":
+        minus = -torch.ones(var.numel, dtype=torch.float64)
+        _elementwise(var, minus, torch.zeros_like(minus))
+    elif op == "BatchNormalization":
+        if len(var.shape) < 2:
+            raise _UnsupportedError(f"BatchNormalization needs (N, C, ...), got {var.shape}")
+        gamma, beta, mean, variance = (const(i).to(torch.float64) for i in range(1, 5))
+        scale = gamma / torch.sqrt(variance + _attr_float(node, "epsilon", 1e-5))
+        view = (1, -1, *([1] * (len(var.shape) - 2)))
+        _elementwise(var, _broadcast_constant(var, scale.view(view), node),
+                     _broadcast_constant(var, (beta - mean * scale).view(view), node))
+    elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"):
+        var.shape = _reshape_variable(node, var.shape, constants)
+    elif op == "Gemm":
+        if position != 0 or _attr_int(node, "transA", 0):
+            raise _UnsupportedError("Gemm with the input-dependent value as B, or with transA=1")
+        matrix = const(1).to(torch.float64)
+        if _attr_int(node, "transB", 0):
+            matrix = matrix.T
+        if var.shape != (1, matrix.shape[0]):
+            raise _UnsupportedError(f"Gemm of {var.shape} by {tuple(matrix.shape)}")
+        m = matrix.shape[1]
+        bias = None
+        if len(inputs) > 2 and inputs[2]:
+            bias = torch.broadcast_to(const(2).to(torch.float64), (1, m)).reshape(m)
+            bias = bias * _attr_float(node, "beta", 1.0)
+        weight = _attr_float(node, "alpha", 1.0) * matrix.T
+        _emit_linear(var, builder, weight, bias, (1, m))
+    elif op == "MatMul":
+        matrix = const(1 - position).to(torch.float64)
+        if matrix.dim() != 2:
+            raise _UnsupportedError(f"MatMul by a constant of rank {matrix.dim()} (need 2)")
+        if position == 0:  # x @ W acts on the last axis
+            n = matrix.shape[0]
+            if var.shape[-1] != n or var.numel != n:
+                raise _UnsupportedError(f"MatMul of {var.shape} by {tuple(matrix.shape)}")
+            _emit_linear(var, builder, matrix.T, None, (*var.shape[:-1], matrix.shape[1]))
+        else:  # W @ x contracts the second-to-last axis (or the only one)
+            n = matrix.shape[1]
+            vector = len(var.shape) == 1
+            if var.numel != n or (not vector and var.shape[-2:] != (n, 1)):
+                raise _UnsupportedError(f"MatMul of {tuple(matrix.shape)} by {var.shape}")
+            out = (matrix.shape[0],) if vector else (*var.shape[:-2], matrix.shape[0], 1)
+            _emit_linear(var, builder, matrix, None, out)
+    elif op == "Conv":
+        _convert_conv(node, var, const, builder, inputs)
+    elif op == "AveragePool":
+        _need_image_layout(var, builder, node)
+        _flush(var, builder)
+        kernel = _attr_ints(node, "kernel_shape") or ()
+        if len(kernel) != 2 or _attr_int(node, "ceil_mode", 0):
+            raise _UnsupportedError("only 2-D AveragePool without ceil_mode is supported")
+        pool = nn.AvgPool2d(
+            _pair(kernel), stride=_pair(_attr_ints(node, "strides") or (1, 1)),
+            padding=_pads(node, 2), count_include_pad=bool(_attr_int(node, "count_include_pad", 0)),
+        )
+        builder.layers.append(pool)
+        builder.last_absorbs = False
+        out = pool(torch.zeros(1, *var.layout))
+        var.shape = tuple(out.shape)
+        var.layout = var.shape[1:]
+    elif op == "MaxPool":
+        raise _UnsupportedError("MaxPool is not supported by tightrope.bounds (export the network "
+                           "with AveragePool or strided convolutions)")
+    else:
+        raise _UnsupportedError(f"operator {op} is not supported")
+
+
+def _convert_conv(node: Node, var: _Variable, const: Callable[[int], Tensor], builder: _Builder,
+                  inputs: list[str]) -> None:
+    if inputs.index(var.name) != 0:
+        raise _UnsupportedError("Conv with input-dependent weights")
+    weight = const(1).to(torch.float64)
+    if weight.dim() != 4:
+        raise _UnsupportedError(f"only 2-D convolutions are supported, weight "
+                                f"{tuple(weight.shape)}")
+    _need_image_layout(var, builder, node)
+    _flush(var, builder)
+    groups = _attr_int(node, "group", 1)
+    conv = nn.Conv2d(
+        weight.shape[1] * groups, weight.shape[0], _pair(tuple(weight.shape[2:])),
+        stride=_pair(_attr_ints(node, "strides") or (1, 1)),
+        padding=_pads(node, 2),
+        dilation=_pair(_attr_ints(node, "dilations") or (1, 1)),
+        groups=groups, dtype=torch.float64,
+    )
+    if conv.in_channels != var.layout[0]:
+        raise _UnsupportedError(f"Conv weight {tuple(weight.shape)} does not fit input {var.shape}")
+    bias = conv.bias
+    if bias is None:  # never: bias=True is the default
+        raise _UnsupportedError("internal: Conv2d without a bias")
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        bias.copy_(const(2) if len(inputs) > 2 and inputs[2] else torch.zeros(weight.shape[0]))
+    builder.layers.append(conv)
+    builder.last_absorbs = True
+    out = conv(torch.zeros(1, *var.layout, dtype=torch.float64))
+    var.shape = tuple(out.shape)
+    var.layout = var.shape[1:]
+
+
+def _reshape_variable(node: Node, shape: Shape, constants: dict[str, Tensor]) -> Shape:
+    """The new ONNX shape of a reshaping node; raises unless it keeps the element order."""
+    op = node.op_type
+    if op == "Flatten":
+        axis = _attr_int(node, "axis", 1)
+        axis = axis + len(shape) if axis < 0 else axis
+        return (math.prod(shape[:axis]), math.prod(shape[axis:]))
+    if op == "Reshape":
+        if node.inputs[1] not in constants:
+            raise _UnsupportedError("Reshape with an input-dependent target shape")
+        target = [int(v) for v in constants[node.inputs[1]].reshape(-1).tolist()]
+        return _reshape_target(shape, target, bool(_attr_int(node, "allowzero", 0)))
+    if op == "Squeeze":
+        axes = _axes(node, constants, len(shape))
+        return tuple(d for i, d in enumerate(shape) if (i not in axes if axes else d != 1))
+    if op == "Unsqueeze":
+        axes = _axes(node, constants, len(shape) + _axes_count(node, constants))
+        out = list(shape)
+        for axis in sorted(axes):
+            out.insert(axis, 1)
+        return tuple(out)
+    perm = _attr_ints(node, "perm") or tuple(reversed(range(len(shape))))
+    moved = [axis for axis in perm if shape[axis] != 1]
+    if moved != sorted(moved):
+        raise _UnsupportedError(f"Transpose {list(perm)} of {shape} reorders the values")
+    return tuple(shape[axis] for axis in perm)
+
+
+def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
+    """Convert ``graph`` (one input, one output) into a :class:`Converted` float64 module.
+
+    Raises:
+        OnnxImportError: listing every node that cannot be converted.
+    """
+    problems: list[str] = []
+    constants: dict[str, Tensor] = {n: t.values for n, t in graph.initializers.items()}
+    real_inputs = [v for v in graph.inputs if v.name not in constants]
+    if len(real_inputs) != 1:
+        names = [v.name for v in real_inputs]
+        raise OnnxImportError(source, [f"the graph needs exactly one input, has {names}"])
+    if len(graph.outputs) != 1:
+        names = [v.name for v in graph.outputs]
+        raise OnnxImportError(source, [f"the graph needs exactly one output, has {names}"])
+    info = real_inputs[0]
+    if info.shape is None:
+        raise OnnxImportError(source, [f"input {info.name!r} has no declared shape"])
+    if any(d is None or d <= 0 for d in info.shape[1:]):
+        raise OnnxImportError(source, [f"input {info.name!r} has shape {info.shape}: only "
+                                       "the leading (batch) dimension may be symbolic"])
+    if info.elem_type not in (1, 11, 10):
+        raise OnnxImportError(source, [f"input {info.name!r} is not a float tensor "
+                                       f"(data type {info.elem_type})"])
+    onnx_shape = tuple(1 if d is None or d <= 0 else d for d in info.shape)
+    layout = onnx_shape[1:] if len(onnx_shape) >= 2 and onnx_shape[0] == 1 else onnx_shape
+    var: _Variable | None = _Variable(info.name, onnx_shape, layout or (1,))
+    builder = _Builder(input_layout=layout or (1,))
+    dead: set[str] = set()  # outputs of nodes that failed: skip what depends on them
+    for node in graph.nodes:
+        missing = [n for n in node.inputs if n and n not in constants and n not in dead
+                   and (var is None or n != var.name)]
+        if missing:
+            problems.append(f"{node.label}: uses {missing}, which no earlier node produces "
+                            "(a branch of the graph, or nodes out of order)")
+            dead.update(node.outputs)
+            continue
+        if any(n in dead for n in node.inputs):
+            if node.op_type not in _KNOWN_OPS:
+                problems.append(f"{node.label}: operator {node.op_type} is not supported")
+            dead.update(node.outputs)
+            continue
+        try:
+            if node.op_type == "Constant":
+                constants[node.outputs[0]] = _constant_of(next(iter(node.attributes.values())))
+            elif node.op_type == "Shape" and var is not None and node.inputs[0] == var.name:
+                constants[node.outputs[0]] = torch.tensor(var.shape, dtype=torch.int64)
+            elif var is None or var.name not in node.inputs:
+                value = _fold_constant(node, [constants[n] for n in node.inputs if n], opset)
+                constants[node.outputs[0]] = value
+            else:
+                _convert_variable_node(node, var, constants, builder, opset)
+                var.name = node.outputs[0]
+        except (_UnsupportedError, RuntimeError, IndexError, KeyError, StopIteration, TypeError,
+                ValueError) as error:
+            problems.append(f"{node.label}: {error}")
+            dead.update(node.outputs)
+            if var is not None and var.name in node.inputs:
+                var = None
+    output = graph.outputs[0].name
+    if var is not None and var.name != output and not problems:
+        problems.append(f"the graph output {output!r} is not the end of the input-dependent "
+                        f"chain (which ends at {var.name!r})")
+    if problems or var is None:
+        raise OnnxImportError(source, problems or ["the input-dependent chain is broken"])
+    try:
+        _flush(var, builder)
+    except _UnsupportedError as error:
+        raise OnnxImportError(source, [f"at the output: {error}"]) from error
+    if len(var.layout) != 1:
+        builder.layers.append(nn.Flatten())
+    module = nn.Sequential(*builder.layers).to(torch.float64).eval()
+    dtype = DTYPES.get(info.elem_type, torch.float32)
+    return Converted(module, builder.input_layout, onnx_shape, var.shape, info.name, output, dtype)
+
+
+_KNOWN_OPS = frozenset({
+    "Relu", "Identity", "Dropout", "Cast", "Add", "Sub", "Mul", "Div", "Neg",
+    "BatchNormalization", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Gemm",
+    "MatMul", "Conv", "AveragePool", "Constant", "Shape", "Gather", "Concat",
+})

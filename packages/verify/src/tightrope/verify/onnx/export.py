@@ -1,0 +1,179 @@
+"""Writing an ``nn.Sequential`` of supported layers as an ONNX file (the inverse of the reader).
+
+Useful to hand a Tightrope network to other verifiers, and to test the importer: an exported
+model read back must compute what the torch model computes. Layers map to operators as follows:
+Linear -> Gemm (``transB=1``) or MatMul + Add, Conv2d -> Conv, ReLU -> Relu, Flatten ->
+Flatten, BatchNorm1d/2d (eval) -> BatchNormalization, AvgPool2d -> AveragePool, Normalize ->
+Sub + Div, Identity/Dropout -> Identity. Tensors are stored as float32 (``TensorProto`` raw
+data) unless ``dtype=torch.float64``.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from tightrope.bounds import Normalize
+from tightrope.verify.onnx.proto import (
+    Attribute,
+    Graph,
+    Model,
+    Node,
+    TensorProto,
+    ValueInfo,
+    encode_model,
+)
+
+__all__ = ["LinearOp", "export_onnx"]
+
+_ELEM_TYPES = {torch.float32: 1, torch.float64: 11}
+
+
+class LinearOp(enum.Enum):
+    """How :func:`export_onnx` writes ``nn.Linear``."""
+
+    GEMM = "gemm"
+    MATMUL_ADD = "matmul_add"
+
+
+def _leaves(module: nn.Module) -> Iterator[nn.Module]:
+    if type(module) is nn.Sequential:
+        for child in module.children():
+            yield from _leaves(child)
+    else:
+        yield module
+
+
+def _ints(name: str, values: tuple[int, ...] | list[int]) -> Attribute:
+    return Attribute(name, ints=tuple(int(v) for v in values), type=7)
+
+
+def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int]:
+    if isinstance(value, str):
+        raise TypeError(f"string padding {value!r} cannot be exported; give integer padding")
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+def export_onnx(
+    model: nn.Sequential,
+    input_shape: tuple[int, ...],
+    path: str | os.PathLike[str] | None = None,
+    *,
+    linear_op: LinearOp = LinearOp.GEMM,
+    dtype: torch.dtype = torch.float32,
+    opset: int = 13,
+) -> bytes:
+    """Serialize ``model`` (input ``(1, *input_shape)``) as ONNX; write it to ``path`` if given.
+
+    Returns:
+        the ``.onnx`` file's bytes.
+
+    Raises:
+        TypeError: listing every layer that has no ONNX equivalent here.
+    """
+    if dtype not in _ELEM_TYPES:
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    nodes: list[Node] = []
+    tensors: dict[str, TensorProto] = {}
+    unsupported: list[str] = []
+    current = "input"
+    reference = next(iter(model.parameters()), None)
+    x = torch.zeros(1, *input_shape, dtype=reference.dtype if reference is not None else dtype)
+
+    def constant(name: str, value: Tensor) -> str:
+        tensors[name] = TensorProto(name, tuple(value.shape), value.detach().to(dtype).cpu())
+        return name
+
+    for index, layer in enumerate(_leaves(model)):
+        out = f"t{index}"
+        if isinstance(layer, nn.Linear):
+            weight, bias = layer.weight, layer.bias
+            if linear_op is LinearOp.GEMM:
+                inputs = [current, constant(f"W{index}", weight)]
+                if bias is not None:
+                    inputs.append(constant(f"b{index}", bias))
+                nodes.append(Node("Gemm", tuple(inputs), (out,), f"gemm{index}",
+                                  {"transB": Attribute("transB", i=1, type=2)}))
+            else:
+                product = out if bias is None else f"m{index}"
+                nodes.append(Node("MatMul", (current, constant(f"W{index}", weight.T)),
+                                  (product,), f"matmul{index}"))
+                if bias is not None:
+                    nodes.append(Node("Add", (product, constant(f"b{index}", bias)), (out,),
+                                      f"add{index}"))
+        elif isinstance(layer, nn.Conv2d):
+            inputs = [current, constant(f"W{index}", layer.weight)]
+            if layer.bias is not None:
+                inputs.append(constant(f"b{index}", layer.bias))
+            pad = _pair(layer.padding)
+            attributes = {
+                "kernel_shape": _ints("kernel_shape", layer.kernel_size),
+                "strides": _ints("strides", layer.stride),
+                "pads": _ints("pads", [*pad, *pad]),
+                "dilations": _ints("dilations", layer.dilation),
+                "group": Attribute("group", i=layer.groups, type=2),
+            }
+            nodes.append(Node("Conv", tuple(inputs), (out,), f"conv{index}", attributes))
+        elif isinstance(layer, nn.ReLU):
+            nodes.append(Node("Relu", (current,), (out,), f"relu{index}"))
+        elif isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1:
+            nodes.append(Node("Flatten", (current,), (out,), f"flatten{index}",
+                              {"axis": Attribute("axis", i=1, type=2)}))
+        elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and not layer.training:
+            mean, var = layer.running_mean, layer.running_var
+            if mean is None or var is None:
+                unsupported.append(f"{index} ({type(layer).__name__} without running stats)")
+                continue
+            channels = mean.shape[0]
+            gamma = layer.weight if layer.weight is not None else torch.ones(channels)
+            beta = layer.bias if layer.bias is not None else torch.zeros(channels)
+            inputs = [current] + [constant(f"bn{index}_{k}", v)
+                                  for k, v in enumerate((gamma, beta, mean, var))]
+            nodes.append(Node("BatchNormalization", tuple(inputs), (out,), f"bn{index}",
+                              {"epsilon": Attribute("epsilon", f=layer.eps, type=1)}))
+        elif isinstance(layer, nn.AvgPool2d) and not layer.ceil_mode:
+            pad = _pair(layer.padding)
+            stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
+            attributes = {
+                "kernel_shape": _ints("kernel_shape", _pair(layer.kernel_size)),
+                "strides": _ints("strides", stride),
+                "pads": _ints("pads", [*pad, *pad]),
+                "count_include_pad": Attribute("count_include_pad",
+                                               i=int(layer.count_include_pad), type=2),
+            }
+            nodes.append(Node("AveragePool", (current,), (out,), f"pool{index}", attributes))
+        elif isinstance(layer, Normalize):
+            view = (1, -1, *([1] * (x.dim() - 2)))
+            centred = f"c{index}"
+            nodes.append(Node("Sub", (current, constant(f"mean{index}", layer.mean.view(view))),
+                              (centred,), f"sub{index}"))
+            nodes.append(Node("Div", (centred, constant(f"std{index}", layer.std.view(view))),
+                              (out,), f"div{index}"))
+        elif isinstance(layer, (nn.Identity, nn.Dropout)):
+            nodes.append(Node("Identity", (current,), (out,), f"identity{index}"))
+        else:
+            unsupported.append(f"{index} ({type(layer).__name__})")
+            continue
+        if not unsupported:
+            with torch.no_grad():
+                x = layer(x)
+        current = out
+    if unsupported:
+        raise TypeError("export_onnx cannot write these layers: " + ", ".join(unsupported))
+    elem = _ELEM_TYPES[dtype]
+    graph = Graph(
+        nodes=tuple(nodes),
+        initializers=tensors,
+        inputs=(ValueInfo("input", elem, (1, *input_shape)),),
+        outputs=(ValueInfo(current, elem, tuple(x.shape)),),
+        name="tightrope",
+    )
+    data = encode_model(Model(graph, opset=opset, ir_version=8))
+    if path is not None:
+        with open(path, "wb") as handle:
+            handle.write(data)
+    return data
