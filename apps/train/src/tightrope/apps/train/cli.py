@@ -1,0 +1,255 @@
+"""``tightrope-train``: a certified-training run from a YAML config.
+
+    tightrope-train --config configs/fashion_mnist/cpu_ibp.yaml
+    tightrope-train --config configs/cifar10/eps2_255/sabr.yaml --device cuda optim.lr=1e-3
+    tightrope-train --resume runs/fashion_mnist-ibp-cnn3-20260101-120000
+    torchrun --nproc-per-node 2 -m tightrope.apps.train.cli --config ...   (or the script)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from tightrope.apps.train.__about__ import __version__
+from tightrope.train import (
+    ConfigError,
+    DatasetNotFoundError,
+    Distributed,
+    NonFiniteLossError,
+    Progress,
+    TrainConfig,
+    Trainer,
+    create_run_dir,
+    load_checkpoint,
+    load_config,
+    parse_config,
+)
+
+__all__ = ["ProgressPrinter", "build_parser", "main"]
+
+EPILOG = """\
+overrides:
+  Any config key can be set after the options as key.sub=value (the value is read as YAML),
+  e.g.  epochs=3  optim.lr=1e-3  eps.train=2/255  loss.options.alpha=0.3  data.root=/data.
+  They are validated like the file itself.
+
+run directory (--out/<dataset>-<method>-<model>-<time>/):
+  config.yaml (resolved config), meta.json (git SHA, versions, device), metrics.csv (one row
+  per epoch), tensorboard/ (view with `tensorboard --logdir <run>/tensorboard`), last.pt
+  (latest state; --resume continues from it), best.pt (best validation epoch once eps is
+  full), test_metrics.json (best.pt on the test split, unless --no-test).
+
+multi-process:
+  torchrun --nproc-per-node N $(which tightrope-train) --config ...  trains data-parallel
+  (gloo on CPU, NCCL on CUDA); --device cuda picks cuda:LOCAL_RANK.
+
+exit status: 0 done, 2 bad config or missing data set, 3 non-finite loss (last.pt keeps the
+last good state).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tightrope-train",
+        description="Train a certifiably robust network from a YAML config (see configs/).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", type=Path,
+                        help="YAML training config (required unless --resume)")
+    parser.add_argument("--out", type=Path, default=Path("runs"),
+                        help="parent directory of the new run directory (default: runs)")
+    parser.add_argument("--resume", type=Path, metavar="RUN",
+                        help="continue the run in directory RUN from its last.pt, exactly "
+                             "(its stored config is used; no --config or overrides)")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, cuda:N or auto (cuda when available; default auto)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--no-test", action="store_true",
+                        help="skip the final evaluation of best.pt on the test split")
+    parser.add_argument("--quiet", action="store_true", help="no per-step progress output")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                        help="config overrides, e.g. optim.lr=1e-3 epochs=3")
+    return parser
+
+
+class ProgressPrinter:
+    """A progress bar with ETA on a terminal; a line every tenth of an epoch otherwise."""
+
+    def __init__(self, stream: TextIO, quiet: bool = False) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.quiet = quiet
+        self.run_started = time.perf_counter()
+        self.steps_at_start: int | None = None
+
+    def __call__(self, progress: Progress) -> None:
+        if self.quiet:
+            return
+        if self.steps_at_start is None:
+            self.steps_at_start = progress.step - 1
+        done = progress.batch + 1
+        rate = progress.elapsed / done
+        epoch_eta = rate * (progress.batches - done)
+        total_left = epoch_eta + rate * progress.batches * (progress.epochs - progress.epoch - 1)
+        text = (f"epoch {progress.epoch + 1}/{progress.epochs} batch {done}/{progress.batches} "
+                f"eps {progress.eps:.4g} loss {progress.loss:.4f} | epoch ETA "
+                f"{_duration(epoch_eta)}, run ETA {_duration(total_left)}")
+        if self.tty:
+            width = 20
+            filled = int(width * done / progress.batches)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\x1b[K")
+            if done == progress.batches:
+                self.stream.write("\n")
+            self.stream.flush()
+        elif done == progress.batches or done % max(progress.batches // 10, 1) == 0:
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", local_rank)
+    return torch.device(name)
+
+
+def _distributed(device: torch.device) -> Distributed:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Distributed()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank=dist.get_rank(), world=dist.get_world_size())
+
+
+def _shared_run_dir(path: Path | None, distributed: Distributed) -> Path:
+    if distributed.world == 1:
+        assert path is not None
+        return path
+    import torch.distributed as dist
+
+    box: list[str | None] = [str(path) if path is not None else None]
+    dist.broadcast_object_list(box, src=0)
+    assert box[0] is not None
+    return Path(box[0])
+
+
+def _load(args: argparse.Namespace, parser: argparse.ArgumentParser
+          ) -> tuple[TrainConfig, Path | None]:
+    if args.resume is not None:
+        if args.config is not None or args.overrides:
+            parser.error("--resume continues a run with its stored config: drop --config and "
+                         "the overrides")
+        last = args.resume / "last.pt"
+        if not last.is_file():
+            raise ConfigError(f"--resume {args.resume}: no last.pt in that directory")
+        stored = load_checkpoint(last, map_location="cpu")
+        return parse_config(stored.config), last
+    if args.config is None:
+        parser.error("--config is required (or --resume RUN)")
+    return load_config(args.config, args.overrides), None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tightrope-train``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = sys.stdout
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        config, checkpoint = _load(args, parser)
+    except (ConfigError, DatasetNotFoundError, FileNotFoundError) as error:
+        print(f"tightrope-train: error: {error}", file=sys.stderr)
+        return 2
+    device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    distributed = _distributed(device)
+    main_process = distributed.is_main
+    run_dir: Path | None = None
+    if main_process:
+        run_dir = args.resume if args.resume is not None else create_run_dir(args.out, config)
+    run_dir = _shared_run_dir(run_dir, distributed)
+
+    def message(text: str) -> None:
+        if main_process:
+            print(text, file=out, flush=True)
+
+    message(f"run directory: {run_dir}")
+    started = time.perf_counter()
+    try:
+        trainer = Trainer(
+            config, run_dir=run_dir, device=device, distributed=distributed,
+            on_progress=ProgressPrinter(sys.stderr, quiet=args.quiet or not main_process),
+            on_message=message,
+        )
+        if checkpoint is not None:
+            trainer.restore(checkpoint)
+        result = trainer.fit()
+    except DatasetNotFoundError as error:
+        print(f"tightrope-train: error: {error}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as error:
+        print(f"tightrope-train: stopped: {error}", file=sys.stderr)
+        return 3
+    wall = time.perf_counter() - started
+    if main_process:
+        best = result.best
+        message(f"trained {config.epochs} epochs in {_duration(wall)} ({wall:.1f} s); "
+                f"best epoch {result.best_epoch} on validation: clean "
+                f"{best.get('clean_accuracy', float('nan')):.4f}, PGD "
+                f"{best.get('pgd_accuracy', float('nan')):.4f}, verified "
+                f"{best.get('verified_accuracy', float('nan')):.4f}")
+    if not args.no_test:
+        _test(trainer, run_dir, message, main_process)
+    if main_process:
+        message(f"run directory: {run_dir}")
+        message(f"look at it with: tensorboard --logdir {run_dir / 'tensorboard'}")
+    return 0
+
+
+def _test(trainer: Trainer, run_dir: Path, message: Callable[[str], None],
+          main_process: bool) -> None:
+    """Evaluate ``best.pt`` on the test split (a report; selection used validation only)."""
+    best = load_checkpoint(run_dir / "best.pt", map_location=trainer.device)
+    trainer.model.load_state_dict(best.model.state_dict())
+    started = time.perf_counter()
+    metrics = trainer.evaluate(trainer.test_loader(), max_samples=None)
+    seconds = time.perf_counter() - started
+    if not main_process:
+        return
+    report = {k: v for k, v in metrics.items() if not k.endswith("_count")}
+    report["eps"] = trainer.config.eps.test_eps
+    report["epoch"] = best.epoch
+    report["seconds"] = seconds
+    (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    parts = [f"{name} {report[name]:.4f}" for name in (
+        "clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy", "crown_ibp_verified_accuracy",
+        "verified_accuracy", "taps_accuracy") if name in report]
+    message(f"test split ({int(report['samples'])} samples, eps {report['eps']:.4g}, "
+            f"best.pt from epoch {best.epoch}): " + ", ".join(parts))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

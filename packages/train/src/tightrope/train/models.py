@@ -1,0 +1,109 @@
+"""The architectures of the certified-training literature, built by name so that a checkpoint
+can rebuild its model: CNN3 and CNN7 (Shi et al. 2021, "Fast Certified Robust Training with
+Short Warmup"; used by SABR, TAPS, the expressive losses and CTBench) and a small MLP.
+
+Every model is an ``nn.Sequential`` whose first layer is ``tightrope.bounds.Normalize`` (inputs
+stay in ``[0, 1]``), made only of layers the bound propagation accepts.
+
+Example::
+
+    model = build_model("cnn7", in_channels=3, input_size=32, num_classes=10,
+                        mean=(0.49, 0.48, 0.45), std=(0.25, 0.24, 0.26))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
+from typing import Any
+
+from torch import nn
+
+from tightrope.bounds import Normalize
+
+__all__ = ["MODELS", "build_model", "cnn3", "cnn7", "mlp"]
+
+
+def cnn3(
+    *, in_channels: int, input_size: int, num_classes: int, mean: Sequence[float],
+    std: Sequence[float], width: int = 16,
+) -> nn.Sequential:
+    """CNN3 (Shi et al. 2021): Normalize -> Conv(w,5,s2,p2)-BN-ReLU -> Conv(2w,4,s2,p1)-BN-ReLU
+    -> Flatten -> Linear(K); ``w = 16``. Input ``(B, in_channels, input_size, input_size)``,
+    ``input_size`` divisible by 4."""
+    if input_size % 4:
+        raise ValueError(f"cnn3 needs input_size divisible by 4, got {input_size}")
+    return nn.Sequential(
+        Normalize(mean, std),
+        nn.Conv2d(in_channels, width, 5, 2, 2), nn.BatchNorm2d(width), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 4, 2, 1), nn.BatchNorm2d(2 * width), nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * width * (input_size // 4) ** 2, num_classes),
+    )
+
+
+def cnn7(
+    *, in_channels: int, input_size: int, num_classes: int, mean: Sequence[float],
+    std: Sequence[float], width: int = 64, linear_width: int = 512,
+    fifth_stride: int | None = None,
+) -> nn.Sequential:
+    """CNN7 (Shi et al. 2021): Normalize -> Conv(w,3,1,1)-BN-ReLU -> Conv(w,3,1,1)-BN-ReLU ->
+    Conv(2w,3,2,1)-BN-ReLU -> Conv(2w,3,1,1)-BN-ReLU -> Conv(2w,3,s5,1)-BN-ReLU -> Flatten ->
+    Linear(512)-BN1d-ReLU -> Linear(K), ``w = 64``.
+
+    ``fifth_stride`` is 1 for MNIST/CIFAR shapes and 2 for TinyImageNet (the default picks 2 for
+    inputs of 64 px and more). Input ``(B, in_channels, input_size, input_size)``.
+    """
+    stride5 = fifth_stride if fifth_stride is not None else (2 if input_size >= 64 else 1)
+    if stride5 not in (1, 2):
+        raise ValueError(f"fifth_stride must be 1 or 2, got {stride5}")
+    layers: list[nn.Module] = [Normalize(mean, std)]
+    channels = in_channels
+    size = input_size
+    for out, stride in [(width, 1), (width, 1), (2 * width, 2), (2 * width, 1),
+                        (2 * width, stride5)]:
+        layers += [nn.Conv2d(channels, out, 3, stride, 1), nn.BatchNorm2d(out), nn.ReLU()]
+        channels = out
+        size = (size - 1) // stride + 1
+    layers += [
+        nn.Flatten(),
+        nn.Linear(channels * size * size, linear_width), nn.BatchNorm1d(linear_width), nn.ReLU(),
+        nn.Linear(linear_width, num_classes),
+    ]
+    return nn.Sequential(*layers)
+
+
+def mlp(
+    *, in_channels: int, input_size: int, num_classes: int, mean: Sequence[float],
+    std: Sequence[float], hidden: Sequence[int] = (100, 100),
+) -> nn.Sequential:
+    """A fully connected ReLU network: Normalize -> Flatten -> (Linear-ReLU) per hidden width ->
+    Linear(K)."""
+    layers: list[nn.Module] = [Normalize(mean, std), nn.Flatten()]
+    features = in_channels * input_size * input_size
+    for width in hidden:
+        layers += [nn.Linear(features, int(width)), nn.ReLU()]
+        features = int(width)
+    layers.append(nn.Linear(features, num_classes))
+    return nn.Sequential(*layers)
+
+
+MODELS: Mapping[str, Callable[..., nn.Sequential]] = MappingProxyType(
+    {"cnn3": cnn3, "cnn7": cnn7, "mlp": mlp}
+)
+
+
+def build_model(
+    name: str, *, in_channels: int, input_size: int, num_classes: int,
+    mean: Sequence[float], std: Sequence[float], **kwargs: Any,
+) -> nn.Sequential:
+    """The model registered as ``name`` (``"cnn3"``, ``"cnn7"``, ``"mlp"``) with its options.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+        TypeError: an option the architecture does not take.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(sorted(MODELS))}")
+    return MODELS[name](in_channels=in_channels, input_size=input_size,
+                        num_classes=num_classes, mean=list(mean), std=list(std), **kwargs)

@@ -1,0 +1,136 @@
+"""The run directory: resolved config, provenance (git SHA, package versions), ``metrics.csv``
+and TensorBoard events.
+
+Layout of a run directory::
+
+    config.yaml     the resolved config (every default filled in, the loss's full config too)
+    meta.json       git SHA, package versions, torch/CUDA, device, world size, start time
+    metrics.csv     one row per epoch: schedule values, training means, validation accuracies
+    tensorboard/    the same scalars for ``tensorboard --logdir <run>/tensorboard``
+    last.pt         the latest checkpoint (end of epoch, or every ``checkpoint.every_steps``)
+    best.pt         the best epoch on the validation split (verified, then clean accuracy)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tightrope.train.config import TrainConfig
+from tightrope.train.structured import to_plain
+
+__all__ = ["MetricsTable", "create_run_dir", "git_sha", "package_versions", "write_provenance"]
+
+PACKAGES = ("tightrope-bounds", "tightrope-attacks", "tightrope-losses", "tightrope-train",
+            "tightrope-train-app", "torch", "numpy", "pyyaml", "tensorboard")
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of Tightrope's packages and its main dependencies."""
+    versions: dict[str, str] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_sha(where: Path | None = None) -> str | None:
+    """The commit checked out at ``where`` (default: this file's repository), with ``-dirty``
+    when tracked files changed; ``None`` outside a git work tree."""
+    folder = where if where is not None else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=folder, capture_output=True, text=True, timeout=10,
+                               check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def create_run_dir(out: str | Path, config: TrainConfig) -> Path:
+    """A new directory ``<out>/<dataset>-<method>-<model>-<UTC time>`` (a suffix keeps it
+    unique)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    name = f"{config.data.dataset.value}-{config.loss.method}-{config.model.name}-{stamp}"
+    base = Path(out)
+    base.mkdir(parents=True, exist_ok=True)
+    candidate, suffix = base / name, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            suffix += 1
+            candidate = base / f"{name}-{suffix}"
+
+
+def write_provenance(run_dir: Path, config: TrainConfig, extra: Mapping[str, Any]) -> None:
+    """Write ``config.yaml`` (with the loss's resolved config) and ``meta.json``."""
+    import yaml
+
+    plain = config.to_plain()
+    plain["loss"]["resolved"] = {
+        "type": type(config.loss.loss_config()).__name__,
+        **to_plain(config.loss.loss_config()),
+    }
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
+    meta = {
+        "git_sha": git_sha(),
+        "versions": package_versions(),
+        "torch_cuda": torch.version.cuda,
+        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **extra,
+    }
+    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+class MetricsTable:
+    """``metrics.csv``: one row per epoch; the columns are the union of every row's keys (the
+    file is rewritten whole, so a column appearing later, e.g. the ramp's regulariser terms,
+    still gets a header)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: list[dict[str, Any]] = []
+
+    def load(self, keep_epochs_up_to: int) -> None:
+        """Read an existing file, keeping the rows of epochs ``<= keep_epochs_up_to`` (resume)."""
+        self.rows = []
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                if int(row["epoch"]) <= keep_epochs_up_to:
+                    self.rows.append(dict(row))
+        self.write()
+
+    def append(self, row: Mapping[str, Any]) -> None:
+        self.rows.append(dict(row))
+        self.write()
+
+    def columns(self) -> Sequence[str]:
+        names: list[str] = []
+        for row in self.rows:
+            names.extend(key for key in row if key not in names)
+        return names
+
+    def write(self) -> None:
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        with open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(self.columns()))
+            writer.writeheader()
+            writer.writerows(self.rows)
+        temporary.replace(self.path)
