@@ -141,6 +141,8 @@ class Trainer:
     ) -> None:
         self.config = config
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if self.run_dir is not None and (distributed is None or distributed.is_main):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(device)
         self.dtype = config.precision.dtype
         self.distributed = distributed if distributed is not None else Distributed()

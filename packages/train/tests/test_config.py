@@ -1,0 +1,93 @@
+"""The typed YAML config: every bad value is rejected before any work, with its key named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tightrope.losses import CCIBPConfig, SABRConfig
+from tightrope.train import (
+    ConfigError,
+    DatasetName,
+    DatasetNotFoundError,
+    Precision,
+    load_config,
+    parse_config,
+)
+from tightrope.train.config import apply_overrides
+
+BASE: dict[str, Any] = {
+    "epochs": 4,
+    "data": {"dataset": "synthetic"},
+    "eps": {"train": "2/255", "ramp_epochs": 2},
+    "loss": {"method": "sabr", "options": {"shrink": 0.4, "attack": {"steps": 3}}},
+}
+
+
+def _with(path: str, value: Any) -> dict[str, Any]:
+    return apply_overrides(BASE, [f"{path}={value}"])
+
+
+def test_a_good_config_resolves_with_defaults_and_round_trips() -> None:
+    config = parse_config(BASE)
+    assert config.data.dataset is DatasetName.SYNTHETIC
+    assert config.eps.train == pytest.approx(2 / 255)
+    assert config.eps.test_eps == config.eps.train
+    assert config.precision is Precision.FLOAT32
+    assert config.optim.lr == 5e-4
+    loss = config.loss.loss_config()
+    assert isinstance(loss, SABRConfig)
+    assert loss.shrink == 0.4
+    assert loss.attack.steps == 3
+    assert parse_config(config.to_plain()) == config
+
+
+@pytest.mark.parametrize(("path", "value", "message"), [
+    ("optim.lrr", "0.1", "optim.lrr: unknown key"),
+    ("colour", "blue", "colour: unknown key"),
+    ("optim.lr", "fast", "optim.lr: expected a number"),
+    ("epochs", "2.5", "epochs: expected an integer"),
+    ("data.augment", "3", "data.augment: expected true or false"),
+    ("eps.train", "1.5", "eps.train must lie in"),
+    ("eps.test", "-0.1", "eps.test must lie in"),
+    ("data.dataset", "imagenet", "data.dataset: 'imagenet' is not one of"),
+    ("loss.method", "magic", "unknown method 'magic'"),
+    ("loss.options.shrinkk", "0.3", "loss.options.shrinkk: unknown key"),
+    ("loss.options.shrink", "0", "loss.options: shrink"),
+    ("loss.options.attack.steps", "many", "loss.options.attack.steps: expected an integer"),
+    ("eps.ramp_epochs", "9", "exceeds epochs"),
+    ("model.name", "resnet", "unknown model 'resnet'"),
+])
+def test_bad_values_name_their_key(path: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        parse_config(_with(path, value))
+
+
+def test_missing_required_sections_and_missing_data(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="eps: missing"):
+        parse_config({"epochs": 1, "data": {"dataset": "synthetic"}})
+    with pytest.raises(ConfigError, match=r"data\.dataset: missing"):
+        parse_config({"epochs": 1, "data": {}, "eps": {"train": 0.1}})
+    missing = _with("data.dataset", "cifar10")
+    missing["data"]["root"] = str(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="cifar-10-python"):
+        parse_config(missing)
+    assert parse_config(missing, check_data=False).data.root == str(tmp_path)
+
+
+def test_yaml_file_overrides_and_errors_name_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 4\ndata: {dataset: synthetic}\neps: {train: 0.1}\n"
+                    "loss: {method: cc_ibp, options: {alpha: 0.3}}\n")
+    config = load_config(path, ["loss.options.alpha=0.7", "optim.milestones=[2, 3]"])
+    loss = config.loss.loss_config()
+    assert isinstance(loss, CCIBPConfig)
+    assert loss.alpha == 0.7
+    assert config.optim.milestones == (2, 3)
+    assert config.optim.lr_at(3) == pytest.approx(5e-4 * 0.04)
+    with pytest.raises(ConfigError, match=r"run\.yaml: loss\.options: alpha must lie in"):
+        load_config(path, ["loss.options.alpha=2"])
+    with pytest.raises(ConfigError, match=r"expected key\.sub=value"):
+        load_config(path, ["loss.options.alpha"])
