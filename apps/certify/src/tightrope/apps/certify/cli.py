@@ -1,0 +1,129 @@
+"""``tightrope-certify``: certify networks after training.
+
+    tightrope-certify vnnlib --onnx net.onnx --spec prop.vnnlib --timeout 120 --out result.txt
+
+Each task is a subcommand registered in :data:`SUBCOMMANDS` (``vnnlib`` today). Heavy imports
+(torch, the verifier) happen inside the subcommand, so ``--help`` answers at once and the
+start-up cost of a run is mostly importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from tightrope.apps.certify.__about__ import __version__
+
+__all__ = ["SUBCOMMANDS", "build_parser", "main"]
+
+_STARTED = time.perf_counter()
+
+VNNLIB_EPILOG = """\
+output:
+  The answer is one word, as in VNN-COMP: unsat (the property holds: proved from sound
+  bounds), sat (violated: the counterexample follows as ((X_0 v) ... (Y_0 v) ...)), timeout
+  or unknown. It is written to --out and printed; with --out only the word is printed.
+  A counterexample from the verifier is re-checked first (inside the input box, and its
+  forward pass in float64 and in the network's dtype violates the property); if the check
+  fails the answer is unknown, never sat. A one-line summary (deciding stage, times) goes to
+  stderr unless --quiet.
+
+inputs:
+  ONNX: a chain of Gemm, MatMul, Add, Sub, Mul, Div, Neg, Conv, Relu, Flatten, Reshape,
+  Squeeze, Unsqueeze, Transpose (order-keeping), Constant, BatchNormalization, AveragePool,
+  Identity, Dropout, Cast. VNNLIB: input boxes and disjunctions of linear output constraints;
+  X_i is element i of the flattened network input.
+
+exit status: 0 answered (any of the four words), 2 unreadable or unsupported input (the
+message names the file and the problem; nothing is written to --out), 1 internal error.
+"""
+
+
+def _add_vnnlib(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "vnnlib",
+        help="answer one VNN-COMP instance (ONNX network + VNNLIB property)",
+        description="Verify a VNNLIB property of an ONNX network: prints unsat, sat (with a "
+        "counterexample), timeout or unknown.",
+        epilog=VNNLIB_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--onnx", required=True, metavar="NET", help="the network (.onnx)")
+    parser.add_argument("--spec", required=True, metavar="PROP", help="the property (.vnnlib)")
+    parser.add_argument("--timeout", required=True, type=float, metavar="T",
+                        help="seconds for the instance, start-up and loading included")
+    parser.add_argument("--out", metavar="FILE", help="write the result file here")
+    parser.add_argument("--dtype", choices=("float32", "float64"),
+                        help="verify in this precision (default: the network's own)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--quiet", action="store_true", help="no summary line on stderr")
+    parser.set_defaults(run=_run_vnnlib)
+
+
+def _run_vnnlib(args: argparse.Namespace) -> int:
+    if args.timeout <= 0:
+        print("tightrope-certify vnnlib: error: --timeout must be positive", file=sys.stderr)
+        return 2
+    import torch
+
+    from tightrope.apps.certify.vnnlib_command import run_vnnlib
+    from tightrope.verify.onnx import OnnxImportError
+    from tightrope.verify.vnnlib import VnnlibError
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    try:
+        outcome = run_vnnlib(args.onnx, args.spec, args.timeout, out=args.out, dtype=dtype,
+                             started=_STARTED)
+    except (OnnxImportError, VnnlibError, OSError) as error:
+        print(f"tightrope-certify vnnlib: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"tightrope-certify vnnlib: internal error: {error}", file=sys.stderr)
+        return 1
+    print(outcome.word if args.out else outcome.text, end="" if not args.out else "\n")
+    if not args.quiet:
+        detail = f" ({outcome.note})" if outcome.note else ""
+        stage = f" by {outcome.stage}" if outcome.stage else ""
+        print(f"# {outcome.word}{stage}{detail}: load {outcome.load_seconds:.2f} s, verify "
+              f"{outcome.verify_seconds:.2f} s, total {time.perf_counter() - _STARTED:.2f} s",
+              file=sys.stderr)
+    return 0
+
+
+#: Subcommand name -> function adding its parser (which sets ``run``).
+SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = {
+    "vnnlib": _add_vnnlib,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tightrope-certify",
+        description="Certify l_inf robustness of trained networks. Subcommands: "
+        + ", ".join(SUBCOMMANDS) + ".",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in SUBCOMMANDS.values():
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``tightrope-certify``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

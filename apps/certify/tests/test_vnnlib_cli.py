@@ -1,0 +1,192 @@
+"""``tightrope-certify vnnlib``: answers, the counterexample re-check, output files, errors."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from tightrope.apps.certify.cli import build_parser, main
+from tightrope.apps.certify.vnnlib_command import Verdictlike, run_vnnlib
+from tightrope.bounds import ibp
+from tightrope.verify.onnx import export_onnx
+from tightrope.verify.spec import Specification, VerifyStatus
+from tightrope.verify.vnnlib_result import parse_result
+
+SUITE = Path("/work/shared/benchmarks/vnncomp2021")
+
+
+@dataclass(frozen=True)
+class FakeVerdict:
+    status: VerifyStatus
+    counterexample: Tensor | None = None
+    stage: str = "fake"
+
+
+def interval_verifier(model: nn.Module, spec: Specification, *, timeout: float) -> Verdictlike:
+    """A small sound verifier: IBP proves, random sampling falsifies, else UNKNOWN."""
+    generator = torch.Generator().manual_seed(0)
+    model = copy.deepcopy(model).double()
+    open_sets = 0
+    for region in spec.regions:
+        box = region.box
+        bounds = ibp(model, box)
+        for unsafe in region.unsafe:
+            # lower bound of each row of A y over the output box [l, u]
+            A, low, high = unsafe.A, bounds.lower[0], bounds.upper[0]
+            row_low = A.clamp(min=0) @ low + A.clamp(max=0) @ high
+            if bool((row_low > unsafe.b).any()):
+                continue  # some constraint can never hold: this unsafe set is empty
+            open_sets += 1
+        points = box.lower + (box.upper - box.lower) * torch.rand(
+            (512, *box.lower.shape[1:]), generator=generator, dtype=torch.float64)
+        with torch.no_grad():
+            outputs = model(points)
+        for i in range(points.shape[0]):
+            if spec.violated_by(points[i : i + 1], outputs[i : i + 1]):
+                return FakeVerdict(VerifyStatus.FALSIFIED, points[i : i + 1].float(), "sampling")
+    return FakeVerdict(VerifyStatus.VERIFIED if open_sets == 0 else VerifyStatus.UNKNOWN,
+                       None, "ibp")
+
+
+def write_instance(tmp_path: Path, threshold: float) -> tuple[Path, Path]:
+    """A tiny net on [0, 1]^3 and the property ``Y_0 >= threshold`` (the unsafe set)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    onnx_path = tmp_path / "net.onnx"
+    export_onnx(model, (3,), onnx_path)
+    lines = [f"(declare-const X_{i} Real)" for i in range(3)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(2)]
+    lines += [f"(assert (>= X_{i} 0))\n(assert (<= X_{i} 1))" for i in range(3)]
+    lines.append(f"(assert (>= Y_0 {threshold}))")
+    spec_path = tmp_path / f"prop_{threshold}.vnnlib"
+    spec_path.write_text("\n".join(lines) + "\n")
+    return onnx_path, spec_path
+
+
+def test_unsat_and_sat_answers_with_a_rechecked_counterexample(tmp_path: Path) -> None:
+    onnx_path, unsat_spec = write_instance(tmp_path, 1000.0)
+    outcome = run_vnnlib(onnx_path, unsat_spec, 10, out=tmp_path / "r1.txt",
+                         verifier=interval_verifier)
+    assert outcome.status is VerifyStatus.VERIFIED
+    assert (tmp_path / "r1.txt").read_text() == "unsat\n"
+    _, sat_spec = write_instance(tmp_path, -1000.0)
+    outcome = run_vnnlib(onnx_path, sat_spec, 10, out=tmp_path / "r2.txt",
+                         verifier=interval_verifier)
+    assert outcome.status is VerifyStatus.FALSIFIED
+    result = parse_result((tmp_path / "r2.txt").read_text())
+    assert result.status is VerifyStatus.FALSIFIED
+    assert len(result.inputs) == 3
+    assert len(result.outputs) == 2
+    assert all(0 <= v <= 1 for v in result.inputs)
+
+
+def test_a_bogus_counterexample_is_reported_unknown_never_sat(tmp_path: Path) -> None:
+    onnx_path, spec_path = write_instance(tmp_path, 1000.0)
+
+    def outside_box(model: nn.Module, spec: Specification, *, timeout: float) -> Verdictlike:
+        return FakeVerdict(VerifyStatus.FALSIFIED, torch.full((1, 3), 5.0))
+
+    def no_violation(model: nn.Module, spec: Specification, *, timeout: float) -> Verdictlike:
+        return FakeVerdict(VerifyStatus.FALSIFIED, torch.full((1, 3), 0.5))
+
+    def missing(model: nn.Module, spec: Specification, *, timeout: float) -> Verdictlike:
+        return FakeVerdict(VerifyStatus.FALSIFIED, None)
+
+    for liar in (outside_box, no_violation, missing):
+        outcome = run_vnnlib(onnx_path, spec_path, 10, out=tmp_path / "r.txt", verifier=liar)
+        assert outcome.status is VerifyStatus.UNKNOWN
+        assert outcome.verifier_status is VerifyStatus.FALSIFIED
+        assert "rejected" in outcome.note
+        assert (tmp_path / "r.txt").read_text() == "unknown\n"
+
+
+def test_timeout_and_unknown_pass_through_and_budget_shrinks(tmp_path: Path) -> None:
+    onnx_path, spec_path = write_instance(tmp_path, 0.0)
+    budgets: list[float] = []
+
+    def slow(model: nn.Module, spec: Specification, *, timeout: float) -> Verdictlike:
+        budgets.append(timeout)
+        return FakeVerdict(VerifyStatus.TIMEOUT)
+
+    outcome = run_vnnlib(onnx_path, spec_path, 5.0, verifier=slow, started=0.0)
+    assert outcome.word == "timeout"
+    assert budgets == [0.0]  # started long ago: nothing left of the budget
+    outcome = run_vnnlib(onnx_path, spec_path, 5.0, verifier=slow)
+    assert 0 < budgets[-1] <= 5.0
+
+
+def test_cli_errors_name_the_file_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    onnx_path, spec_path = write_instance(tmp_path, 0.0)
+    bad_onnx = tmp_path / "bad.onnx"
+    bad_onnx.write_bytes(b"\x0a\xff")
+    out = tmp_path / "result.txt"
+    assert main(["vnnlib", "--onnx", str(bad_onnx), "--spec", str(spec_path), "--timeout", "5",
+                 "--out", str(out)]) == 2
+    assert "bad.onnx" in capsys.readouterr().err
+    assert not out.exists()
+    bad_spec = tmp_path / "bad.vnnlib"
+    bad_spec.write_text(spec_path.read_text() + "\n(assert (<= Y_0 Y_9))\n")
+    assert main(["vnnlib", "--onnx", str(onnx_path), "--spec", str(bad_spec), "--timeout", "5"]) \
+        == 2
+    err = capsys.readouterr().err
+    assert "bad.vnnlib:" in err
+    assert "Y_9" in err
+    assert main(["vnnlib", "--onnx", str(onnx_path), "--spec", str(spec_path), "--timeout",
+                 "0"]) == 2
+
+
+def test_help_lists_the_options_and_the_answers() -> None:
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    text = subparsers.choices["vnnlib"].format_help()  # type: ignore[index]
+    for option in ("--onnx", "--spec", "--timeout", "--out", "--dtype", "unsat", "sat",
+                   "timeout", "unknown", "exit status"):
+        assert option in text
+
+
+def _engine_available() -> bool:
+    return getattr(importlib.import_module("tightrope.verify"), "verify", None) is not None
+
+
+@pytest.mark.skipif(not _engine_available(), reason="tightrope.verify.verify not installed")
+def test_main_with_the_engine_answers_the_nano_instance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if not (SUITE / "test").exists():
+        pytest.skip("shared VNN-COMP suite not present")
+    out = tmp_path / "result.txt"
+    assert main(["vnnlib", "--onnx", str(SUITE / "test" / "test_nano.onnx"), "--spec",
+                 str(SUITE / "test" / "test_nano.vnnlib"), "--timeout", "30", "--out",
+                 str(out), "--quiet"]) == 0
+    assert capsys.readouterr().out == "unsat\n"
+    assert out.read_text() == "unsat\n"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _engine_available(), reason="tightrope.verify.verify not installed")
+def test_console_script_answers_the_shared_test_instances(tmp_path: Path) -> None:
+    if not (SUITE / "test").exists():
+        pytest.skip("shared VNN-COMP suite not present")
+    for onnx_name, spec_name, expected in [("test_nano.onnx", "test_nano.vnnlib", "unsat"),
+                                           ("test_sat.onnx", "test_prop.vnnlib", "sat")]:
+        out = tmp_path / "result.txt"
+        done = subprocess.run(
+            [sys.executable, "-m", "tightrope.apps.certify.cli", "vnnlib", "--onnx",
+             str(SUITE / "test" / onnx_name), "--spec", str(SUITE / "test" / spec_name),
+             "--timeout", "60", "--out", str(out)],
+            capture_output=True, text=True, timeout=120, check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == expected + "\n"
+        assert parse_result(out.read_text()).status.value == (
+            "verified" if expected == "unsat" else "falsified")
