@@ -1,4 +1,5 @@
-"""Benchmark helpers: every group has one baseline; the summary prints ratios to it.
+"""Benchmark helpers: every group has one baseline (``extra_info["baseline"]``) and may have a
+second reference (``extra_info["reference"]``); the summary prints ratios to both.
 
 Ratios are taken between benchmarks of one run, so they compare like with like on a shared,
 noisy machine; absolute times are printed for reference only.
@@ -28,18 +29,23 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     session = getattr(terminalreporter.config, "_benchmarksession", None)
     if session is None or not session.benchmarks:
         return
-    groups: dict[str, list[tuple[str, float, bool]]] = {}
+    groups: dict[str, list[tuple[str, float, bool, bool]]] = {}
     for bench in session.benchmarks:
         if not bench.stats or not bench.stats.data:
             continue
         median = statistics.median(bench.stats.data)
         baseline = bool(bench.extra_info.get("baseline", False))
-        groups.setdefault(bench.group or "", []).append((bench.name, median, baseline))
+        reference = bool(bench.extra_info.get("reference", False))
+        groups.setdefault(bench.group or "", []).append((bench.name, median, baseline, reference))
     terminalreporter.section(f"ratios to each group's baseline (median times, {THREADS} threads)")
     for group, rows in sorted(groups.items()):
-        base = next((median for _, median, is_base in rows if is_base), None)
+        base = next((row[1] for row in rows if row[2]), None)
+        ref = next((row[1] for row in rows if row[3]), None)
         terminalreporter.write_line(f"[{group}]")
-        for name, median, is_base in sorted(rows, key=lambda row: row[1]):
+        for name, median, is_base, is_ref in sorted(rows, key=lambda row: row[1]):
             ratio = f"{median / base:8.2f}x" if base else "        "
-            mark = "  (baseline)" if is_base else ""
-            terminalreporter.write_line(f"  {name:<58}{median * 1e3:10.1f} ms {ratio}{mark}")
+            second = f"{median / ref:8.2f}x ref" if ref else ""
+            mark = "  (baseline)" if is_base else "  (reference)" if is_ref else ""
+            terminalreporter.write_line(
+                f"  {name:<58}{median * 1e3:10.1f} ms {ratio}{second}{mark}"
+            )
