@@ -9,6 +9,8 @@ every ``x`` in an input box:
 * :func:`crown_ibp` — CROWN-IBP (Zhang et al. 2020);
 * :func:`alpha_crown` — CROWN with optimised lower slopes (Xu et al. 2021);
 * :func:`linear_bounds` — the linear functions behind ``crown``;
+* :mod:`tightrope.bounds.beta` — beta-CROWN bounds on branch-and-bound subdomains with ReLU
+  split constraints (Wang et al. 2021), batched over subdomains;
 * :func:`relax` — ``crown``'s relaxation with the lower slopes left to the caller;
 * :func:`lp_bound`, :func:`milp_bound` — LP (triangle relaxation) and exact MILP oracles
   solved with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``).
@@ -25,12 +27,26 @@ Example::
 
 from tightrope.bounds.__about__ import __version__
 from tightrope.bounds.alpha import alpha_crown
+from tightrope.bounds.beta import (
+    SplitBound,
+    apply_splits,
+    empty_subdomains,
+    optimise_split_bound,
+    refine_pre_activations,
+    split_lower_bound,
+)
 from tightrope.bounds.core import Box, LinearBounds, margin_spec
 from tightrope.bounds.interval import IntervalTrace, ibp, ibp_trace
-from tightrope.bounds.linear import Intermediate, crown, crown_ibp, linear_bounds
+from tightrope.bounds.linear import (
+    Intermediate,
+    crown,
+    crown_ibp,
+    linear_bounds,
+    pre_activation_bounds,
+)
 from tightrope.bounds.modules import Normalize
-from tightrope.bounds.network import Affine, affine_rule, supported_layers
-from tightrope.bounds.oracles import lp_bound, milp_bound
+from tightrope.bounds.network import Affine, Network, affine_rule, lower, supported_layers
+from tightrope.bounds.oracles import MilpMinimum, lp_bound, milp_bound, milp_minimum
 from tightrope.bounds.relaxation import LowerSlope
 from tightrope.bounds.relaxed import Relaxed, relax
 
@@ -41,19 +57,30 @@ __all__ = [
     "IntervalTrace",
     "LinearBounds",
     "LowerSlope",
+    "MilpMinimum",
+    "Network",
     "Normalize",
     "Relaxed",
+    "SplitBound",
     "__version__",
     "affine_rule",
     "alpha_crown",
+    "apply_splits",
     "crown",
     "crown_ibp",
+    "empty_subdomains",
     "ibp",
     "ibp_trace",
     "linear_bounds",
+    "lower",
     "lp_bound",
     "margin_spec",
     "milp_bound",
+    "milp_minimum",
+    "optimise_split_bound",
+    "pre_activation_bounds",
+    "refine_pre_activations",
     "relax",
+    "split_lower_bound",
     "supported_layers",
 ]

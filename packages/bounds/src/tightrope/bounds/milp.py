@@ -13,21 +13,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from tightrope.bounds.core import Box
 from tightrope.bounds.encoding import (
     DEFAULT_MAX_VARIABLES,
     Program,
+    check_size,
+    float64_problem,
     load_scipy,
+    programs,
     solve_rows,
     to_scipy,
 )
-from tightrope.bounds.linear import Intermediate
+from tightrope.bounds.linear import Intermediate, pre_activation_bounds
+from tightrope.bounds.problem import prepare
 from tightrope.bounds.relaxation import LowerSlope
 
-__all__ = ["milp_bound"]
+__all__ = ["MilpMinimum", "milp_bound", "milp_minimum"]
 
 #: Relative gap at which HiGHS may stop; the bound returned is the dual bound either way.
 MIP_RELATIVE_GAP = 1e-9
@@ -80,6 +87,110 @@ def milp_bound(
         model, box, C, intermediate=intermediate, lower_slope=lower_slope, upper=upper,
         binaries=True, max_variables=max_variables, caller="milp_bound", solve=solver,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class MilpMinimum:
+    """The MILP's answer per specification row of one sample.
+
+    Attributes:
+        bound: ``(K,)`` the solver's proven lower bound of the row's minimum (sound).
+        value: ``(K,)`` the best value found (``inf`` when no feasible point was found).
+        minimiser: ``(K, *S_in)`` the input attaining ``value`` (NaN where none was found).
+        solved: ``(K,)`` whether the search finished (then ``bound`` ~ ``value``).
+    """
+
+    bound: Tensor
+    value: Tensor
+    minimiser: Tensor
+    solved: Tensor
+
+
+def milp_minimum(
+    model: nn.Module,
+    box: Box,
+    C: Tensor,
+    *,
+    time_limit: float | None = None,
+    max_variables: int = DEFAULT_MAX_VARIABLES,
+) -> MilpMinimum:
+    """Minimise every row of ``C f(x)`` over ``box`` exactly (Tjeng et al. 2019), with minimisers.
+
+    Same program as :func:`milp_bound` (lower side only) for one sample; besides the proven
+    bound it returns the solver's best input, which a verifier re-checks as a counterexample.
+    Float64 on the CPU; needs SciPy.
+
+    Args:
+        box: input box ``(1, *S_in)``.
+        C: ``(1, K, n_out)`` or ``(K, n_out)`` specification.
+        time_limit: seconds per row (``None``: no limit).
+    """
+    if box.lower.shape[0] != 1:
+        raise ValueError(f"milp_minimum takes one sample (box batch 1), got {tuple(box.shape)}")
+    load_scipy("milp_minimum")
+    with torch.no_grad():
+        problem = prepare(model, box, C)
+        check_size(problem.net, binaries=True, max_variables=max_variables,
+                   caller="milp_minimum")
+        pre = pre_activation_bounds(problem.net, box, "crown", LowerSlope.ADAPTIVE)
+        exact = float64_problem(model, box, C)
+        program = next(iter(programs(exact, pre, binaries=True, upper=False)))
+    run = _milp_runner(program, time_limit)
+    n_input = int(box.lower[0].numel())
+    rows = program.objectives.shape[0]
+    bound = torch.empty(rows, dtype=torch.float64)
+    value = torch.full((rows,), math.inf, dtype=torch.float64)
+    minimiser = torch.full((rows, n_input), math.nan, dtype=torch.float64)
+    solved = torch.zeros(rows, dtype=torch.bool)
+    for row in range(rows):
+        result = run(row)
+        offset = float(program.offsets[row])
+        dual = getattr(result, "mip_dual_bound", None)
+        if dual is None or math.isnan(dual):
+            dual = result.fun if result.status == 0 else -math.inf
+        bound[row] = float(dual) + offset
+        solved[row] = result.status == 0
+        if result.x is not None:
+            value[row] = float(result.fun) + offset
+            minimiser[row] = torch.as_tensor(result.x[:n_input], dtype=torch.float64)
+    return MilpMinimum(bound, value, minimiser.view(rows, *box.lower.shape[1:]), solved)
+
+
+def _milp_runner(program: Program, time_limit: float | None) -> Callable[[int], Any]:
+    """A function solving row ``r`` of ``program``'s MILP and returning SciPy's result."""
+    optimize = load_scipy("milp_bound")
+    import numpy as np
+
+    constraints = []
+    if program.b_eq.numel():
+        b_eq = program.b_eq.numpy()
+        constraints.append(optimize.LinearConstraint(to_scipy(program.A_eq), b_eq, b_eq))
+    if program.b_ub.numel():
+        b_ub = program.b_ub.numpy()
+        constraints.append(
+            optimize.LinearConstraint(to_scipy(program.A_ub), np.full_like(b_ub, -np.inf), b_ub)
+        )
+    bounds = optimize.Bounds(program.lower.numpy(), program.upper.numpy())
+    integrality = program.integer.numpy().astype(np.int64)
+    options: dict[str, float | bool] = {
+        "mip_rel_gap": MIP_RELATIVE_GAP, "presolve": False, "disp": False,
+    }
+    if time_limit is not None:
+        options["time_limit"] = float(time_limit)
+
+    def solve(row: int) -> Any:
+        result = optimize.milp(
+            program.objectives[row].numpy(), integrality=integrality, bounds=bounds,
+            constraints=constraints, options=options,
+        )
+        if result.status not in (0, 1):
+            raise RuntimeError(
+                f"milp_minimum: HiGHS failed on the MILP (status {result.status}: "
+                f"{result.message})"
+            )
+        return result
+
+    return solve
 
 
 def _milp_solver(program: Program, time_limit: float | None) -> Callable[[int], float]:

@@ -4,6 +4,6 @@ with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``; SciPy is imported
 so ``tightrope.bounds`` imports without it)."""
 
 from tightrope.bounds.lp import lp_bound
-from tightrope.bounds.milp import milp_bound
+from tightrope.bounds.milp import MilpMinimum, milp_bound, milp_minimum
 
-__all__ = ["lp_bound", "milp_bound"]
+__all__ = ["MilpMinimum", "lp_bound", "milp_bound", "milp_minimum"]

@@ -1,0 +1,280 @@
+"""beta-CROWN: linear bounds on branch-and-bound subdomains with ReLU split constraints.
+
+A *subdomain* of an input box fixes the phase of some ReLUs: ``z_j >= 0`` (active, sign
+``+1``) or ``z_j <= 0`` (inactive, sign ``-1``). Wang et al. 2021 ("Beta-CROWN: Efficient Bound
+Propagation with Per-neuron Split Constraints for Complete and Incomplete Neural Network
+Robustness Verification") carry these constraints into the backward pass with Lagrange
+multipliers ``beta >= 0``: for every point of the subdomain ``s_j z_j >= 0``, so
+
+    f(x) >= f(x) - sum_j beta_j s_j z_j
+
+and any lower bound of the right-hand side over the *relaxed* network is a lower bound of ``f``
+on the subdomain. In the backward pass the term ``-beta_j s_j`` joins the coefficient of the
+pre-activation ``z_j`` right after its ReLU's relaxation step. Split neurons are also clamped
+(active: ``l >= 0``; inactive: ``u <= 0``), which makes their relaxation exact. Any
+``beta >= 0`` and any lower slope ``alpha`` in ``[0, 1]`` is sound, so both are optimised by
+projected gradient ascent (Adam), as in alpha-CROWN (Xu et al. 2021).
+
+Everything here works on a lowered :class:`~tightrope.bounds.network.Network` with a batch of
+subdomains ``D`` stacked along the leading dimension, so a branch-and-bound search can bound
+hundreds of subdomains in one call. Shapes: ``S_i`` is the per-sample shape of ReLU op ``i``'s
+pre-activation, ``K`` the number of specification rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tightrope.bounds.backward import relu_step
+from tightrope.bounds.core import Box, concretize_lower, features_dot
+from tightrope.bounds.linear import _tighten
+from tightrope.bounds.network import Affine, Network, transpose_rows
+from tightrope.bounds.relaxation import LowerSlope, ReluRelaxation, relu_relaxation
+
+__all__ = [
+    "SplitBound",
+    "apply_splits",
+    "empty_subdomains",
+    "optimise_split_bound",
+    "refine_pre_activations",
+    "split_lower_bound",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class SplitBound:
+    """The result of a bound on ``D`` subdomains.
+
+    Attributes:
+        lower: ``(D, K)`` lower bounds of ``C f(x)`` over each subdomain.
+        input_coefficients: ``(D, K, *S_in)``: the bound is ``min`` over the input box of
+            ``input_coefficients . x + constant``; its minimiser is a counterexample candidate.
+        relu_coefficients: per ReLU op, ``(D, K, *S_i)``: the coefficients of the ReLU *outputs*
+            met by the backward pass (branching heuristics read them).
+        alphas: per ReLU op, the lower slopes used, ``(D, K, *S_i)``.
+        betas: per ReLU op, the split multipliers used, ``(D, K, *S_i)`` (zero off splits).
+    """
+
+    lower: Tensor
+    input_coefficients: Tensor
+    relu_coefficients: dict[int, Tensor]
+    alphas: dict[int, Tensor]
+    betas: dict[int, Tensor]
+
+
+def apply_splits(boxes: Mapping[int, Box], signs: Mapping[int, Tensor]) -> dict[int, Box]:
+    """Clamp pre-activation ``boxes`` ``(D, *S_i)`` to the split ``signs`` ``(D, *S_i)``.
+
+    Sign ``+1`` (active) raises the lower bound to ``0``, ``-1`` (inactive) lowers the upper
+    bound to ``0``, ``0`` leaves the neuron alone. A clamped box with ``lower > upper`` means
+    the subdomain is empty (see :func:`empty_subdomains`).
+    """
+    clamped: dict[int, Box] = {}
+    for index, box in boxes.items():
+        sign = signs.get(index)
+        if sign is None:
+            clamped[index] = box
+            continue
+        lower = torch.where(sign > 0, box.lower.clamp(min=0), box.lower)
+        upper = torch.where(sign < 0, box.upper.clamp(max=0), box.upper)
+        clamped[index] = Box(lower, upper)
+    return clamped
+
+
+def empty_subdomains(boxes: Mapping[int, Box]) -> Tensor:
+    """``(D,)`` booleans: subdomains whose (clamped) pre-activation bounds cross somewhere."""
+    empty: Tensor | None = None
+    for box in boxes.values():
+        crossed = (box.lower > box.upper).flatten(1).any(dim=1)
+        empty = crossed if empty is None else empty | crossed
+    if empty is None:
+        raise ValueError("empty_subdomains needs at least one pre-activation box")
+    return empty
+
+
+def refine_pre_activations(
+    net: Network,
+    box: Box,
+    boxes: Mapping[int, Box],
+    signs: Mapping[int, Tensor],
+    start_layer: int = 0,
+) -> dict[int, Box]:
+    """Tighten the pre-activation bounds of ReLU layers after a split by CROWN passes.
+
+    Each ReLU op whose position in ``net.relu_indices`` is above ``start_layer`` gets CROWN
+    bounds on its still-unstable neurons through the split-clamped relaxations of the layers
+    before it (Zhang et al. 2018), intersected with the given bounds (which stay sound on a
+    subdomain, Wang et al. 2021). The split multipliers are not used here.
+
+    Args:
+        net: the lowered network.
+        box: input boxes ``(D, *S_in)``, one per subdomain.
+        boxes: known pre-activation bounds ``(D, *S_i)`` per ReLU op (e.g. the parent's).
+        signs: split signs ``(D, *S_i)`` per ReLU op.
+        start_layer: position (in ``net.relu_indices``) of the shallowest layer split since
+            ``boxes`` were computed; layers up to it keep their bounds.
+
+    Returns:
+        Clamped bounds for every ReLU op.
+    """
+    refined = apply_splits(boxes, signs)
+    relaxations: dict[int, ReluRelaxation] = {}
+    for position, index in enumerate(net.relu_indices):
+        if position > start_layer:
+            tightened = _tighten(net, index, box, refined[index], relaxations)
+            refined[index] = apply_splits({index: tightened}, signs)[index]
+        relaxations[index] = relu_relaxation(refined[index], LowerSlope.ADAPTIVE)
+    return refined
+
+
+def split_lower_bound(
+    net: Network,
+    box: Box,
+    C: Tensor,
+    boxes: Mapping[int, Box],
+    signs: Mapping[int, Tensor],
+    alphas: Mapping[int, Tensor] | None = None,
+    betas: Mapping[int, Tensor] | None = None,
+) -> SplitBound:
+    """Lower bounds of ``C f(x)`` on ``D`` subdomains (beta-CROWN, Wang et al. 2021).
+
+    Sound for every ``alpha`` in ``[0, 1]`` and ``beta >= 0`` (values outside are clamped),
+    provided ``boxes`` bound the pre-activations of every point of each subdomain.
+
+    Args:
+        net: the lowered network.
+        box: input boxes ``(D, *S_in)``.
+        C: ``(D, K, *net.output_shape)`` specification rows.
+        boxes: pre-activation bounds ``(D, *S_i)`` per ReLU op, already clamped by
+            :func:`apply_splits`.
+        signs: split signs ``(D, *S_i)`` (int, values in ``{-1, 0, 1}``) per ReLU op.
+        alphas: lower slopes ``(D, K or 1, *S_i)`` per ReLU op (default: CROWN's adaptive
+            choice); only unstable neurons read them.
+        betas: multipliers ``(D, K or 1, *S_i)`` per ReLU op (default: zero); only split
+            neurons read them.
+    """
+    relaxations = {i: relu_relaxation(b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
+    batch, rows = C.shape[0], C.shape[1]
+    A = C
+    bias = C.new_zeros((batch, rows))
+    relu_coefficients: dict[int, Tensor] = {}
+    used_alphas: dict[int, Tensor] = {}
+    used_betas: dict[int, Tensor] = {}
+    for index in range(len(net.ops) - 1, -1, -1):
+        op = net.ops[index]
+        if isinstance(op, Affine):
+            bias = bias + features_dot(A, net.offset(index))
+            A = transpose_rows(op, A.flatten(0, 1), net.shapes[index]).view(
+                batch, rows, *net.shapes[index]
+            )
+            continue
+        relaxation = relaxations[index]
+        relu_coefficients[index] = A
+        unstable = relaxation.unstable.unsqueeze(1)
+        fixed = relaxation.lower_slope.unsqueeze(1)
+        if alphas is not None and index in alphas:
+            slope = torch.where(unstable, alphas[index].clamp(0.0, 1.0), fixed)
+        else:
+            slope = fixed
+        used_alphas[index] = slope
+        A, bias = relu_step(A, bias, slope, relaxation.upper_slope, relaxation.upper_intercept)
+        sign = signs.get(index)
+        if sign is not None and betas is not None and index in betas:
+            multiplier = betas[index].clamp(min=0.0) * (sign != 0).unsqueeze(1)
+            used_betas[index] = multiplier
+            A = A - multiplier * sign.unsqueeze(1).to(A.dtype)
+    lower = concretize_lower(A, bias, box)
+    return SplitBound(lower, A, relu_coefficients, used_alphas, used_betas)
+
+
+def optimise_split_bound(
+    net: Network,
+    box: Box,
+    C: Tensor,
+    boxes: Mapping[int, Box],
+    signs: Mapping[int, Tensor],
+    alphas: Mapping[int, Tensor] | None = None,
+    betas: Mapping[int, Tensor] | None = None,
+    *,
+    steps: int = 20,
+    lr_alpha: float = 0.1,
+    lr_beta: float = 0.05,
+    objective: Tensor | None = None,
+) -> SplitBound:
+    """:func:`split_lower_bound` with ``alpha`` and ``beta`` optimised jointly (Wang et al. 2021).
+
+    Projected Adam ascent on the sum of the bounds (or of ``objective``-weighted bounds); every
+    row keeps the multipliers of the best bound it has seen, so the result is never looser than
+    the starting point. Missing ``alphas`` start at CROWN's slopes, missing ``betas`` at zero.
+
+    Args:
+        objective: optional ``(D, K)`` weights of the rows in the ascent objective (e.g. to
+            favour the row a subdomain's verdict depends on).
+
+    Returns:
+        The best bound per row, with the multipliers and coefficients that produced it (the
+        coefficients come from one final pass at the best multipliers).
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}")
+    batch, rows = C.shape[0], C.shape[1]
+    relaxations = {i: relu_relaxation(b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
+    free_alpha: dict[int, Tensor] = {}
+    free_beta: dict[int, Tensor] = {}
+    for index, relaxation in relaxations.items():
+        shape = (batch, rows, *relaxation.lower_slope.shape[1:])
+        start = alphas.get(index) if alphas is not None else None
+        if start is None:
+            start = relaxation.lower_slope.unsqueeze(1)
+        free_alpha[index] = start.detach().expand(shape).clone()
+        if index in signs:
+            start_beta = betas.get(index) if betas is not None else None
+            free_beta[index] = (
+                C.new_zeros(shape) if start_beta is None else start_beta.detach().expand(shape)
+            ).clone()
+    C = C.detach()
+    if steps == 0:
+        return split_lower_bound(net, box, C, boxes, signs, free_alpha, free_beta)
+    parameters = [*free_alpha.values(), *free_beta.values()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.Adam(
+        [
+            {"params": list(free_alpha.values()), "lr": lr_alpha},
+            {"params": list(free_beta.values()), "lr": lr_beta},
+        ]
+    )
+    best = torch.full((batch, rows), float("-inf"), dtype=C.dtype, device=C.device)
+    best_alpha = {i: a.detach().clone() for i, a in free_alpha.items()}
+    best_beta = {i: b.detach().clone() for i, b in free_beta.items()}
+    weights = objective.detach() if objective is not None else None
+    for step in range(steps + 1):
+        with torch.enable_grad():
+            found = split_lower_bound(net, box, C, boxes, signs, free_alpha, free_beta)
+            value = found.lower.detach()
+            improved = value > best
+            best = torch.where(improved, value, best)
+            for store, current in ((best_alpha, free_alpha), (best_beta, free_beta)):
+                for index, tensor in current.items():
+                    mask = improved.view(batch, rows, *([1] * (tensor.dim() - 2)))
+                    store[index] = torch.where(mask, tensor.detach(), store[index])
+            if step == steps:
+                break
+            total = found.lower if weights is None else found.lower * weights
+            gradients = torch.autograd.grad(
+                -total.sum(), parameters, allow_unused=True, materialize_grads=True
+            )
+        for parameter, gradient in zip(parameters, gradients, strict=True):
+            parameter.grad = gradient
+        optimizer.step()
+        with torch.no_grad():
+            for tensor in free_alpha.values():
+                tensor.clamp_(0.0, 1.0)
+            for tensor in free_beta.values():
+                tensor.clamp_(min=0.0)
+    with torch.no_grad():
+        return split_lower_bound(net, box, C, boxes, signs, best_alpha, best_beta)

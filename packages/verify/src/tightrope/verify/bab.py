@@ -1,0 +1,221 @@
+"""Branch-and-bound over ReLU phases with beta-CROWN bounds (Wang et al. 2021).
+
+One unsafe set ``A y <= b`` over one input box is shown infeasible by splitting: a subdomain
+fixes some ReLU phases; its bound is beta-CROWN's (split constraints with multipliers, lower
+slopes optimised with them, :mod:`tightrope.bounds.beta`); a subdomain is closed when some row
+of ``A f(x) - b`` has a lower bound above the margin, or when its phases contradict the
+pre-activation bounds (empty). The search takes a batch of open subdomains at a time (lowest
+bound first, or deepest first above the memory cap), picks a neuron per subdomain (BaBSR or
+FSB, :mod:`tightrope.verify.branching`), bounds both children in one batched call and keeps the
+open ones. Every bound's minimising input, and a PGD attack started from the worst subdomains'
+minimisers, are counterexample candidates; only a float64 re-check makes one a counterexample.
+
+The answer is ``VERIFIED`` only when every subdomain is closed, ``FALSIFIED`` only with a
+re-checked counterexample, ``TIMEOUT`` when the deadline passes and ``UNKNOWN`` when an open
+subdomain has no neuron left to split (its phases are all fixed but the bound stays below the
+margin) or the memory cap is reached in depth-first order.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tightrope.bounds import (
+    Box,
+    Network,
+    SplitBound,
+    empty_subdomains,
+    optimise_split_bound,
+    refine_pre_activations,
+)
+from tightrope.verify.attack import spec_pgd
+from tightrope.verify.branching import LayerIndex, branching_scores, fsb_choice, split_at
+from tightrope.verify.config import BabConfig, Branching, SearchOrder
+from tightrope.verify.domains import DomainBatch, DomainQueue
+from tightrope.verify.problem import CompiledRegion, clip_inside, violation
+from tightrope.verify.spec import VerifyStatus
+
+__all__ = ["BabOutcome", "relu_bab"]
+
+#: Memory the queue may hold before best-first search turns depth-first.
+QUEUE_BYTES = 3 << 30
+
+Confirm = Callable[[Tensor], "tuple[Tensor, Tensor] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class BabOutcome:
+    """The answer of one search: status, counterexample (with its float64 output) if any,
+    and how many subdomains were bounded."""
+
+    status: VerifyStatus
+    counterexample: Tensor | None = None
+    output: Tensor | None = None
+    domains: int = 0
+
+
+def minimisers(found: SplitBound, box: Box, row: Tensor) -> Tensor:
+    """``(D, *S_in)``: the input corner minimising each subdomain's linear bound of ``row``."""
+    pick = row.view(-1, 1, *([1] * (found.input_coefficients.dim() - 2)))
+    pick = pick.expand(-1, 1, *found.input_coefficients.shape[2:])
+    coefficients = found.input_coefficients.gather(1, pick).squeeze(1)
+    return torch.where(coefficients > 0, box.lower, box.upper)
+
+
+def relu_bab(
+    model: nn.Module,
+    net: Network,
+    region: CompiledRegion,
+    target: int,
+    pre: dict[int, Box],
+    confirm: Confirm,
+    *,
+    config: BabConfig,
+    margin: float,
+    root_steps: int,
+    lr_alpha: float,
+    deadline: float,
+    generator: torch.Generator,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> BabOutcome:
+    """Show unsafe set ``target`` of ``region`` infeasible, or find a counterexample in it.
+
+    Args:
+        model: the eval-mode network (for forward passes of candidates).
+        net: ``model`` lowered.
+        region: the compiled region; only the rows of unsafe set ``target`` are bounded.
+        pre: root pre-activation bounds ``(1, *S_i)`` per ReLU op over the region's box.
+        confirm: float64 re-check of candidates ``(N, *S_in)``; returns a confirmed
+            counterexample and its output, or ``None``.
+        margin: a subdomain closes when a row's lower bound exceeds it.
+        root_steps, lr_alpha: alpha optimisation at the root.
+        deadline: ``time.monotonic()`` value at which the search gives up (TIMEOUT).
+        progress: optional callback ``(bounded subdomains, open subdomains, lowest bound)``.
+    """
+    box = region.box
+    mask = region.owner == target
+    rows = region.rows[mask].reshape(-1, *net.output_shape)
+    offsets = region.offsets[mask]
+    active = torch.zeros(region.n_sets, dtype=torch.bool, device=rows.device)
+    active[target] = True
+    layers = LayerIndex(net)
+    signs0 = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=rows.device)
+              for i, b in pre.items()}
+
+    def bound(pre_d: dict[int, Box], signs: dict[int, Tensor], alphas: dict[int, Tensor] | None,
+              betas: dict[int, Tensor] | None, steps: int, lr: float) -> SplitBound:
+        C = rows.unsqueeze(0).expand(pre_d[layers.ops[0]].lower.shape[0], *rows.shape)
+        return optimise_split_bound(
+            net, box, C, pre_d, signs, alphas, betas, steps=steps, lr_alpha=lr,
+            lr_beta=config.lr_beta,
+        )
+
+    def package(pre_d: dict[int, Box], signs: dict[int, Tensor], found: SplitBound,
+                depth: Tensor) -> DomainBatch:
+        lower = found.lower - offsets
+        row = lower.argmax(dim=1)
+        scores = branching_scores(pre_d, signs, found.relu_coefficients, found.alphas, row,
+                                  layers)
+        betas = found.betas if found.betas else {
+            i: torch.zeros_like(a) for i, a in found.alphas.items()}
+        return DomainBatch(pre=pre_d, signs=signs, alphas=found.alphas, betas=betas,
+                           lower=lower, scores=scores, depth=depth)
+
+    def check(found: SplitBound, lower: Tensor) -> tuple[Tensor, Tensor] | None:
+        candidates = clip_inside(region, minimisers(found, box, lower.argmax(dim=1)))
+        with torch.no_grad():
+            values = violation(region, model(candidates), active)
+        hits = candidates[values <= 0]
+        return confirm(hits) if hits.shape[0] else None
+
+    if not layers.ops:
+        return BabOutcome(VerifyStatus.UNKNOWN)
+    root = bound(pre, signs0, None, None, root_steps, lr_alpha)
+    bounded = 1
+    domains = package(pre, signs0, root, torch.zeros(1, dtype=torch.long, device=rows.device))
+    if float(domains.value.max()) > margin:
+        return BabOutcome(VerifyStatus.VERIFIED, domains=bounded)
+    hit = check(root, domains.lower)
+    if hit is not None:
+        return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)
+    queue = DomainQueue()
+    queue.push(domains)
+    stuck = False
+    iteration = 0
+    while len(queue):
+        if time.monotonic() > deadline:
+            return BabOutcome(VerifyStatus.TIMEOUT, domains=bounded)
+        iteration += 1
+        deep = config.order is SearchOrder.DEPTH_FIRST or (
+            len(queue) > config.max_domains or queue.nbytes() > QUEUE_BYTES
+        )
+        parents = queue.pop(config.batch_size, deepest=deep)
+        splittable = torch.isfinite(parents.scores).any(dim=1)
+        if not bool(splittable.all()):
+            stuck = True
+            parents = parents.select(splittable)
+            if not len(parents):
+                continue
+        if config.branching is Branching.FSB:
+            flat = fsb_choice(net, box, rows, offsets, parents, config.fsb_candidates, layers)
+        else:
+            flat = parents.scores.argmax(dim=1)
+        count = len(parents)
+        both = torch.arange(count, device=flat.device).repeat(2)
+        children = parents.select(both)
+        phase = torch.cat([torch.ones(count, dtype=torch.long, device=flat.device),
+                           -torch.ones(count, dtype=torch.long, device=flat.device)])
+        pre_c, signs_c = split_at(children, flat.repeat(2), phase, layers)
+        if config.refine_intermediate and len(layers.ops) > 1:
+            first_layer = int(layers.locate(flat)[0].min())
+            with torch.no_grad():
+                pre_c = refine_pre_activations(net, box, pre_c, signs_c, first_layer)
+        empty = empty_subdomains(pre_c)
+        found = bound(pre_c, signs_c, children.alphas, children.betas, config.steps,
+                      config.lr_alpha)
+        bounded += len(children)
+        batch = package(pre_c, signs_c, found, children.depth + 1)
+        hit = check(found, batch.lower)
+        if hit is not None:
+            return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)
+        open_ = (batch.value <= margin) & ~empty
+        queue.push(batch.select(open_))
+        if progress is not None:
+            progress(bounded, len(queue), queue.lowest())
+        if config.attack_every and iteration % config.attack_every == 0 and len(queue):
+            worst = queue.pop(min(len(queue), 8))
+            starts = minimisers_of(worst, net, box, rows, offsets)
+            queue.push(worst)
+            candidates = spec_pgd(model, region, steps=20, restarts=0, generator=generator,
+                                  starts=starts, active=active, deadline=deadline)
+            if candidates.shape[0]:
+                hit = confirm(candidates)
+                if hit is not None:
+                    return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)
+    if stuck:
+        return BabOutcome(VerifyStatus.UNKNOWN, domains=bounded)
+    return BabOutcome(VerifyStatus.VERIFIED, domains=bounded)
+
+
+def minimisers_of(
+    domains: DomainBatch, net: Network, box: Box, rows: Tensor, offsets: Tensor
+) -> Tensor:
+    """Minimisers of the linear bounds of ``domains`` (one cheap pass at their multipliers)."""
+    from tightrope.bounds import split_lower_bound
+
+    C = rows.unsqueeze(0).expand(len(domains), *rows.shape)
+    with torch.no_grad():
+        found = split_lower_bound(net, box, C, domains.pre, domains.signs, domains.alphas,
+                                  domains.betas)
+    return minimisers(found, box, (found.lower - offsets).argmax(dim=1))
+
+
+def remaining(deadline: float) -> float:
+    """Seconds left before ``deadline`` (never negative)."""
+    return max(0.0, deadline - time.monotonic()) if math.isfinite(deadline) else math.inf

@@ -1,0 +1,147 @@
+"""Which ReLU to split: BaBSR-style scores and filtered smart branching (FSB).
+
+* Scores (after BaBSR, Bunel et al. 2020, "Branch and Bound for Piecewise Linear Neural
+  Network Verification"): the backward pass of a subdomain's bound meets neuron ``j`` with
+  coefficient ``a_j`` on its ReLU output. With a negative coefficient the bound pays
+  ``a_j t_j`` for the upper line's intercept ``t_j = -u_j l_j / (u_j - l_j)``; with a positive one
+  it loses at most ``a_j max((1 - alpha_j) u_j, -alpha_j l_j)`` to the lower line. Splitting makes
+  the neuron exact and recovers that loss, so the score is the loss.
+* FSB (De Palma et al. 2021, "Improved Branch and Bound for Neural Network Verification via
+  Lagrangian Decomposition"): the top-scoring candidates of each subdomain are each split and
+  both children bounded with the parent's multipliers in one batched pass; the candidate whose
+  worse child is best is chosen.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from tightrope.bounds import Box, Network, empty_subdomains, split_lower_bound
+from tightrope.verify.domains import DomainBatch
+
+__all__ = ["LayerIndex", "branching_scores", "fsb_choice", "split_at"]
+
+
+class LayerIndex:
+    """Maps flat neuron numbers (all ReLU layers, flattened, in order) to (op index, neuron)."""
+
+    def __init__(self, net: Network) -> None:
+        self.ops = net.relu_indices
+        sizes = [int(torch.Size(net.shapes[i]).numel()) for i in self.ops]
+        self.starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
+        self.sizes = sizes
+        self.total = sum(sizes)
+
+    def locate(self, flat: Tensor) -> tuple[Tensor, Tensor]:
+        """``(layer position, neuron within the layer)`` of flat indices ``flat: (N,)``."""
+        starts = self.starts.to(flat.device)
+        layer = torch.searchsorted(starts, flat, right=True) - 1
+        return layer, flat - starts[layer]
+
+
+def branching_scores(
+    pre: Mapping[int, Box],
+    signs: Mapping[int, Tensor],
+    relu_coefficients: Mapping[int, Tensor],
+    alphas: Mapping[int, Tensor],
+    row: Tensor,
+    layers: LayerIndex,
+) -> Tensor:
+    """``(D, N)`` scores of every neuron (``-inf`` where it is stable or split).
+
+    Args:
+        pre: clamped pre-activation bounds ``(D, *S_i)``.
+        signs: split phases ``(D, *S_i)``.
+        relu_coefficients: ``(D, K, *S_i)`` coefficients of the ReLU outputs in the bound.
+        alphas: ``(D, K, *S_i)`` lower slopes used by the bound.
+        row: ``(D,)`` the specification row each subdomain's verdict rests on.
+    """
+    parts = []
+    for index in layers.ops:
+        box = pre[index]
+        lower, upper = box.lower.flatten(1), box.upper.flatten(1)
+        pick = row.view(-1, 1, *([1] * (relu_coefficients[index].dim() - 2)))
+        pick = pick.expand(-1, 1, *relu_coefficients[index].shape[2:])
+        coefficient = relu_coefficients[index].gather(1, pick).flatten(1)
+        alpha = alphas[index].expand_as(relu_coefficients[index]).gather(1, pick).flatten(1)
+        unstable = (lower < 0) & (upper > 0) & (signs[index].flatten(1) == 0)
+        width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+        intercept = torch.where(unstable, -upper * lower / width, torch.zeros_like(upper))
+        gap = torch.maximum((1 - alpha) * upper, -alpha * lower)
+        score = (-coefficient).clamp(min=0) * intercept + coefficient.clamp(min=0) * gap
+        # A tiny width term breaks ties among neurons the bound does not see yet.
+        score = score + 1e-6 * width
+        parts.append(torch.where(unstable, score, torch.full_like(score, float("-inf"))))
+    return torch.cat(parts, dim=1)
+
+
+def split_at(
+    domains: DomainBatch, flat: Tensor, phase: Tensor, layers: LayerIndex
+) -> tuple[dict[int, Box], dict[int, Tensor]]:
+    """Clamped bounds and signs of ``domains`` with neuron ``flat: (D,)`` fixed to ``phase: (D,)``
+    (``+1`` active, ``-1`` inactive)."""
+    layer, neuron = layers.locate(flat)
+    pre: dict[int, Box] = {}
+    signs: dict[int, Tensor] = {}
+    rows = torch.arange(len(domains), device=flat.device)
+    for position, index in enumerate(layers.ops):
+        here = layer == position
+        box, sign = domains.pre[index], domains.signs[index]
+        if not bool(here.any()):
+            pre[index], signs[index] = box, sign
+            continue
+        shape = sign.shape
+        sign = sign.flatten(1).clone()
+        lower, upper = box.lower.flatten(1).clone(), box.upper.flatten(1).clone()
+        r, n, p = rows[here], neuron[here], phase[here]
+        sign[r, n] = p.to(sign.dtype)
+        lower[r, n] = torch.where(p > 0, lower[r, n].clamp(min=0), lower[r, n])
+        upper[r, n] = torch.where(p < 0, upper[r, n].clamp(max=0), upper[r, n])
+        signs[index] = sign.view(shape)
+        pre[index] = Box(lower.view(shape), upper.view(shape))
+    return pre, signs
+
+
+def fsb_choice(
+    net: Network,
+    box: Box,
+    rows: Tensor,
+    offsets: Tensor,
+    domains: DomainBatch,
+    candidates: int,
+    layers: LayerIndex,
+) -> Tensor:
+    """``(D,)`` flat neuron per subdomain chosen by filtered smart branching.
+
+    Args:
+        box: the input box ``(1, *S_in)``.
+        rows: ``(K, *S_out)`` specification rows; ``offsets: (K,)``.
+        domains: the parents, with their scores and multipliers.
+        candidates: how many top-scoring neurons each parent tries.
+    """
+    count = len(domains)
+    k = min(candidates, domains.scores.shape[1])
+    top = torch.topk(domains.scores, k, dim=1)
+    if k == 1:
+        return top.indices[:, 0]
+    # Children ordered (parent, candidate, phase).
+    flat = top.indices.repeat_interleave(2, dim=1).flatten()
+    phase = torch.tensor([1, -1], device=flat.device).repeat(count * k)
+    repeated = domains.select(torch.arange(count, device=flat.device).repeat_interleave(2 * k))
+    pre, signs = split_at(repeated, flat, phase, layers)
+    C = rows.unsqueeze(0).expand(len(repeated), *rows.shape)
+    with torch.no_grad():
+        found = split_lower_bound(
+            net, box, C, pre, signs, repeated.alphas, repeated.betas
+        )
+    value = (found.lower - offsets).max(dim=1).values
+    value = torch.where(empty_subdomains(pre), torch.full_like(value, float("inf")), value)
+    worse_child = value.view(count, k, 2).min(dim=2).values
+    # Candidates that were not splittable (score -inf) must never win.
+    worse_child = torch.where(torch.isinf(top.values) & (top.values < 0),
+                              torch.full_like(worse_child, float("-inf")), worse_child)
+    best = worse_child.argmax(dim=1)
+    return top.indices.gather(1, best.unsqueeze(1)).squeeze(1)

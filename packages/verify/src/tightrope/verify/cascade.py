@@ -1,0 +1,222 @@
+"""The verification cascade: cheap attack -> IBP -> CROWN -> alpha-CROWN -> strong attack -> BaB.
+
+Each stage only sees what the previous ones left open: an unsafe set is *excluded* once a row
+of ``A f(x) - b`` has a lower bound above ``config.margin`` over the region, and the property
+holds when every unsafe set of every region is excluded. Any counterexample an attack or a
+bound's minimiser proposes is re-checked with a float64 forward pass and
+:meth:`Specification.violated_by` before the answer is ``FALSIFIED``.
+
+Stages: PGD (Madry et al. 2018) -> IBP (Gowal et al. 2018) -> CROWN (Zhang et al. 2018) ->
+alpha-CROWN (Xu et al. 2021) -> PGD with many restarts -> branch-and-bound with beta-CROWN
+bounds (Wang et al. 2021) per open unsafe set, or input splitting for low-dimensional inputs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from tightrope.bounds import (
+    Box,
+    Network,
+    ibp,
+    lower,
+    optimise_split_bound,
+    pre_activation_bounds,
+)
+from tightrope.verify.attack import spec_pgd
+from tightrope.verify.bab import BabOutcome, relu_bab
+from tightrope.verify.config import InputSplit, Mode, VerifierConfig
+from tightrope.verify.input_bab import input_bab
+from tightrope.verify.milp import milp_verify
+from tightrope.verify.problem import CompiledRegion, compile_region, confirm, float64_model
+from tightrope.verify.result import Stage, Verdict
+from tightrope.verify.spec import Specification, VerifyStatus
+
+__all__ = ["verify"]
+
+Progress = Callable[[str, dict[str, float]], None]
+
+
+def _reference(model: nn.Module) -> Tensor:
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor
+    raise TypeError("verify needs a model with floating-point parameters (its dtype and device)")
+
+
+class _Clock:
+    def __init__(self, timeout: float) -> None:
+        if not timeout > 0:
+            raise ValueError(f"timeout must be positive seconds, got {timeout}")
+        self.start = time.monotonic()
+        self.deadline = self.start + timeout
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+def verify(
+    model: nn.Module,
+    spec: Specification,
+    timeout: float = 60.0,
+    config: VerifierConfig | None = None,
+    *,
+    progress: Progress | None = None,
+) -> Verdict:
+    """Decide whether ``spec`` holds for ``model`` (Wang et al. 2021's complete verification).
+
+    Args:
+        model: an eval-mode ``nn.Sequential`` of layers ``tightrope.bounds`` supports; its
+            dtype and device are used for every bound (float32 bounds certify only above
+            ``config.margin``).
+        spec: the regions and unsafe sets (see :mod:`tightrope.verify.spec`).
+        timeout: wall-clock seconds for the whole call.
+        config: stages and branch-and-bound settings.
+        progress: optional callback ``(event, numbers)`` (e.g. ``("bab", {"domains": ...})``).
+
+    Returns:
+        A :class:`Verdict`: ``VERIFIED`` from sound bounds on every region and unsafe set,
+        ``FALSIFIED`` with a float64-checked counterexample, else ``TIMEOUT`` or ``UNKNOWN``.
+    """
+    config = VerifierConfig() if config is None else config
+    if not isinstance(spec, Specification):
+        raise TypeError(f"spec must be a tightrope.verify.Specification, got {type(spec)}")
+    if model.training:
+        raise ValueError("verify needs an eval-mode model: call model.eval() first")
+    clock = _Clock(timeout)
+    like = _reference(model)
+    model64 = float64_model(model)
+    regions = [compile_region(region, like) for region in spec.regions]
+    generator = torch.Generator().manual_seed(config.seed)
+
+    def checked(candidates: Tensor) -> tuple[Tensor, Tensor] | None:
+        return confirm(spec, model64, candidates) if candidates.shape[0] else None
+
+    def falsified(hit: tuple[Tensor, Tensor], stage: Stage, domains: int = 0) -> Verdict:
+        return Verdict(VerifyStatus.FALSIFIED, stage, clock.seconds(), hit[0], hit[1], domains)
+
+    def ending(status: VerifyStatus, stage: Stage, domains: int = 0) -> Verdict:
+        if status is not VerifyStatus.VERIFIED:
+            stage = Stage.NONE
+        return Verdict(status, stage, clock.seconds(), domains=domains)
+
+    with torch.no_grad():
+        for region in regions:
+            hit = checked(spec_pgd(model, region, steps=config.attack_steps,
+                                   restarts=config.attack_restarts, generator=generator,
+                                   deadline=clock.deadline))
+            if hit is not None:
+                return falsified(hit, Stage.ATTACK)
+    if config.mode is Mode.MILP:
+        status, hit = milp_verify(model, spec, regions, checked, clock.deadline,
+                                  config.milp_time_limit, config.margin)
+        if hit is not None:
+            return falsified(hit, Stage.MILP)
+        return ending(status, Stage.MILP)
+
+    open_sets = [torch.ones(r.n_sets, dtype=torch.bool, device=like.device) for r in regions]
+    with torch.no_grad():
+        for number, region in enumerate(regions):
+            bounds = ibp(model, region.box, region.rows.unsqueeze(0)).lower[0]
+            _exclude(region, open_sets[number], bounds - region.offsets, config.margin)
+    if not any(bool(o.any()) for o in open_sets):
+        return ending(VerifyStatus.VERIFIED, Stage.IBP)
+    lowered: dict[int, tuple[Network, dict[int, Box]]] = {}
+    last_stage = Stage.IBP
+    for stage, steps in ((Stage.CROWN, 0), (Stage.ALPHA_CROWN, config.alpha_steps)):
+        if stage is Stage.ALPHA_CROWN and steps == 0:
+            continue
+        for number, region in enumerate(regions):
+            if not bool(open_sets[number].any()):
+                continue
+            if number not in lowered:
+                with torch.no_grad():
+                    net = lower(model, region.box.center)
+                    lowered[number] = (net, dict(pre_activation_bounds(net, region.box).boxes))
+            net, boxes = lowered[number]
+            rows = region.rows_of(open_sets[number])
+            C = region.rows[rows].reshape(1, -1, *net.output_shape)
+            signs = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=like.device)
+                     for i, b in boxes.items()}
+            found = optimise_split_bound(net, region.box, C, boxes, signs, steps=steps,
+                                         lr_alpha=config.alpha_lr)
+            full = torch.full((region.rows.shape[0],), float("-inf"), dtype=like.dtype,
+                              device=like.device)
+            full[rows] = found.lower[0].detach() - region.offsets[rows]
+            _exclude(region, open_sets[number], full, config.margin)
+        last_stage = stage
+        if not any(bool(o.any()) for o in open_sets):
+            return ending(VerifyStatus.VERIFIED, last_stage)
+        if clock.expired():
+            return ending(VerifyStatus.TIMEOUT, last_stage)
+
+    with torch.no_grad():
+        for region in regions:
+            hit = checked(spec_pgd(model, region, steps=config.strong_attack_steps,
+                                   restarts=config.strong_attack_restarts, generator=generator,
+                                   deadline=clock.deadline))
+            if hit is not None:
+                return falsified(hit, Stage.STRONG_ATTACK)
+    if config.bab is None:
+        return ending(VerifyStatus.UNKNOWN, last_stage)
+    bab = config.bab
+    total_domains = 0
+    unknown = False
+    for number, region in enumerate(regions):
+        targets = open_sets[number].nonzero().flatten().tolist()
+        input_dim = int(region.box.lower[0].numel())
+        use_input = bab.input_split is InputSplit.ALWAYS or (
+            bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
+        )
+        for target in targets:
+            if clock.expired():
+                return ending(VerifyStatus.TIMEOUT, Stage.BAB, total_domains)
+            net, boxes = lowered[number]
+            outcome: BabOutcome
+            if use_input:
+                outcome = input_bab(model, net, region, target, checked, config=bab,
+                                    margin=config.margin, deadline=clock.deadline,
+                                    generator=generator)
+            else:
+                outcome = relu_bab(
+                    model, net, region, target, boxes, checked, config=bab,
+                    margin=config.margin, root_steps=config.alpha_steps,
+                    lr_alpha=config.alpha_lr, deadline=clock.deadline, generator=generator,
+                    progress=None if progress is None else _bab_progress(progress),
+                )
+            total_domains += outcome.domains
+            if outcome.status is VerifyStatus.FALSIFIED:
+                if outcome.counterexample is None or outcome.output is None:
+                    raise RuntimeError("branch-and-bound reported FALSIFIED without a witness")
+                return falsified((outcome.counterexample, outcome.output), Stage.BAB,
+                                 total_domains)
+            if outcome.status is VerifyStatus.TIMEOUT:
+                return ending(VerifyStatus.TIMEOUT, Stage.BAB, total_domains)
+            if outcome.status is VerifyStatus.UNKNOWN:
+                unknown = True
+    if unknown:
+        return ending(VerifyStatus.UNKNOWN, Stage.BAB, total_domains)
+    return ending(VerifyStatus.VERIFIED, Stage.BAB, total_domains)
+
+
+def _bab_progress(progress: Progress) -> Callable[[int, int, float], None]:
+    def report(bounded: int, open_: int, lowest: float) -> None:
+        progress("bab", {"domains": float(bounded), "open": float(open_), "lowest": lowest})
+
+    return report
+
+
+def _exclude(region: CompiledRegion, open_sets: Tensor, row_lower: Tensor, margin: float) -> None:
+    """Close (in place) the unsafe sets of which some row has ``row_lower: (R,)`` above margin."""
+    proven = row_lower > margin
+    closed = torch.zeros_like(open_sets)
+    closed = closed.scatter_reduce(0, region.owner, proven, reduce="amax")
+    open_sets &= ~closed
+

@@ -1,0 +1,143 @@
+"""Typed, frozen configuration of the verifier: the cascade, branch-and-bound and MILP mode."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+__all__ = [
+    "BabConfig",
+    "Branching",
+    "InputSplit",
+    "Mode",
+    "SearchOrder",
+    "VerifierConfig",
+]
+
+
+class Mode(enum.Enum):
+    """What :func:`~tightrope.verify.verify` runs."""
+
+    #: Attacks, then IBP -> CROWN -> alpha-CROWN -> branch-and-bound (complete given time).
+    CASCADE = "cascade"
+    #: The exact MILP of Tjeng et al. 2019 (HiGHS via SciPy): small networks only.
+    MILP = "milp"
+
+
+class Branching(enum.Enum):
+    """How a ReLU subdomain picks the neuron to split."""
+
+    #: BaBSR (Bunel et al. 2020): the unstable neuron whose upper-line intercept costs the
+    #: bound most, read from the backward pass's coefficients.
+    BABSR = "babsr"
+    #: Filtered smart branching (De Palma et al. 2021): the top BaBSR candidates are each split
+    #: and bounded (one batched pass); the neuron whose worse child is best wins.
+    FSB = "fsb"
+
+
+class SearchOrder(enum.Enum):
+    """Which subdomains the search bounds next."""
+
+    #: Lowest bound first: the subdomains that decide the answer.
+    BEST_FIRST = "best_first"
+    #: Deepest first: bounded memory, quick dives to counterexamples.
+    DEPTH_FIRST = "depth_first"
+
+
+class InputSplit(enum.Enum):
+    """When branch-and-bound splits the input box instead of ReLUs."""
+
+    #: Input splitting when the input has at most ``BabConfig.input_split_max_dim`` dimensions.
+    AUTO = "auto"
+    ALWAYS = "always"
+    NEVER = "never"
+
+
+@dataclass(frozen=True, slots=True)
+class BabConfig:
+    """Branch-and-bound settings (Bunel et al. 2020; Wang et al. 2021).
+
+    Attributes:
+        batch_size: subdomains taken from the queue per bound call (each yields two children).
+        branching: ReLU branching heuristic.
+        fsb_candidates: candidates per subdomain that FSB evaluates.
+        order: search order; best-first falls back to depth-first above ``max_domains``.
+        max_domains: memory cap on queued subdomains.
+        steps: alpha/beta ascent steps per bound call on new subdomains.
+        lr_alpha, lr_beta: Adam learning rates of the lower slopes and split multipliers.
+        refine_intermediate: recompute CROWN pre-activation bounds of the layers after a split
+            (tighter, a backward pass per unstable neuron).
+        input_split: when to split the input box instead of ReLUs.
+        input_split_max_dim: input dimension at or below which ``InputSplit.AUTO`` splits inputs.
+        attack_every: run a PGD attack biased by the queue's worst subdomains every this many
+            iterations (0: never).
+    """
+
+    batch_size: int = 256
+    branching: Branching = Branching.FSB
+    fsb_candidates: int = 4
+    order: SearchOrder = SearchOrder.BEST_FIRST
+    max_domains: int = 200_000
+    steps: int = 10
+    lr_alpha: float = 0.1
+    lr_beta: float = 0.05
+    refine_intermediate: bool = True
+    input_split: InputSplit = InputSplit.AUTO
+    input_split_max_dim: int = 16
+    attack_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.fsb_candidates < 1:
+            raise ValueError(f"fsb_candidates must be >= 1, got {self.fsb_candidates}")
+        if self.max_domains < 2 * self.batch_size:
+            raise ValueError(
+                f"max_domains ({self.max_domains}) must be at least 2 * batch_size "
+                f"({2 * self.batch_size})"
+            )
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if self.input_split_max_dim < 0:
+            raise ValueError(f"input_split_max_dim must be >= 0, got {self.input_split_max_dim}")
+
+
+@dataclass(frozen=True, slots=True)
+class VerifierConfig:
+    """Settings of :func:`~tightrope.verify.verify` and :func:`~tightrope.verify.certify`.
+
+    Attributes:
+        mode: the cascade (default) or the exact MILP.
+        attack_steps, attack_restarts: the cheap PGD stage.
+        strong_attack_steps, strong_attack_restarts: the attack run before branch-and-bound.
+        alpha_steps, alpha_lr: the alpha-CROWN stage (and the root of branch-and-bound).
+        margin: a bound certifies only when it exceeds this (absolute) margin. Bounds are
+            computed in the model's dtype; in float32 the rounding of a backward pass through a
+            few hundred neurons is around 1e-6 relative, which the default covers for outputs of
+            order 1-100. Use a float64 model for tighter guarantees.
+        bab: branch-and-bound settings (``None``: stop after alpha-CROWN and the attacks).
+        milp_time_limit: seconds per MILP in ``Mode.MILP`` (``None``: the call's timeout).
+        seed: seed of the attacks' ``torch.Generator``.
+    """
+
+    mode: Mode = Mode.CASCADE
+    attack_steps: int = 20
+    attack_restarts: int = 8
+    strong_attack_steps: int = 100
+    strong_attack_restarts: int = 64
+    alpha_steps: int = 20
+    alpha_lr: float = 0.1
+    margin: float = 1e-5
+    bab: BabConfig | None = field(default_factory=BabConfig)
+    milp_time_limit: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("attack_steps", "attack_restarts", "strong_attack_steps",
+                     "strong_attack_restarts", "alpha_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.alpha_lr <= 0:
+            raise ValueError(f"alpha_lr must be positive, got {self.alpha_lr}")
