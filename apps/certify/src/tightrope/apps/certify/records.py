@@ -1,0 +1,164 @@
+"""Per-sample results of ``tightrope-certify checkpoint``: the JSON-lines files each shard
+appends to (so a crashed run resumes where it stopped), merging, CSV and the summary table."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = [
+    "SampleRecord",
+    "Summary",
+    "append_records",
+    "format_summary",
+    "merge_records",
+    "read_records",
+    "shard_file",
+    "summarise",
+    "write_csv",
+]
+
+STATUSES = ("verified", "falsified", "unknown", "timeout")
+
+
+@dataclass(frozen=True, slots=True)
+class SampleRecord:
+    """The answer for one test sample.
+
+    Attributes:
+        index: position in the data set's test split.
+        label: its class.
+        prediction: the model's clean prediction.
+        status: ``verified``, ``falsified``, ``unknown`` or ``timeout``.
+        stage: the cascade stage that decided (``clean``, ``attack``, ``ibp``, ``crown``,
+            ``alpha_crown``, ``strong_attack``, ``bab``, ``milp``; ``none`` when undecided).
+        seconds: verification wall time of the sample (its share of batched stages).
+        eps: the l_inf radius certified.
+    """
+
+    index: int
+    label: int
+    prediction: int
+    status: str
+    stage: str
+    seconds: float
+    eps: float
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+
+
+def shard_file(directory: Path, shard: int, shards: int) -> Path:
+    """The JSON-lines file of shard ``shard`` (0-based) of ``shards``."""
+    return directory / f"samples.shard-{shard:03d}-of-{shards:03d}.jsonl"
+
+
+def append_records(path: Path, records: Iterable[SampleRecord]) -> None:
+    """Append ``records`` to ``path``, one JSON object per line, flushed to disk at once."""
+    with path.open("a", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(asdict(record), sort_keys=True) + "\n")
+        handle.flush()
+
+
+def read_records(path: Path) -> list[SampleRecord]:
+    """The records of a JSON-lines file; a last line cut short by a crash is ignored, any other
+    malformed line raises ``ValueError`` naming the file and line."""
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records: list[SampleRecord] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(SampleRecord(**json.loads(line)))
+        except (json.JSONDecodeError, TypeError, ValueError) as error:
+            if number == len(lines):
+                break  # written while the process was killed
+            raise ValueError(f"{path}:{number}: not a sample record ({error})") from error
+    return records
+
+
+def merge_records(paths: Sequence[Path]) -> list[SampleRecord]:
+    """All records of ``paths``, one per sample index (the last one written wins), by index."""
+    by_index: dict[int, SampleRecord] = {}
+    for path in paths:
+        for record in read_records(path):
+            by_index[record.index] = record
+    return [by_index[index] for index in sorted(by_index)]
+
+
+def write_csv(path: Path, records: Sequence[SampleRecord]) -> None:
+    """``records`` as a CSV file with a header."""
+    fields = list(SampleRecord.__dataclass_fields__)
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        for record in records:
+            writer.writerow(asdict(record))
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Accuracies (fractions of ``samples``) and times of a certification run."""
+
+    samples: int
+    clean_accuracy: float
+    adversarial_accuracy: float
+    certified_accuracy: float
+    counts: dict[str, int]
+    stages: dict[str, int]
+    total_seconds: float
+    mean_seconds: float
+    median_seconds: float
+    max_seconds: float
+
+
+def summarise(records: Sequence[SampleRecord]) -> Summary:
+    """Clean accuracy (clean prediction right), adversarial accuracy (not falsified: an upper
+    bound on robust accuracy), certified accuracy (verified: a lower bound) and time."""
+    n = len(records)
+    if n == 0:
+        raise ValueError("no sample records to summarise")
+    counts = Counter(record.status for record in records)
+    stages = Counter(record.stage for record in records)
+    times = [record.seconds for record in records]
+    return Summary(
+        samples=n,
+        clean_accuracy=sum(r.prediction == r.label for r in records) / n,
+        adversarial_accuracy=(n - counts["falsified"]) / n,
+        certified_accuracy=counts["verified"] / n,
+        counts={status: counts[status] for status in STATUSES},
+        stages=dict(sorted(stages.items())),
+        total_seconds=sum(times),
+        mean_seconds=sum(times) / n,
+        median_seconds=statistics.median(times),
+        max_seconds=max(times),
+    )
+
+
+def format_summary(summary: Summary, eps: float) -> str:
+    """The summary as a small plain-text table."""
+    rows = [
+        ("samples", f"{summary.samples}"),
+        ("eps", f"{eps:g}"),
+        ("clean accuracy", f"{100 * summary.clean_accuracy:.2f} %"),
+        ("adversarial accuracy", f"{100 * summary.adversarial_accuracy:.2f} %  (not falsified)"),
+        ("certified accuracy", f"{100 * summary.certified_accuracy:.2f} %  (verified)"),
+    ]
+    rows += [(f"  {status}", str(count)) for status, count in summary.counts.items()]
+    rows += [(f"  decided by {stage}", str(count)) for stage, count in summary.stages.items()]
+    rows += [
+        ("time, total", f"{summary.total_seconds:.1f} s"),
+        ("time per sample", f"mean {summary.mean_seconds:.3f} s, median "
+         f"{summary.median_seconds:.3f} s, max {summary.max_seconds:.3f} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
