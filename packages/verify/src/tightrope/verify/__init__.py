@@ -13,6 +13,7 @@ from tightrope.verify.config import (
     SearchOrder,
     VerifierConfig,
 )
+from tightrope.verify.onnx import OnnxImportError, OnnxModel, export_onnx, load_onnx
 from tightrope.verify.result import Stage, Verdict
 from tightrope.verify.spec import (
     Region,
@@ -21,12 +22,16 @@ from tightrope.verify.spec import (
     VerifyStatus,
     robustness_spec,
 )
+from tightrope.verify.vnnlib import VnnlibError, load_vnnlib, parse_vnnlib
+from tightrope.verify.vnnlib_result import VnnResult, format_result, parse_result
 
 __all__ = [
     "BabConfig",
     "Branching",
     "InputSplit",
     "Mode",
+    "OnnxImportError",
+    "OnnxModel",
     "Region",
     "SearchOrder",
     "Specification",
@@ -35,7 +40,15 @@ __all__ = [
     "Verdict",
     "VerifierConfig",
     "VerifyStatus",
+    "VnnResult",
+    "VnnlibError",
     "__version__",
+    "export_onnx",
+    "format_result",
+    "load_onnx",
+    "load_vnnlib",
+    "parse_result",
+    "parse_vnnlib",
     "robustness_spec",
     "verify",
 ]
