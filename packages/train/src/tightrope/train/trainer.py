@@ -356,13 +356,14 @@ class Trainer:
             max_samples=max_samples,
         )
 
-    def evaluate(self, loader: TensorLoader | None = None, max_samples: int | None = None
+    def evaluate(self, loader: TensorLoader | None = None, *, whole: bool = False
                  ) -> dict[str, float]:
         """Accuracies on the validation split (or ``loader``) at the test eps; see
-        :func:`tightrope.train.evaluate`. Under data parallelism each process evaluates its
-        shard and the counts are summed."""
+        :func:`tightrope.train.evaluate`. At most ``evaluation.max_samples`` samples unless
+        ``whole``. Under data parallelism each process evaluates its shard and the counts are
+        summed."""
         loader = loader if loader is not None else self.validation_loader
-        limit = max_samples if max_samples is not None else self.config.evaluation.max_samples
+        limit = None if whole else self.config.evaluation.max_samples
         if limit is not None and self.distributed.world > 1:
             limit = -(-limit // self.distributed.world)
         metrics = evaluate(self.model, loader.epoch(0), self.eval_settings(limit))

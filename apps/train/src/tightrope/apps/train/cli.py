@@ -235,7 +235,7 @@ def _test(trainer: Trainer, run_dir: Path, message: Callable[[str], None],
     best = load_checkpoint(run_dir / "best.pt", map_location=trainer.device)
     trainer.model.load_state_dict(best.model.state_dict())
     started = time.perf_counter()
-    metrics = trainer.evaluate(trainer.test_loader(), max_samples=None)
+    metrics = trainer.evaluate(trainer.test_loader(), whole=True)
     seconds = time.perf_counter() - started
     if not main_process:
         return

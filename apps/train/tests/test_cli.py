@@ -1,0 +1,72 @@
+"""tightrope-train: help, config errors before any work, a run end to end and --resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tightrope.apps.train.cli import build_parser, main
+from tightrope.train import load_checkpoint
+
+CONFIG = """\
+epochs: 2
+precision: float64
+data: {dataset: synthetic, batch_size: 32, validation_size: 32, synthetic_size: 160}
+model: {name: cnn3, options: {width: 4}}
+loss: {method: ibp}
+eps: {train: 0.05, ramp_epochs: 1}
+evaluation: {pgd_steps: 2}
+"""
+
+
+def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for action in build_parser()._actions:
+        for option in action.option_strings:
+            assert option in text
+        assert action.help, action.dest
+    for words in ("key.sub=value", "torchrun", "tensorboard --logdir", "exit status"):
+        assert words in text
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("optim.lrr=1", "optim.lrr: unknown key"),
+    ("eps.train=3", "eps.train must lie in"),
+    ("epochs=many", "epochs: expected an integer"),
+    ("data.dataset=cifar10", "CIFAR-10 not found"),
+])
+def test_bad_configs_are_rejected_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, message: str
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    assert main(["--config", str(config), "--out", str(tmp_path / "runs"), override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_end_to_end_then_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    status = main(["--config", str(config), "--out", str(tmp_path / "runs"), "--device", "cpu",
+                   "--quiet", "checkpoint.every_steps=2"])
+    assert status == 0
+    out = capsys.readouterr().out
+    (run,) = (tmp_path / "runs").iterdir()
+    assert f"run directory: {run}" in out
+    assert f"tensorboard --logdir {run / 'tensorboard'}" in out
+    assert "test split (40 samples" in out
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert report["verified_accuracy"] <= report["pgd_accuracy"] <= report["clean_accuracy"]
+    assert load_checkpoint(run / "best.pt").epoch == 2
+    before = torch.load(run / "last.pt", weights_only=True)["model"]["state_dict"]
+    # A finished run resumes to the same state (nothing left to train).
+    assert main(["--resume", str(run), "--quiet", "--no-test"]) == 0
+    after = torch.load(run / "last.pt", weights_only=True)["model"]["state_dict"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -1,0 +1,70 @@
+"""Data parallelism on CPU: ``torchrun`` with 2 gloo processes equals 1 process with the doubled
+batch (a BatchNorm-free MLP and the deterministic IBP loss make the two runs the same sum)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+WORKER = """
+import json, sys
+import torch
+from tightrope.apps.train.cli import _distributed
+from tightrope.train import Trainer, parse_config
+
+torch.set_num_threads(1)
+config = parse_config(json.loads(sys.argv[1]))
+out = sys.argv[2]
+distributed = _distributed(torch.device("cpu"))
+trainer = Trainer(config, run_dir=out + "/run" if distributed.is_main else None,
+                  distributed=distributed)
+trainer.fit()
+torch.save(trainer.model.state_dict(), f"{out}/rank{distributed.rank}.pt")
+with open(f"{out}/metrics{distributed.rank}.json", "w") as handle:
+    json.dump(trainer.last_metrics, handle)
+"""
+
+
+def _config(batch: int) -> dict[str, object]:
+    return {
+        "epochs": 2, "seed": 3, "precision": "float64",
+        "data": {"dataset": "synthetic", "batch_size": batch, "validation_size": 64,
+                 "synthetic_size": 256, "eval_batch_size": 32},
+        "model": {"name": "mlp", "options": {"hidden": [32]}},
+        "loss": {"method": "ibp"},
+        "eps": {"train": 0.03, "ramp_epochs": 1},
+        "evaluation": {"pgd_steps": 0},
+    }
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(script), json.dumps(_config(16)), str(tmp_path)],
+        check=True, env=env, timeout=300, capture_output=True,
+    )
+    single = tmp_path / "single"
+    single.mkdir()
+    subprocess.run([sys.executable, str(script), json.dumps(_config(32)), str(single)],
+                   check=True, env=env, timeout=300, capture_output=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    one = torch.load(single / "rank0.pt", weights_only=True)
+    for name in one:
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        torch.testing.assert_close(ranks[0][name], one[name], rtol=1e-9, atol=1e-11)
+    shared = json.loads((tmp_path / "metrics0.json").read_text())
+    alone = json.loads((single / "metrics0.json").read_text())
+    assert shared["samples"] == alone["samples"] == 64
+    assert shared["clean_count"] == alone["clean_count"]
+    assert (tmp_path / "run" / "last.pt").is_file()
+    assert not (tmp_path / "rank1" / "run").exists()
