@@ -11,11 +11,10 @@ If either check fails the answer is ``unknown``, never ``sat``.
 from __future__ import annotations
 
 import copy
-import importlib
 import os
 import time
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -74,13 +73,10 @@ class Outcome:
 
 
 def default_verifier() -> Verifier:
-    """``tightrope.verify.verify``, imported on first use (keeps start-up fast)."""
-    module = importlib.import_module("tightrope.verify")
-    found = getattr(module, "verify", None)
-    if found is None:
-        raise RuntimeError("this installation of tightrope-verify has no verify() engine; "
-                           "update tightrope-verify")
-    return cast(Verifier, found)
+    """``tightrope.verify.verify`` (the cascade and branch-and-bound), imported on first use."""
+    from tightrope.verify import verify
+
+    return verify
 
 
 def check_counterexample(
