@@ -82,8 +82,9 @@ def _run_vnnlib(args: argparse.Namespace) -> int:
     except (OnnxImportError, VnnlibError, OSError) as error:
         print(f"tightrope-certify vnnlib: error: {error}", file=sys.stderr)
         return 2
-    except RuntimeError as error:
-        print(f"tightrope-certify vnnlib: internal error: {error}", file=sys.stderr)
+    except Exception as error:  # an engine failure is an internal error, never an answer
+        print(f"tightrope-certify vnnlib: internal error: {type(error).__name__}: {error}",
+              file=sys.stderr)
         return 1
     print(outcome.word if args.out else outcome.text, end="" if not args.out else "\n")
     if not args.quiet:

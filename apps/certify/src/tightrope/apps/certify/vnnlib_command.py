@@ -72,6 +72,13 @@ class Outcome:
         return status_word(self.status)
 
 
+@dataclass(frozen=True, slots=True)
+class _Timeout:
+    status: VerifyStatus = VerifyStatus.TIMEOUT
+    counterexample: Tensor | None = None
+    stage: str = "loading"
+
+
 def default_verifier() -> Verifier:
     """``tightrope.verify.verify`` (the cascade and branch-and-bound), imported on first use."""
     from tightrope.verify import verify
@@ -139,8 +146,11 @@ def run_vnnlib(
     model = net.module if dtype is None else _copy_in(net.module, dtype)
     loaded = time.perf_counter()
     engine = default_verifier() if verifier is None else verifier
-    remaining = max(timeout - (loaded - begin), 0.0)
-    verdict = engine(model, spec, timeout=remaining)
+    remaining = timeout - (time.perf_counter() - begin)
+    if remaining <= 0:  # start-up and loading used the whole budget
+        verdict: Verdictlike = _Timeout()
+    else:
+        verdict = engine(model, spec, timeout=remaining)
     finished = time.perf_counter()
     status = verdict.status
     note = ""
