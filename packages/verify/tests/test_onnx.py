@@ -98,7 +98,9 @@ def run_onnx(graph: Graph, x: Tensor) -> Tensor:
             for axis in sorted(a[1].tolist()):
                 y = y.unsqueeze(axis)
         elif op == "Squeeze":
-            y = a[0].squeeze()
+            y = a[0]
+            for axis in sorted(a[1].tolist(), reverse=True):
+                y = y.squeeze(axis)
         elif op == "Concat":
             y = torch.cat(a, dim=_i(node, "axis", 0))
         elif op == "Conv":
@@ -383,3 +385,65 @@ def test_truncated_real_file_and_missing_file(tmp_path: Path) -> None:
         load_onnx(path)
     with pytest.raises(OnnxImportError, match="cannot read the file"):
         load_onnx(tmp_path / "missing.onnx")
+
+
+def test_flat_input_reshaped_to_an_image_pooling_and_unit_axes(tmp_path: Path) -> None:
+    # (1, 16) -> Reshape (1, 1, 4, 4) -> Conv (dilated, padded) -> BatchNormalization with a
+    # negative scale -> Relu -> AveragePool (padded, count_include_pad=0) -> Neg -> Unsqueeze
+    # -> Squeeze -> Flatten -> Gemm
+    g = torch.Generator().manual_seed(7)
+    const = {
+        "shape": torch.tensor([1, 1, 4, 4]), "W": torch.randn(3, 1, 3, 3, generator=g),
+        "b": torch.randn(3, generator=g), "gamma": torch.tensor([-1.0, 0.5, 2.0]),
+        "beta": torch.randn(3, generator=g), "mean": torch.randn(3, generator=g),
+        "var": torch.rand(3, generator=g) + 0.5, "axes": torch.tensor([0]),
+        "W2": torch.randn(2, 27, generator=g),
+    }
+    pool = {"kernel_shape": Attribute("kernel_shape", ints=(2, 2)),
+            "strides": Attribute("strides", ints=(2, 2)),
+            "pads": Attribute("pads", ints=(1, 1, 1, 1)),
+            "count_include_pad": Attribute("count_include_pad", i=0)}
+    conv = {"pads": Attribute("pads", ints=(2, 2, 2, 2)),
+            "dilations": Attribute("dilations", ints=(2, 2))}
+    nodes = [
+        Node("Reshape", ("x", "shape"), ("img",), "reshape"),
+        Node("Conv", ("img", "W", "b"), ("c",), "conv", conv),
+        Node("BatchNormalization", ("c", "gamma", "beta", "mean", "var"), ("n",), "bn"),
+        Node("Relu", ("n",), ("r",), "relu"),
+        Node("AveragePool", ("r",), ("p",), "pool", pool),
+        Node("Neg", ("p",), ("q",), "neg"),
+        Node("Unsqueeze", ("q", "axes"), ("u",), "unsqueeze"),
+        Node("Squeeze", ("u", "axes"), ("s",), "squeeze"),
+        Node("Flatten", ("s",), ("f",), "flatten"),
+        Node("Gemm", ("f", "W2"), ("y",), "gemm", {"transB": Attribute("transB", i=1)}),
+    ]
+    path = tmp_path / "image.onnx"
+    path.write_bytes(_graph_model(nodes, const, (1, 16), "y", (1, 2)))
+    net = load_onnx(path)
+    assert net.input_shape == (1, 4, 4)  # the reshape at the input became the input layout
+    assert net.onnx_input_shape == (1, 16)
+    kinds = [type(m) for m in net.module]
+    assert kinds == [nn.Conv2d, nn.ReLU, nn.AvgPool2d, nn.Flatten, nn.Linear], kinds
+    _check_against_interpreter(path)
+
+
+def test_elementwise_map_varying_inside_channels_becomes_per_value(
+    tmp_path: Path,
+) -> None:
+    const = {"k": torch.arange(1.0, 17.0).reshape(1, 1, 4, 4), "W": torch.ones(1, 1, 2, 2)}
+    nodes = [Node("Mul", ("x", "k"), ("m",), "scale"), Node("Relu", ("m",), ("r",), "relu"),
+             Node("Conv", ("r", "W"), ("y",), "conv")]
+    path = tmp_path / "pixelwise.onnx"
+    path.write_bytes(_graph_model(nodes, const, (1, 1, 4, 4), "y", (1, 1, 3, 3)))
+    with pytest.raises(OnnxImportError, match="Conv 'conv': would need to reshape a flat"):
+        load_onnx(path)
+    # Without the Conv the pixelwise map is a BatchNorm1d over the flattened image.
+    path.write_bytes(_graph_model(nodes[:2], const, (1, 1, 4, 4), "r", (1, 1, 4, 4)))
+    _check_against_interpreter(path)
+    assert isinstance(load_onnx(path).module[1], nn.BatchNorm1d)
+    # On a flat value the same map is per feature: an eval-mode BatchNorm1d.
+    nodes = [Node("Flatten", ("x",), ("f",), "flatten"),
+             Node("Mul", ("f", "k16"), ("m",), "scale"), Node("Relu", ("m",), ("y",), "relu")]
+    path.write_bytes(_graph_model(nodes, {"k16": -torch.arange(1.0, 17.0)}, (1, 1, 4, 4), "y",
+                                  (1, 16)))
+    _check_against_interpreter(path)

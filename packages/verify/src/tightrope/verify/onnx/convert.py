@@ -10,7 +10,8 @@ chain becomes zero or more torch layers:
 * Add / Sub / Mul / Div / Neg with constants and BatchNormalization are elementwise affine maps
   ``z -> s * z + t``; consecutive ones are composed and then folded into the preceding Linear
   (or, per channel, Conv) layer, into the following Linear layer, into ``Normalize`` at the
-  input (positive per-channel scale) or, failing those, into an eval-mode BatchNorm layer;
+  input (positive per-channel scale) or, failing those, into an eval-mode BatchNorm layer
+  (over the flattened value when the map varies within channels);
 * Flatten, Reshape, Squeeze, Unsqueeze and Transposes that keep the element order change only
   the ONNX shape: the torch layout is re-derived (an ``nn.Flatten`` before a Linear layer).
 
@@ -282,10 +283,12 @@ def _flush(var: _Variable, builder: _Builder, next_linear: nn.Linear | None = No
     channel_scale = _per_channel(scale, var.layout)
     channel_shift = _per_channel(shift, var.layout)
     if channel_scale is None or channel_shift is None or len(var.layout) > 3:
-        raise _UnsupportedError(
-            f"an elementwise affine map that varies within a channel of {var.shape} and "
-            "follows no Linear layer and precedes none"
-        )
+        # Varies within channels: make every value its own channel (a later Conv then
+        # reports that it cannot take a flat value).
+        if len(var.layout) != 1:
+            builder.layers.append(nn.Flatten())
+            var.layout = (var.numel,)
+        channel_scale, channel_shift = scale, shift
     if not builder.layers and bool((channel_scale > 0).all()):
         normalize = Normalize([0.0] * len(channel_scale), [1.0] * len(channel_scale))
         normalize.mean = -channel_shift / channel_scale
