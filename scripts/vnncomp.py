@@ -173,6 +173,11 @@ def run_suite(instances: list[Instance], results_dir: Path, *, subprocess_mode: 
               verifier: Any = None,
               report: Callable[[Row], None] | None = None) -> list[Row]:
     rows = []
+    if not subprocess_mode and verifier is None:
+        # Import the engine once, outside any instance's time (a process pays it at start-up).
+        from tightrope.apps.certify.vnnlib_command import default_verifier
+
+        verifier = default_verifier()
     for instance in instances:
         result_path = results_dir / instance.benchmark / (
             f"{instance.onnx.stem}__{instance.vnnlib.stem}.txt")
