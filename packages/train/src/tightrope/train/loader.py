@@ -60,10 +60,10 @@ def random_crop_flip(x: Tensor, padding: int, generator: torch.Generator) -> Ten
         rows = offsets[0].view(-1, 1) + torch.arange(height, device=device).view(1, -1)
         cols = offsets[1].view(-1, 1) + torch.arange(width, device=device).view(1, -1)
         cols = torch.where(flips.view(-1, 1), cols.flip(1), cols)
-        batch_index = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-        channel_index = torch.arange(channels, device=device).view(1, -1, 1, 1)
-        out = padded[batch_index, channel_index, rows.view(batch, 1, height, 1),
-                     cols.view(batch, 1, 1, width)]
+        padded_width = width + 2 * padding
+        flat = (rows.view(batch, height, 1) * padded_width + cols.view(batch, 1, width))
+        index = flat.view(batch, 1, height * width).expand(batch, channels, height * width)
+        out = padded.flatten(2).gather(2, index).view(batch, channels, height, width)
         return out.to(x.dtype)
     return torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
 
