@@ -139,3 +139,16 @@ def test_every_and_missing_suite(tmp_path: Path) -> None:
     assert [i.vnnlib.stem for i in script.read_suite(suite, None, 2, 5.0)] == ["sat", "open"]
     with pytest.raises(SystemExit, match=r"expected\.csv"):
         script.read_suite(tmp_path / "nowhere", None, 1, None)
+
+
+@pytest.mark.slow
+def test_subprocess_mode_with_the_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    script = _script()
+    suite = make_suite(tmp_path / "suite")
+    status = script.main(["--suite", str(suite), "--subprocess", "--timeout", "60",
+                          "--results-dir", str(tmp_path / "results")])
+    printed = capsys.readouterr().out
+    assert status == 0, printed
+    assert "correct 2 (unsat 1, sat 1), WRONG 0, unconfirmed 1" in printed
