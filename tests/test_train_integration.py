@@ -12,9 +12,11 @@ import torch
 
 from tightrope.losses import METHODS
 from tightrope.train import Trainer, load_checkpoint, parse_config
+from tightrope.train.config import NO_IBP_PASS
 
 FAST = ["ibp", "cc_ibp"]
-CERTIFIED = {"ibp", "crown_ibp", "sabr", "taps", "staps", "cc_ibp", "mtl_ibp", "exp_ibp"}
+CERTIFIED = {"ibp", "crown_ibp", "sabr", "taps", "staps", "cc_ibp", "mtl_ibp", "exp_ibp", "lee",
+             "wong_kolter"}
 
 
 def _config(method: str, samples: int) -> Any:
@@ -30,8 +32,8 @@ def _config(method: str, samples: int) -> Any:
                  **({"beta": [1.0, 0.0], "kappa": [1.0, 0.0]} if method == "crown_ibp" else {})},
         "eps": {"train": 0.04, "warmup_epochs": 1, "ramp_epochs": 1},
         "optim": {"lr": 2e-3, "milestones": [2]},
-        "regularizers": {"ibp_init": method != "pgd" and method != "standard",
-                         "shi_lambda": 0.0 if method in ("pgd", "standard") else 0.5},
+        "regularizers": {"ibp_init": method not in ("pgd", "standard"),
+                         "shi_lambda": 0.0 if method in NO_IBP_PASS else 0.5},
         "evaluation": {"pgd_steps": 3},
         "checkpoint": {"every_steps": 7},
     })

@@ -91,3 +91,11 @@ def test_yaml_file_overrides_and_errors_name_the_file(tmp_path: Path) -> None:
         load_config(path, ["loss.options.alpha=2"])
     with pytest.raises(ConfigError, match=r"expected key\.sub=value"):
         load_config(path, ["loss.options.alpha"])
+
+
+def test_shi_regularisers_need_a_loss_with_ibp_bounds() -> None:
+    for method in ("pgd", "standard", "wong_kolter"):
+        data = apply_overrides(BASE, [f"loss.method={method}", "loss.options={}",
+                                      "regularizers.shi_lambda=0.5"])
+        with pytest.raises(ConfigError, match=r"regularizers\.shi_lambda"):
+            parse_config(data)

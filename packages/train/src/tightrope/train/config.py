@@ -32,7 +32,11 @@ from tightrope.train.data import DatasetName, check_available
 from tightrope.train.models import MODELS
 from tightrope.train.structured import ConfigError, from_mapping, to_plain
 
+# Methods whose loss makes no IBP pass, which Shi et al.'s regularisers read.
+NO_IBP_PASS = ("standard", "pgd", "wong_kolter")
+
 __all__ = [
+    "NO_IBP_PASS",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
@@ -319,6 +323,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs <= 0:
             raise ValueError(f"epochs must be positive, got {self.epochs}")
+        if self.loss.method in NO_IBP_PASS and self.regularizers.shi_lambda > 0:
+            raise ValueError(
+                f"regularizers.shi_lambda: the tightness and ReLU-balance terms read the IBP "
+                f"bounds of the loss, and {self.loss.method!r} computes none: set it to 0"
+            )
         if self.eps.warmup_epochs + self.eps.ramp_epochs > self.epochs:
             raise ValueError(
                 f"eps.warmup_epochs + eps.ramp_epochs = "

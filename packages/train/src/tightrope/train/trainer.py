@@ -50,7 +50,7 @@ from tightrope.losses import (
 )
 from tightrope.train.__about__ import __version__
 from tightrope.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
-from tightrope.train.config import TrainConfig
+from tightrope.train.config import NO_IBP_PASS, TrainConfig
 from tightrope.train.data import Augmentation, DatasetName, Splits, load_splits, synthetic
 from tightrope.train.evaluation import EvalSettings, evaluate, summarise
 from tightrope.train.loader import Shard, TensorLoader
@@ -60,7 +60,6 @@ from tightrope.train.schedules import Phase, Schedule
 
 __all__ = ["Distributed", "FitResult", "NonFiniteLossError", "Progress", "Trainer"]
 
-_NO_BOUNDS = ("standard", "pgd")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -148,11 +147,6 @@ class Trainer:
         self.distributed = distributed if distributed is not None else Distributed()
         self.on_progress = on_progress
         self.on_message = on_message
-        if config.loss.method in _NO_BOUNDS and config.regularizers.shi_lambda > 0:
-            raise ValueError(
-                f"regularizers.shi_lambda needs a loss with IBP bounds; {config.loss.method!r} "
-                "has none: set it to 0"
-            )
         self.splits = splits if splits is not None else self._load_data()
         info = self.splits.info
         shard = Shard(self.distributed.rank, self.distributed.world)
@@ -230,7 +224,7 @@ class Trainer:
         config = self.config
         phase = self.schedule.phase(step)
         base: CertifiedLoss
-        bound_based = config.loss.method not in _NO_BOUNDS
+        bound_based = config.loss.method not in NO_IBP_PASS
         if phase is Phase.WARMUP:
             base = StandardLoss(StandardConfig())
             bound_based = False
