@@ -120,6 +120,14 @@ class _Conjunction:
     upper: dict[int, float] = field(default_factory=dict)
     rows: list[tuple[dict[int, float], float]] = field(default_factory=list)
 
+    def absorb(self, other: _Conjunction) -> None:
+        """Intersect with ``other`` in place."""
+        for index, value in other.lower.items():
+            self.lower[index] = max(value, self.lower.get(index, -math.inf))
+        for index, value in other.upper.items():
+            self.upper[index] = min(value, self.upper.get(index, math.inf))
+        self.rows.extend(other.rows)
+
     def merged(self, other: _Conjunction) -> _Conjunction:
         lower = dict(self.lower)
         for index, value in other.lower.items():
@@ -278,6 +286,9 @@ def parse_vnnlib(
             if len(command.items) != 2:
                 raise parser.error(command.line, "(assert E) takes exactly one expression")
             child = parser.dnf(command.items[1])
+            if len(conjunctions) == 1 and len(child) == 1:  # the common case: one more bound
+                conjunctions[0].absorb(child[0])
+                continue
             if len(conjunctions) * len(child) > MAX_DISJUNCTS:
                 raise parser.error(command.line, f"more than {MAX_DISJUNCTS} disjuncts")
             conjunctions = [a.merged(b) for a, b in itertools.product(conjunctions, child)]
