@@ -191,3 +191,37 @@ def test_console_script_answers_the_shared_test_instances(tmp_path: Path) -> Non
         assert done.stdout == expected + "\n"
         assert parse_result(out.read_text()).status.value == (
             "verified" if expected == "unsat" else "falsified")
+
+
+def _robustness_vnnlib(x: Tensor, label: int, eps: float, classes: int) -> str:
+    flat = x.reshape(-1).tolist()
+    lines = [f"(declare-const X_{i} Real)" for i in range(len(flat))]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(classes)]
+    for i, v in enumerate(flat):
+        lines.append(f"(assert (>= X_{i} {max(v - eps, 0.0)!r}))")
+        lines.append(f"(assert (<= X_{i} {min(v + eps, 1.0)!r}))")
+    others = " ".join(f"(and (>= Y_{j} Y_{label}))" for j in range(classes) if j != label)
+    return "\n".join([*lines, f"(assert (or {others}))"]) + "\n"
+
+
+@pytest.mark.skipif(not _engine_available(), reason="tightrope.verify.verify not installed")
+def test_engine_on_an_exported_convolutional_network(tmp_path: Path) -> None:
+    from tightrope.bounds import Normalize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        Normalize([0.5], [0.25]), nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.BatchNorm2d(4),
+        nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
+    ).eval()
+    onnx_path = tmp_path / "cnn.onnx"
+    export_onnx(model, (1, 8, 8), onnx_path)
+    x = torch.rand(1, 1, 8, 8)
+    label = int(model(x).argmax())
+    answers = {}
+    for eps in (1e-4, 0.5):
+        spec_path = tmp_path / f"robust_{eps}.vnnlib"
+        spec_path.write_text(_robustness_vnnlib(x, label, eps, 3))
+        outcome = run_vnnlib(onnx_path, spec_path, 30, out=tmp_path / f"r_{eps}.txt")
+        answers[eps] = outcome.word
+    # a tiny radius is provable; at radius 0.5 (most of [0, 1]) the class changes
+    assert answers == {1e-4: "unsat", 0.5: "sat"}, answers
