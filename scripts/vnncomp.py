@@ -113,12 +113,13 @@ def check_result(instance: Instance, text: str) -> tuple[str, str]:
     if result.status is not VerifyStatus.FALSIFIED:
         return answer, ""
     net = load_onnx(instance.onnx, dtype=torch.float64)
-    spec = load_vnnlib(instance.vnnlib, net.input_shape, num_outputs=net.num_outputs)
+    spec = load_vnnlib(instance.vnnlib, net.input_shape, num_outputs=net.num_outputs,
+                       input_order=net.input_order)
     if len(result.inputs) != net.input_size or len(result.outputs) != net.num_outputs:
         return answer, (f"counterexample has {len(result.inputs)} inputs and "
                         f"{len(result.outputs)} outputs, the network {net.input_size} and "
                         f"{net.num_outputs}")
-    x = result.input_tensor(net.input_shape)
+    x = net.from_onnx_order(torch.tensor(result.inputs, dtype=torch.float64))
     if not any(bool(region.box.contains(x).all()) for region in spec.regions):
         return answer, "counterexample lies outside every input box"
     with torch.no_grad():

@@ -225,3 +225,42 @@ def test_engine_on_an_exported_convolutional_network(tmp_path: Path) -> None:
         answers[eps] = outcome.word
     # a tiny radius is provable; at radius 0.5 (most of [0, 1]) the class changes
     assert answers == {1e-4: "unsat", 0.5: "sat"}, answers
+
+
+def test_counterexamples_of_a_reordering_network_are_written_in_onnx_order(
+    tmp_path: Path,
+) -> None:
+    from tightrope.verify.onnx.proto import (
+        Attribute,
+        Graph,
+        Model,
+        Node,
+        TensorProto,
+        ValueInfo,
+        encode_model,
+    )
+
+    weight = torch.tensor([[[[1.0]], [[-2.0]]]])  # Conv 2 -> 1 channels, 1x1
+    nodes = (Node("Transpose", ("x",), ("t",), "to_nchw",
+                  {"perm": Attribute("perm", ints=(0, 3, 1, 2))}),
+             Node("Conv", ("t", "W"), ("c",), "conv"), Node("Flatten", ("c",), ("y",), "flat"))
+    graph = Graph(nodes, {"W": TensorProto("W", (1, 2, 1, 1), weight)},
+                  (ValueInfo("x", 1, (1, 2, 2, 2)),), (ValueInfo("y", 1, (1, 4)),))
+    onnx_path = tmp_path / "nhwc.onnx"
+    onnx_path.write_bytes(encode_model(Model(graph, opset=13)))
+    # X_i in [i, i + 0.5]: a value written at the wrong index falls outside its interval.
+    lines = [f"(declare-const X_{i} Real)" for i in range(8)]
+    lines += [f"(declare-const Y_{j} Real)" for j in range(4)]
+    lines += [f"(assert (>= X_{i} {i}))\n(assert (<= X_{i} {i + 0.5}))" for i in range(8)]
+    lines.append("(assert (<= Y_0 1000))")
+    spec_path = tmp_path / "prop.vnnlib"
+    spec_path.write_text("\n".join(lines) + "\n")
+    outcome = run_vnnlib(onnx_path, spec_path, 10, out=tmp_path / "r.txt",
+                         verifier=interval_verifier)
+    assert outcome.word == "sat"
+    result = parse_result((tmp_path / "r.txt").read_text())
+    assert all(i <= v <= i + 0.5 for i, v in enumerate(result.inputs)), result.inputs
+    # Y_j is the ONNX output: x_hwc[h, w, 0] - 2 x_hwc[h, w, 1] for pixel j = 2 h + w
+    x = torch.tensor(result.inputs).reshape(2, 2, 2)
+    expected = (x[..., 0] - 2 * x[..., 1]).reshape(-1)
+    torch.testing.assert_close(torch.tensor(result.outputs), expected, rtol=1e-6, atol=1e-6)

@@ -147,7 +147,7 @@ def _check_against_interpreter(path: Path, samples: int = 16, seed: int = 0) -> 
     for _ in range(samples):
         x = torch.rand(net.onnx_input_shape, generator=generator, dtype=torch.float64) * 2 - 1
         expected = run_onnx(graph, x).reshape(-1)
-        got = net.module(x.reshape(1, *net.input_shape)).reshape(-1)
+        got = net.module(net.from_onnx_order(x)).reshape(-1)
         assert got.shape == (net.num_outputs,)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
 
@@ -308,6 +308,62 @@ def test_vector_inputs_without_batch_dimension_and_left_matmul(tmp_path: Path) -
     for bounds in (ibp(net.module, box), crown(net.module, box)):
         assert bool((bounds.lower <= outputs.min(0).values + 1e-6).all())
         assert bool((bounds.upper >= outputs.max(0).values - 1e-6).all())
+
+
+def nhwc_graph() -> bytes:
+    """NHWC input (1, 4, 4, 2) -> Transpose to NCHW -> Sub per channel -> Conv -> Relu ->
+    Transpose back to NHWC -> Flatten -> MatMul + Add (the TensorFlow export pattern)."""
+    g = torch.Generator().manual_seed(11)
+    const = {"mean": torch.tensor([0.2, 0.7]).reshape(1, 2, 1, 1),
+             "W": torch.randn(3, 2, 3, 3, generator=g), "b": torch.randn(3, generator=g),
+             "W2": torch.randn(48, 5, generator=g), "b2": torch.randn(5, generator=g)}
+    nodes = [
+        Node("Transpose", ("x",), ("nchw",), "to_nchw",
+             {"perm": Attribute("perm", ints=(0, 3, 1, 2))}),
+        Node("Sub", ("nchw", "mean"), ("c",), "centre"),
+        Node("Conv", ("c", "W", "b"), ("conv",), "conv",
+             {"pads": Attribute("pads", ints=(1, 1, 1, 1))}),
+        Node("Relu", ("conv",), ("r",), "relu"),
+        Node("Transpose", ("r",), ("nhwc",), "to_nhwc",
+             {"perm": Attribute("perm", ints=(0, 2, 3, 1))}),
+        Node("Flatten", ("nhwc",), ("f",), "flatten"),
+        Node("MatMul", ("f", "W2"), ("m",), "dense"), Node("Add", ("m", "b2"), ("y",), "bias"),
+    ]
+    return _graph_model(nodes, const, (1, 4, 4, 2), "y", (1, 5))
+
+
+def test_value_reordering_transposes_fold_into_the_input_and_the_next_linear(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "nhwc.onnx"
+    path.write_bytes(nhwc_graph())
+    net = load_onnx(path)
+    assert net.onnx_input_shape == (1, 4, 4, 2)
+    assert net.input_shape == (2, 4, 4)
+    assert net.input_order is not None
+    _check_against_interpreter(path)
+    x = torch.rand(1, 4, 4, 2, dtype=torch.float64)
+    assert torch.equal(net.to_onnx_order(net.from_onnx_order(x)), x.reshape(-1))
+    assert torch.equal(net.from_onnx_order(x), x.permute(0, 3, 1, 2))
+
+
+def test_reordering_at_the_output_and_before_a_later_conv(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(12)
+    const = {"W": torch.randn(6, 6, generator=g), "shape": torch.tensor([1, 2, 3])}
+    nodes = [Node("MatMul", ("x", "W"), ("m",), "dense"), Node("Relu", ("m",), ("r",), "relu"),
+             Node("Reshape", ("r", "shape"), ("t",), "reshape"),
+             Node("Transpose", ("t",), ("y",), "swap", {"perm": Attribute("perm", ints=(0, 2, 1))})]
+    path = tmp_path / "out.onnx"
+    path.write_bytes(_graph_model(nodes, const, (1, 6), "y", (1, 3, 2)))
+    _check_against_interpreter(path)
+    const = {"W": torch.randn(1, 2, 1, 1, generator=g), "W2": torch.randn(2, 2, 1, 1)}
+    nodes = [Node("Conv", ("x", "W2"), ("c",), "conv1"),
+             Node("Transpose", ("c",), ("t",), "swap", {"perm": Attribute("perm",
+                                                                          ints=(0, 1, 3, 2))}),
+             Node("Conv", ("t", "W"), ("y",), "conv2")]
+    path.write_bytes(_graph_model(nodes, const, (1, 2, 2, 3), "y", (1, 1, 3, 2)))
+    with pytest.raises(OnnxImportError, match="Conv 'conv2': would need to reorder"):
+        load_onnx(path)
 
 
 def test_order_keeping_transpose_and_constant_node(tmp_path: Path) -> None:

@@ -203,3 +203,13 @@ def test_pgd_finds_counterexamples_on_most_sat_mnistfc_instances() -> None:
     instances = _instances("sat")
     found = sum(_pgd_violation(o, v) for o, v in instances)
     assert found >= len(instances) * 3 // 4, f"{found} of {len(instances)}"
+
+
+def test_input_order_lays_out_boxes_for_a_reordering_network() -> None:
+    text = HEADER + "\n" + BOX + "\n(assert (<= Y_0 0))"
+    order = (2, 0, 3, 1)  # model input position i holds X_{order[i]}
+    (region,) = parse_vnnlib(text, (4,), input_order=order).regions
+    assert region.box.lower.tolist() == [[-2.0, 0.0, -3.0, -1.0]]
+    assert region.box.upper.tolist() == [[3.0, 1.0, 4.0, 2.0]]
+    with pytest.raises(ValueError, match="permutation"):
+        parse_vnnlib(text, (4,), input_order=(0, 0, 1, 2))

@@ -22,6 +22,7 @@ import itertools
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -260,7 +261,7 @@ class _Parser:
 
 def parse_vnnlib(
     text: str, input_shape: tuple[int, ...], *, num_outputs: int | None = None,
-    source: str = "<vnnlib>",
+    input_order: Sequence[int] | None = None, source: str = "<vnnlib>",
 ) -> Specification:
     """Parse VNNLIB ``text`` into a :class:`Specification` over inputs of shape ``input_shape``.
 
@@ -269,6 +270,9 @@ def parse_vnnlib(
         input_shape: the per-sample input shape ``S``; ``prod(S)`` inputs ``X_0 ...`` must be
             declared. Boxes have shape ``(1, *S)``, float64.
         num_outputs: if given, the number of ``Y_j`` that must be declared.
+        input_order: if given, boxes are laid out so that flat position ``i`` holds
+            ``X_{input_order[i]}`` (``OnnxModel.input_order`` of a network whose graph reorders
+            its input first).
         source: the name used in error messages.
 
     Raises:
@@ -294,12 +298,12 @@ def parse_vnnlib(
             conjunctions = [a.merged(b) for a, b in itertools.product(conjunctions, child)]
         else:
             raise parser.error(command.line, f"unsupported command {head.text!r}")
-    return _specification(parser, conjunctions, input_shape, num_outputs)
+    return _specification(parser, conjunctions, input_shape, num_outputs, input_order)
 
 
 def _specification(
     parser: _Parser, conjunctions: list[_Conjunction], input_shape: tuple[int, ...],
-    num_outputs: int | None,
+    num_outputs: int | None, input_order: Sequence[int] | None,
 ) -> Specification:
     size = math.prod(input_shape)
     if parser.inputs != set(range(len(parser.inputs))) or len(parser.inputs) != size:
@@ -332,18 +336,23 @@ def _specification(
     if not regions:
         raise parser.error(None, "every disjunct has an empty input box or a false constant "
                                  "comparison: the property holds trivially")
+    if input_order is not None and sorted(input_order) != list(range(size)):
+        raise ValueError(f"input_order must be a permutation of range({size})")
+    index = None if input_order is None else torch.tensor(list(input_order))
+
+    def box_tensor(values: tuple[float, ...]) -> torch.Tensor:
+        flat = torch.tensor(values, dtype=torch.float64)
+        return (flat if index is None else flat[index]).reshape(1, *input_shape)
+
     return Specification(tuple(
-        Region(
-            Box(torch.tensor(lower, dtype=torch.float64).reshape(1, *input_shape),
-                torch.tensor(upper, dtype=torch.float64).reshape(1, *input_shape)),
-            tuple(unsafe),
-        )
+        Region(Box(box_tensor(lower), box_tensor(upper)), tuple(unsafe))
         for (lower, upper), unsafe in regions.items()
     ))
 
 
 def load_vnnlib(
-    path: str | os.PathLike[str], input_shape: tuple[int, ...], *, num_outputs: int | None = None
+    path: str | os.PathLike[str], input_shape: tuple[int, ...], *, num_outputs: int | None = None,
+    input_order: Sequence[int] | None = None,
 ) -> Specification:
     """Read a ``.vnnlib`` file; see :func:`parse_vnnlib`.
 
@@ -357,4 +366,5 @@ def load_vnnlib(
             text = handle.read()
     except (OSError, UnicodeDecodeError) as error:
         raise VnnlibError(source, None, f"cannot read the file: {error}") from error
-    return parse_vnnlib(text, input_shape, num_outputs=num_outputs, source=source)
+    return parse_vnnlib(text, input_shape, num_outputs=num_outputs, input_order=input_order,
+                        source=source)

@@ -32,7 +32,7 @@ output:
 
 inputs:
   ONNX: a chain of Gemm, MatMul, Add, Sub, Mul, Div, Neg, Conv, Relu, Flatten, Reshape,
-  Squeeze, Unsqueeze, Transpose (order-keeping), Constant, BatchNormalization, AveragePool,
+  Squeeze, Unsqueeze, Transpose, Constant, BatchNormalization, AveragePool,
   Identity, Dropout, Cast. VNNLIB: input boxes and disjunctions of linear output constraints;
   X_i is element i of the flattened network input.
 

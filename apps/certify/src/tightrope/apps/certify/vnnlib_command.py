@@ -89,7 +89,7 @@ def default_verifier() -> Verifier:
 def check_counterexample(
     net: OnnxModel, spec: Specification, x: Tensor
 ) -> tuple[Tensor, Tensor] | str:
-    """Re-check a counterexample ``x`` (any shape with ``net.input_size`` values).
+    """Re-check a counterexample ``x`` (the module's input, ``net.input_size`` values).
 
     Returns:
         ``(x64, y64)``: the input ``(1, *net.input_shape)`` and output ``(1, n_out)`` in float64,
@@ -142,7 +142,8 @@ def run_vnnlib(
     """
     begin = time.perf_counter() if started is None else started
     net = load_onnx(onnx_path)
-    spec = load_vnnlib(vnnlib_path, net.input_shape, num_outputs=net.num_outputs)
+    spec = load_vnnlib(vnnlib_path, net.input_shape, num_outputs=net.num_outputs,
+                       input_order=net.input_order)
     model = net.module if dtype is None else _copy_in(net.module, dtype)
     loaded = time.perf_counter()
     engine = default_verifier() if verifier is None else verifier
@@ -163,7 +164,7 @@ def run_vnnlib(
             status, note = VerifyStatus.UNKNOWN, f"counterexample rejected: {checked}"
         else:
             x64, y64 = checked
-    text = format_result(status, x64, y64)
+    text = format_result(status, None if x64 is None else net.to_onnx_order(x64), y64)
     if out is not None:
         with open(out, "w", encoding="utf-8") as handle:
             handle.write(text)

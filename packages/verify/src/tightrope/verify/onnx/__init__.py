@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from tightrope.verify.onnx.convert import OnnxImportError, convert_graph
 from tightrope.verify.onnx.export import export_onnx
@@ -33,12 +33,17 @@ class OnnxModel:
         module: ``nn.Sequential`` in eval mode mapping ``(N, *input_shape)`` to
             ``(N, num_outputs)``; built only from layers that ``tightrope.bounds`` supports.
         input_shape: the per-sample input shape ``S`` the module takes. Its row-major order is
-            the ONNX input's (VNNLIB's ``X_i`` is element ``i`` of the flattened input).
+            the ONNX input's (VNNLIB's ``X_i`` is element ``i`` of the flattened input) unless
+            ``input_order`` says otherwise.
         onnx_input_shape: the input shape declared in the file (symbolic dims as 1).
         num_outputs: the number of outputs (VNNLIB's ``Y_i``), flattened in ONNX order.
         dtype: the element type of the ONNX input (the module's parameters use it unless
             :func:`load_onnx` was asked for another).
         input_name, output_name: the graph's input and output names.
+        input_order: ``None``, or (when the graph starts by reordering its input, e.g. an
+            NHWC -> NCHW Transpose before a Conv) the permutation with
+            ``module_input.flatten()[i] = onnx_input.flatten()[input_order[i]]``; see
+            :meth:`from_onnx_order` and :meth:`to_onnx_order`.
     """
 
     module: nn.Sequential
@@ -48,6 +53,24 @@ class OnnxModel:
     dtype: torch.dtype
     input_name: str
     output_name: str
+    input_order: tuple[int, ...] | None = None
+
+    def from_onnx_order(self, values: Tensor) -> Tensor:
+        """Input values in ONNX order (any shape, ``input_size`` of them) -> the module's input
+        ``(1, *input_shape)``."""
+        flat = values.reshape(-1)
+        if self.input_order is not None:
+            flat = flat[torch.tensor(self.input_order)]
+        return flat.reshape(1, *self.input_shape)
+
+    def to_onnx_order(self, x: Tensor) -> Tensor:
+        """The module's input ``(1, *input_shape)`` -> the flat ONNX input (VNNLIB's ``X_i``)."""
+        flat = x.reshape(-1)
+        if self.input_order is None:
+            return flat
+        out = torch.empty_like(flat)
+        out[torch.tensor(self.input_order)] = flat
+        return out
 
     @property
     def input_size(self) -> int:
@@ -62,9 +85,10 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
     """Read an ONNX file into an :class:`OnnxModel`.
 
     Supported operators: Gemm, MatMul, Add, Sub, Mul, Div, Neg (with constants), Conv (2-D,
-    symmetric pads), Relu, Flatten, Reshape, Squeeze, Unsqueeze, Transpose (when it keeps the
-    element order), Constant, BatchNormalization, AveragePool, Identity, Dropout, Cast, and
-    Shape/Gather/Concat on constants; the graph must be a chain from one input to one output.
+    symmetric pads), Relu, Flatten, Reshape, Squeeze, Unsqueeze, Transpose (value-reordering
+    ones folded into a Linear layer, the input order or the output), Constant,
+    BatchNormalization, AveragePool, Identity, Dropout, Cast, and Shape/Gather/Concat on
+    constants; the graph must be a chain from one input to one output.
 
     Args:
         path: the ``.onnx`` file (all tensors stored inside it).
@@ -98,4 +122,5 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
         dtype=converted.dtype,
         input_name=converted.input_name,
         output_name=converted.output_name,
+        input_order=converted.input_order,
     )

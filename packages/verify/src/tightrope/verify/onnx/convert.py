@@ -12,8 +12,11 @@ chain becomes zero or more torch layers:
   (or, per channel, Conv) layer, into the following Linear layer, into ``Normalize`` at the
   input (positive per-channel scale) or, failing those, into an eval-mode BatchNorm layer
   (over the flattened value when the map varies within channels);
-* Flatten, Reshape, Squeeze, Unsqueeze and Transposes that keep the element order change only
-  the ONNX shape: the torch layout is re-derived (an ``nn.Flatten`` before a Linear layer).
+* Flatten, Reshape, Squeeze and Unsqueeze change only the ONNX shape: the torch layout is
+  re-derived (an ``nn.Flatten`` before a Linear layer). A Transpose that reorders values is
+  carried as a permutation: folded into the next Linear layer's columns, into the model's input
+  order when nothing was computed yet (``input_order``; e.g. NHWC inputs), or into a final 0/1
+  Linear map at the output; before a Conv after the first layer it is reported.
 
 The ONNX model is evaluated with its declared input shape (symbolic leading dimensions taken as
 1); the torch module applies the same per-sample function to a batch ``(N, *S)``. Constants are
@@ -64,15 +67,19 @@ class Converted:
     input_name: str
     output_name: str
     dtype: torch.dtype
+    #: ``model_input_flat[i] = onnx_input_flat[input_order[i]]``; ``None``: the same order.
+    input_order: tuple[int, ...] | None = None
 
 
 @dataclass(slots=True)
 class _Variable:
     """The value that depends on the input: its ONNX shape and the layout of the torch tensor.
 
-    ``layout`` is the per-sample shape of the torch tensor that holds it; it has the same
-    elements as ``shape`` in the same row-major order. ``scale``/``shift`` (flat, length
-    ``numel``) are a pending elementwise map ``z -> scale * z + shift`` not yet emitted.
+    ``layout`` is the per-sample shape of the torch tensor that holds it. ``order`` maps the
+    two: element ``i`` of the flattened ONNX value sits at flat position ``order[i]`` of the
+    torch tensor (``None``: the same row-major order; a value-reordering Transpose sets it).
+    ``scale``/``shift`` (flat, in torch positions) are a pending elementwise map
+    ``z -> scale * z + shift`` not yet emitted.
     """
 
     name: str
@@ -80,6 +87,7 @@ class _Variable:
     layout: Shape
     scale: Tensor | None = None
     shift: Tensor | None = None
+    order: Tensor | None = None
 
     @property
     def numel(self) -> int:
@@ -90,6 +98,8 @@ class _Variable:
 class _Builder:
     layers: list[nn.Module] = field(default_factory=list)
     input_layout: Shape = ()
+    #: ``model_input_flat[i] = onnx_input_flat[input_order[i]]`` (``None``: the same order).
+    input_order: Tensor | None = None
     #: Whether ``layers[-1]`` is affine and may absorb a following elementwise map.
     last_absorbs: bool = False
 
@@ -212,8 +222,19 @@ def _fold_constant(node: Node, args: list[Tensor], opset: int) -> Tensor:
     raise _UnsupportedError(f"{op} on constants is not supported")
 
 
+def _to_torch_positions(var: _Variable, values: Tensor) -> Tensor:
+    """Flat values in ONNX order -> the same values at the torch tensor's positions."""
+    if var.order is None:
+        return values
+    moved = torch.empty_like(values)
+    moved[var.order] = values
+    return moved
+
+
 def _elementwise(var: _Variable, scale: Tensor, shift: Tensor) -> None:
-    """Compose ``z -> scale * z + shift`` (flat, float64) after the variable's pending map."""
+    """Compose ``z -> scale * z + shift`` (flat, float64, ONNX order) after the variable's
+    pending map."""
+    scale, shift = _to_torch_positions(var, scale), _to_torch_positions(var, shift)
     if var.scale is None or var.shift is None:
         var.scale, var.shift = scale, shift
     else:
@@ -308,6 +329,11 @@ def _emit_linear(var: _Variable, builder: _Builder, weight: Tensor, bias: Tensor
                  out_shape: Shape) -> None:
     """Append ``Linear(weight: (m, n), bias: (m,))`` acting on the flattened variable."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], dtype=torch.float64)
+    if var.order is not None:  # the columns follow the torch tensor's positions
+        columns = torch.empty_like(weight)
+        columns[:, var.order] = weight
+        weight = columns
+        var.order = None
     with torch.no_grad():
         linear.weight.copy_(weight)
         linear.bias.copy_(bias if bias is not None else torch.zeros(weight.shape[0]))
@@ -326,10 +352,17 @@ def _emit_linear(var: _Variable, builder: _Builder, weight: Tensor, bias: Tensor
 def _need_image_layout(var: _Variable, builder: _Builder, node: Node) -> None:
     if len(var.shape) != 4 or var.shape[0] != 1:
         raise _UnsupportedError(f"needs a (1, C, H, W) input, got {var.shape}")
-    if var.layout != var.shape[1:]:
+    if var.layout != var.shape[1:] or var.order is not None:
         if builder.layers:
-            raise _UnsupportedError(f"would need to reshape a flat value to {var.shape}, which "
-                               "tightrope.bounds cannot express after the first layer")
+            what = "reorder" if var.order is not None else "reshape a flat value to"
+            raise _UnsupportedError(f"would need to {what} {var.shape}, which "
+                                    "tightrope.bounds cannot express after the first layer")
+        # Nothing computed yet: let the model's input be the value in its current ONNX order.
+        if var.order is not None:
+            builder.input_order = var.order
+            if var.scale is not None and var.shift is not None:
+                var.scale, var.shift = var.scale[var.order], var.shift[var.order]
+            var.order = None
         builder.input_layout = var.shape[1:]
         var.layout = var.shape[1:]
 
@@ -403,7 +436,13 @@ def _convert_variable_node(
         view = (1, -1, *([1] * (len(var.shape) - 2)))
         _elementwise(var, _broadcast_constant(var, scale.view(view), node),
                      _broadcast_constant(var, (beta - mean * scale).view(view), node))
-    elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose"):
+    elif op == "Transpose":
+        perm = _attr_ints(node, "perm") or tuple(reversed(range(len(var.shape))))
+        source = torch.arange(var.numel).reshape(var.shape).permute(*perm).reshape(-1)
+        if not bool((source == torch.arange(var.numel)).all()):
+            var.order = source if var.order is None else var.order[source]
+        var.shape = tuple(var.shape[axis] for axis in perm)
+    elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
         var.shape = _reshape_variable(node, var.shape, constants)
     elif op == "Gemm":
         if position != 0 or _attr_int(node, "transA", 0):
@@ -514,11 +553,7 @@ def _reshape_variable(node: Node, shape: Shape, constants: dict[str, Tensor]) ->
         for axis in sorted(axes):
             out.insert(axis, 1)
         return tuple(out)
-    perm = _attr_ints(node, "perm") or tuple(reversed(range(len(shape))))
-    moved = [axis for axis in perm if shape[axis] != 1]
-    if moved != sorted(moved):
-        raise _UnsupportedError(f"Transpose {list(perm)} of {shape} reorders the values")
-    return tuple(shape[axis] for axis in perm)
+    raise _UnsupportedError(f"{op} is not a reshape")
 
 
 def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
@@ -592,9 +627,18 @@ def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
         raise OnnxImportError(source, [f"at the output: {error}"]) from error
     if len(var.layout) != 1:
         builder.layers.append(nn.Flatten())
+    if var.order is not None:  # put the outputs back in ONNX order: an exact 0/1 Linear map
+        permutation = nn.Linear(var.numel, var.numel, dtype=torch.float64)
+        with torch.no_grad():
+            permutation.weight.zero_()
+            permutation.weight[torch.arange(var.numel), var.order] = 1.0
+            permutation.bias.zero_()
+        builder.layers.append(permutation)
     module = nn.Sequential(*builder.layers).to(torch.float64).eval()
     dtype = DTYPES.get(info.elem_type, torch.float32)
-    return Converted(module, builder.input_layout, onnx_shape, var.shape, info.name, output, dtype)
+    order = None if builder.input_order is None else tuple(builder.input_order.tolist())
+    return Converted(module, builder.input_layout, onnx_shape, var.shape, info.name, output, dtype,
+                     order)
 
 
 _KNOWN_OPS = frozenset({
