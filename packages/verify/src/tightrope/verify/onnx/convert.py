@@ -35,12 +35,22 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.bounds import Normalize
-from tightrope.verify.onnx.proto import DTYPES, Attribute, Graph, Node
+from tightrope.verify.onnx.constants import (
+    Shape,
+    UnsupportedError,
+    attr_float,
+    attr_int,
+    attr_ints,
+    attr_str,
+    axes_count,
+    axis_list,
+    constant_of,
+    fold_constant,
+    reshape_target,
+)
+from tightrope.verify.onnx.proto import DTYPES, Graph, Node
 
 __all__ = ["Converted", "OnnxImportError", "convert_graph"]
-
-Shape = tuple[int, ...]
-
 
 class OnnxImportError(ValueError):
     """The ONNX file is corrupt, or holds nodes the importer cannot convert (all listed)."""
@@ -50,10 +60,6 @@ class OnnxImportError(ValueError):
         self.problems = tuple(problems)
         listing = "\n  - ".join(problems)
         super().__init__(f"{source}: cannot import the ONNX model:\n  - {listing}")
-
-
-class _UnsupportedError(Exception):
-    """One node cannot be converted; the message says why."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,124 +110,6 @@ class _Builder:
     last_absorbs: bool = False
 
 
-def _attr_int(node: Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None or attribute.i is None else attribute.i
-
-
-def _attr_float(node: Node, name: str, default: float) -> float:
-    attribute = node.attributes.get(name)
-    return default if attribute is None or attribute.f is None else attribute.f
-
-
-def _attr_ints(node: Node, name: str) -> tuple[int, ...] | None:
-    attribute = node.attributes.get(name)
-    return None if attribute is None else attribute.ints
-
-
-def _attr_str(node: Node, name: str, default: str) -> str:
-    attribute = node.attributes.get(name)
-    return default if attribute is None or attribute.s is None else attribute.s.decode()
-
-
-def _constant_of(attribute: Attribute) -> Tensor:
-    if attribute.t is not None:
-        return attribute.t.values
-    if attribute.name == "value_float" and attribute.f is not None:
-        return torch.tensor(attribute.f, dtype=torch.float32)
-    if attribute.name == "value_int" and attribute.i is not None:
-        return torch.tensor(attribute.i, dtype=torch.int64)
-    if attribute.name == "value_floats":
-        return torch.tensor(attribute.floats, dtype=torch.float32)
-    if attribute.name == "value_ints":
-        return torch.tensor(attribute.ints, dtype=torch.int64)
-    raise _UnsupportedError(f"Constant with attribute {attribute.name!r} is not supported")
-
-
-def _axes(node: Node, constants: dict[str, Tensor], rank: int) -> list[int]:
-    """The ``axes`` of Squeeze/Unsqueeze (attribute before opset 13, input after), in
-    ``[0, rank)``."""
-    axes = _attr_ints(node, "axes")
-    if axes is None and len(node.inputs) > 1 and node.inputs[1]:
-        axes = tuple(int(a) for a in constants[node.inputs[1]].reshape(-1).tolist())
-    return [a + rank if a < 0 else a for a in (axes or ())]
-
-
-def _axes_count(node: Node, constants: dict[str, Tensor]) -> int:
-    return len(_axes(node, constants, 0))
-
-
-def _reshape_target(shape: Shape, target: list[int], allow_zero: bool) -> Shape:
-    out = [shape[i] if (t == 0 and not allow_zero) else t for i, t in enumerate(target)]
-    known = math.prod(d for d in out if d != -1)
-    if out.count(-1) > 1:
-        raise _UnsupportedError(f"Reshape target {target} has more than one -1")
-    if -1 in out:
-        if known == 0 or math.prod(shape) % known:
-            raise _UnsupportedError(f"cannot reshape {shape} to {target}")
-        out[out.index(-1)] = math.prod(shape) // known
-    if math.prod(out) != math.prod(shape):
-        raise _UnsupportedError(f"cannot reshape {shape} ({math.prod(shape)} values) to {target}")
-    return tuple(out)
-
-
-def _fold_constant(node: Node, args: list[Tensor], opset: int) -> Tensor:
-    """Evaluate ``node`` on constant inputs (the ops that appear in shape computations)."""
-    op = node.op_type
-    binary: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-        "Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "MatMul": torch.matmul,
-    }
-    if op in binary:
-        return binary[op](args[0], args[1])
-    if op == "Div":
-        if args[0].is_floating_point() or args[1].is_floating_point():
-            return args[0] / args[1]
-        return torch.div(args[0], args[1], rounding_mode="trunc")
-    if op == "Neg":
-        return -args[0]
-    if op in ("Identity", "Dropout"):
-        return args[0]
-    if op == "Cast":
-        code = _attr_int(node, "to", 1)
-        if code not in DTYPES:
-            raise _UnsupportedError(f"Cast to data type {code}")
-        return args[0].to(DTYPES[code])
-    if op == "Reshape":
-        target = [int(v) for v in args[1].tolist()]
-        shape = _reshape_target(tuple(args[0].shape), target, bool(_attr_int(node, "allowzero", 0)))
-        return args[0].reshape(shape)
-    if op == "Flatten":
-        axis = _attr_int(node, "axis", 1) % max(args[0].dim(), 1)
-        return args[0].reshape(math.prod(args[0].shape[:axis]), -1)
-    if op == "Transpose":
-        perm = _attr_ints(node, "perm") or tuple(reversed(range(args[0].dim())))
-        return args[0].permute(*perm)
-    if op == "Unsqueeze":
-        out = args[0]
-        constants = {node.inputs[1]: args[1]} if len(args) > 1 else {}
-        for axis in sorted(_axes(node, constants, out.dim() + _axes_count(node, constants))):
-            out = out.unsqueeze(axis)
-        return out
-    if op == "Squeeze":
-        constants = {node.inputs[1]: args[1]} if len(args) > 1 else {}
-        axes = _axes(node, constants, args[0].dim())
-        keep = [d for i, d in enumerate(args[0].shape) if (axes and i not in axes)
-                or (not axes and d != 1)]
-        return args[0].reshape(keep)
-    if op == "Concat":
-        return torch.cat(args, dim=_attr_int(node, "axis", 0))
-    if op == "Gather":
-        axis = _attr_int(node, "axis", 0)
-        index = args[1].long()
-        index = torch.where(index < 0, index + args[0].shape[axis], index)
-        return torch.index_select(args[0], axis, index.reshape(-1)).reshape(
-            (*args[0].shape[:axis], *index.shape, *args[0].shape[axis + 1 :])
-        )
-    if op == "Relu":
-        return torch.relu(args[0])
-    raise _UnsupportedError(f"{op} on constants is not supported")
-
-
 def _to_torch_positions(var: _Variable, values: Tensor) -> Tensor:
     """Flat values in ONNX order -> the same values at the torch tensor's positions."""
     if var.order is None:
@@ -247,7 +135,7 @@ def _broadcast_constant(var: _Variable, constant: Tensor, node: Node) -> Tensor:
     if len(shape) > len(var.shape) or any(
         c not in (1, v) for c, v in zip(reversed(shape), reversed(var.shape), strict=False)
     ):
-        raise _UnsupportedError(f"a constant of shape {shape} does not broadcast to the "
+        raise UnsupportedError(f"a constant of shape {shape} does not broadcast to the "
                                 f"shape {var.shape} of the input-dependent value")
     return constant.to(torch.float64).expand(var.shape).reshape(-1)
 
@@ -351,11 +239,11 @@ def _emit_linear(var: _Variable, builder: _Builder, weight: Tensor, bias: Tensor
 
 def _need_image_layout(var: _Variable, builder: _Builder, node: Node) -> None:
     if len(var.shape) != 4 or var.shape[0] != 1:
-        raise _UnsupportedError(f"needs a (1, C, H, W) input, got {var.shape}")
+        raise UnsupportedError(f"needs a (1, C, H, W) input, got {var.shape}")
     if var.layout != var.shape[1:] or var.order is not None:
         if builder.layers:
             what = "reorder" if var.order is not None else "reshape a flat value to"
-            raise _UnsupportedError(f"would need to {what} {var.shape}, which "
+            raise UnsupportedError(f"would need to {what} {var.shape}, which "
                                     "tightrope.bounds cannot express after the first layer")
         # Nothing computed yet: let the model's input be the value in its current ONNX order.
         if var.order is not None:
@@ -369,17 +257,17 @@ def _need_image_layout(var: _Variable, builder: _Builder, node: Node) -> None:
 
 def _pair(values: tuple[int, ...]) -> tuple[int, int]:
     if len(values) != 2:
-        raise _UnsupportedError(f"expected two spatial values, got {list(values)}")
+        raise UnsupportedError(f"expected two spatial values, got {list(values)}")
     return (values[0], values[1])
 
 
 def _pads(node: Node, spatial: int) -> tuple[int, int]:
-    auto_pad = _attr_str(node, "auto_pad", "NOTSET")
+    auto_pad = attr_str(node, "auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
-        raise _UnsupportedError(f"auto_pad={auto_pad} (export with explicit pads)")
-    pads = _attr_ints(node, "pads") or (0,) * (2 * spatial)
+        raise UnsupportedError(f"auto_pad={auto_pad} (export with explicit pads)")
+    pads = attr_ints(node, "pads") or (0,) * (2 * spatial)
     if tuple(pads[:spatial]) != tuple(pads[spatial:]):
-        raise _UnsupportedError(f"asymmetric pads {pads}")
+        raise UnsupportedError(f"asymmetric pads {pads}")
     return _pair(tuple(pads[:spatial]))
 
 
@@ -394,9 +282,9 @@ def _convert_variable_node(
     def const(index: int) -> Tensor:
         name = inputs[index] if index < len(inputs) else ""
         if not name:
-            raise _UnsupportedError(f"input {index} is missing")
+            raise UnsupportedError(f"input {index} is missing")
         if name not in constants:
-            raise _UnsupportedError(f"input {index} ({name!r}) depends on the network input too "
+            raise UnsupportedError(f"input {index} ({name!r}) depends on the network input too "
                                "(only one input-dependent operand is supported)")
         return constants[name]
 
@@ -407,9 +295,9 @@ def _convert_variable_node(
     elif op in ("Identity", "Dropout"):
         pass
     elif op == "Cast":
-        target = DTYPES.get(_attr_int(node, "to", 1))
+        target = DTYPES.get(attr_int(node, "to", 1))
         if target not in (torch.float32, torch.float64, torch.float16):
-            raise _UnsupportedError("Cast of the input-dependent value to a non-float type")
+            raise UnsupportedError("Cast of the input-dependent value to a non-float type")
     elif op in ("Add", "Sub", "Mul", "Div"):
         other = _broadcast_constant(var, const(1 - position), node)
         ones, zeros = torch.ones_like(other), torch.zeros_like(other)
@@ -421,23 +309,23 @@ def _convert_variable_node(
             _elementwise(var, other, zeros)
         elif position == 0:
             if bool((other == 0).any()):
-                raise _UnsupportedError("division by a constant that has zeros")
+                raise UnsupportedError("division by a constant that has zeros")
             _elementwise(var, 1.0 / other, zeros)
         else:
-            raise _UnsupportedError("division by the input-dependent value is not affine")
+            raise UnsupportedError("division by the input-dependent value is not affine")
     elif op == "Neg":
         minus = -torch.ones(var.numel, dtype=torch.float64)
         _elementwise(var, minus, torch.zeros_like(minus))
     elif op == "BatchNormalization":
         if len(var.shape) < 2:
-            raise _UnsupportedError(f"BatchNormalization needs (N, C, ...), got {var.shape}")
+            raise UnsupportedError(f"BatchNormalization needs (N, C, ...), got {var.shape}")
         gamma, beta, mean, variance = (const(i).to(torch.float64) for i in range(1, 5))
-        scale = gamma / torch.sqrt(variance + _attr_float(node, "epsilon", 1e-5))
+        scale = gamma / torch.sqrt(variance + attr_float(node, "epsilon", 1e-5))
         view = (1, -1, *([1] * (len(var.shape) - 2)))
         _elementwise(var, _broadcast_constant(var, scale.view(view), node),
                      _broadcast_constant(var, (beta - mean * scale).view(view), node))
     elif op == "Transpose":
-        perm = _attr_ints(node, "perm") or tuple(reversed(range(len(var.shape))))
+        perm = attr_ints(node, "perm") or tuple(reversed(range(len(var.shape))))
         source = torch.arange(var.numel).reshape(var.shape).permute(*perm).reshape(-1)
         if not bool((source == torch.arange(var.numel)).all()):
             var.order = source if var.order is None else var.order[source]
@@ -445,34 +333,34 @@ def _convert_variable_node(
     elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
         var.shape = _reshape_variable(node, var.shape, constants)
     elif op == "Gemm":
-        if position != 0 or _attr_int(node, "transA", 0):
-            raise _UnsupportedError("Gemm with the input-dependent value as B, or with transA=1")
+        if position != 0 or attr_int(node, "transA", 0):
+            raise UnsupportedError("Gemm with the input-dependent value as B, or with transA=1")
         matrix = const(1).to(torch.float64)
-        if _attr_int(node, "transB", 0):
+        if attr_int(node, "transB", 0):
             matrix = matrix.T
         if var.shape != (1, matrix.shape[0]):
-            raise _UnsupportedError(f"Gemm of {var.shape} by {tuple(matrix.shape)}")
+            raise UnsupportedError(f"Gemm of {var.shape} by {tuple(matrix.shape)}")
         m = matrix.shape[1]
         bias = None
         if len(inputs) > 2 and inputs[2]:
             bias = torch.broadcast_to(const(2).to(torch.float64), (1, m)).reshape(m)
-            bias = bias * _attr_float(node, "beta", 1.0)
-        weight = _attr_float(node, "alpha", 1.0) * matrix.T
+            bias = bias * attr_float(node, "beta", 1.0)
+        weight = attr_float(node, "alpha", 1.0) * matrix.T
         _emit_linear(var, builder, weight, bias, (1, m))
     elif op == "MatMul":
         matrix = const(1 - position).to(torch.float64)
         if matrix.dim() != 2:
-            raise _UnsupportedError(f"MatMul by a constant of rank {matrix.dim()} (need 2)")
+            raise UnsupportedError(f"MatMul by a constant of rank {matrix.dim()} (need 2)")
         if position == 0:  # x @ W acts on the last axis
             n = matrix.shape[0]
             if var.shape[-1] != n or var.numel != n:
-                raise _UnsupportedError(f"MatMul of {var.shape} by {tuple(matrix.shape)}")
+                raise UnsupportedError(f"MatMul of {var.shape} by {tuple(matrix.shape)}")
             _emit_linear(var, builder, matrix.T, None, (*var.shape[:-1], matrix.shape[1]))
         else:  # W @ x contracts the second-to-last axis (or the only one)
             n = matrix.shape[1]
             vector = len(var.shape) == 1
             if var.numel != n or (not vector and var.shape[-2:] != (n, 1)):
-                raise _UnsupportedError(f"MatMul of {tuple(matrix.shape)} by {var.shape}")
+                raise UnsupportedError(f"MatMul of {tuple(matrix.shape)} by {var.shape}")
             out = (matrix.shape[0],) if vector else (*var.shape[:-2], matrix.shape[0], 1)
             _emit_linear(var, builder, matrix, None, out)
     elif op == "Conv":
@@ -480,12 +368,12 @@ def _convert_variable_node(
     elif op == "AveragePool":
         _need_image_layout(var, builder, node)
         _flush(var, builder)
-        kernel = _attr_ints(node, "kernel_shape") or ()
-        if len(kernel) != 2 or _attr_int(node, "ceil_mode", 0):
-            raise _UnsupportedError("only 2-D AveragePool without ceil_mode is supported")
+        kernel = attr_ints(node, "kernel_shape") or ()
+        if len(kernel) != 2 or attr_int(node, "ceil_mode", 0):
+            raise UnsupportedError("only 2-D AveragePool without ceil_mode is supported")
         pool = nn.AvgPool2d(
-            _pair(kernel), stride=_pair(_attr_ints(node, "strides") or (1, 1)),
-            padding=_pads(node, 2), count_include_pad=bool(_attr_int(node, "count_include_pad", 0)),
+            _pair(kernel), stride=_pair(attr_ints(node, "strides") or (1, 1)),
+            padding=_pads(node, 2), count_include_pad=bool(attr_int(node, "count_include_pad", 0)),
         )
         builder.layers.append(pool)
         builder.last_absorbs = False
@@ -493,35 +381,35 @@ def _convert_variable_node(
         var.shape = tuple(out.shape)
         var.layout = var.shape[1:]
     elif op == "MaxPool":
-        raise _UnsupportedError("MaxPool is not supported by tightrope.bounds (export the network "
+        raise UnsupportedError("MaxPool is not supported by tightrope.bounds (export the network "
                            "with AveragePool or strided convolutions)")
     else:
-        raise _UnsupportedError(f"operator {op} is not supported")
+        raise UnsupportedError(f"operator {op} is not supported")
 
 
 def _convert_conv(node: Node, var: _Variable, const: Callable[[int], Tensor], builder: _Builder,
                   inputs: list[str]) -> None:
     if inputs.index(var.name) != 0:
-        raise _UnsupportedError("Conv with input-dependent weights")
+        raise UnsupportedError("Conv with input-dependent weights")
     weight = const(1).to(torch.float64)
     if weight.dim() != 4:
-        raise _UnsupportedError(f"only 2-D convolutions are supported, weight "
+        raise UnsupportedError(f"only 2-D convolutions are supported, weight "
                                 f"{tuple(weight.shape)}")
     _need_image_layout(var, builder, node)
     _flush(var, builder)
-    groups = _attr_int(node, "group", 1)
+    groups = attr_int(node, "group", 1)
     conv = nn.Conv2d(
         weight.shape[1] * groups, weight.shape[0], _pair(tuple(weight.shape[2:])),
-        stride=_pair(_attr_ints(node, "strides") or (1, 1)),
+        stride=_pair(attr_ints(node, "strides") or (1, 1)),
         padding=_pads(node, 2),
-        dilation=_pair(_attr_ints(node, "dilations") or (1, 1)),
+        dilation=_pair(attr_ints(node, "dilations") or (1, 1)),
         groups=groups, dtype=torch.float64,
     )
     if conv.in_channels != var.layout[0]:
-        raise _UnsupportedError(f"Conv weight {tuple(weight.shape)} does not fit input {var.shape}")
+        raise UnsupportedError(f"Conv weight {tuple(weight.shape)} does not fit input {var.shape}")
     bias = conv.bias
     if bias is None:  # never: bias=True is the default
-        raise _UnsupportedError("internal: Conv2d without a bias")
+        raise UnsupportedError("internal: Conv2d without a bias")
     with torch.no_grad():
         conv.weight.copy_(weight)
         bias.copy_(const(2) if len(inputs) > 2 and inputs[2] else torch.zeros(weight.shape[0]))
@@ -536,24 +424,24 @@ def _reshape_variable(node: Node, shape: Shape, constants: dict[str, Tensor]) ->
     """The new ONNX shape of a reshaping node; raises unless it keeps the element order."""
     op = node.op_type
     if op == "Flatten":
-        axis = _attr_int(node, "axis", 1)
+        axis = attr_int(node, "axis", 1)
         axis = axis + len(shape) if axis < 0 else axis
         return (math.prod(shape[:axis]), math.prod(shape[axis:]))
     if op == "Reshape":
         if node.inputs[1] not in constants:
-            raise _UnsupportedError("Reshape with an input-dependent target shape")
+            raise UnsupportedError("Reshape with an input-dependent target shape")
         target = [int(v) for v in constants[node.inputs[1]].reshape(-1).tolist()]
-        return _reshape_target(shape, target, bool(_attr_int(node, "allowzero", 0)))
+        return reshape_target(shape, target, bool(attr_int(node, "allowzero", 0)))
     if op == "Squeeze":
-        axes = _axes(node, constants, len(shape))
+        axes = axis_list(node, constants, len(shape))
         return tuple(d for i, d in enumerate(shape) if (i not in axes if axes else d != 1))
     if op == "Unsqueeze":
-        axes = _axes(node, constants, len(shape) + _axes_count(node, constants))
+        axes = axis_list(node, constants, len(shape) + axes_count(node, constants))
         out = list(shape)
         for axis in sorted(axes):
             out.insert(axis, 1)
         return tuple(out)
-    raise _UnsupportedError(f"{op} is not a reshape")
+    raise UnsupportedError(f"{op} is not a reshape")
 
 
 def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
@@ -600,16 +488,16 @@ def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
             continue
         try:
             if node.op_type == "Constant":
-                constants[node.outputs[0]] = _constant_of(next(iter(node.attributes.values())))
+                constants[node.outputs[0]] = constant_of(next(iter(node.attributes.values())))
             elif node.op_type == "Shape" and var is not None and node.inputs[0] == var.name:
                 constants[node.outputs[0]] = torch.tensor(var.shape, dtype=torch.int64)
             elif var is None or var.name not in node.inputs:
-                value = _fold_constant(node, [constants[n] for n in node.inputs if n], opset)
+                value = fold_constant(node, [constants[n] for n in node.inputs if n], opset)
                 constants[node.outputs[0]] = value
             else:
                 _convert_variable_node(node, var, constants, builder, opset)
                 var.name = node.outputs[0]
-        except (_UnsupportedError, RuntimeError, IndexError, KeyError, StopIteration, TypeError,
+        except (UnsupportedError, RuntimeError, IndexError, KeyError, StopIteration, TypeError,
                 ValueError) as error:
             problems.append(f"{node.label}: {error}")
             dead.update(node.outputs)
@@ -623,7 +511,7 @@ def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
         raise OnnxImportError(source, problems or ["the input-dependent chain is broken"])
     try:
         _flush(var, builder)
-    except _UnsupportedError as error:
+    except UnsupportedError as error:
         raise OnnxImportError(source, [f"at the output: {error}"]) from error
     if len(var.layout) != 1:
         builder.layers.append(nn.Flatten())
