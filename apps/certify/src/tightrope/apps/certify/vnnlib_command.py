@@ -145,8 +145,8 @@ def run_vnnlib(
     spec = load_vnnlib(vnnlib_path, net.input_shape, num_outputs=net.num_outputs,
                        input_order=net.input_order)
     model = net.module if dtype is None else _copy_in(net.module, dtype)
-    loaded = time.perf_counter()
     engine = default_verifier() if verifier is None else verifier
+    loaded = time.perf_counter()
     remaining = timeout - (time.perf_counter() - begin)
     if remaining <= 0:  # start-up and loading used the whole budget
         verdict: Verdictlike = _Timeout()
