@@ -213,3 +213,24 @@ def test_input_order_lays_out_boxes_for_a_reordering_network() -> None:
     assert region.box.upper.tolist() == [[3.0, 1.0, 4.0, 2.0]]
     with pytest.raises(ValueError, match="permutation"):
         parse_vnnlib(text, (4,), input_order=(0, 0, 1, 2))
+
+
+def test_gzip_compressed_files_are_read(tmp_path: Path) -> None:
+    import gzip
+
+    from torch import nn
+
+    from tightrope.verify.onnx import export_onnx
+
+    text = HEADER + "\n" + BOX + "\n(assert (<= Y_0 0))"
+    with gzip.open(tmp_path / "prop.vnnlib.gz", "wt") as handle:
+        handle.write(text)
+    spec = load_vnnlib(tmp_path / "prop.vnnlib.gz", (4,))
+    assert spec.regions[0].box.upper.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    torch.manual_seed(0)
+    with gzip.open(tmp_path / "net.onnx.gz", "wb") as handle:
+        handle.write(export_onnx(nn.Sequential(nn.Linear(4, 3)), (4,)))
+    assert load_onnx(tmp_path / "net.onnx.gz").num_outputs == 3
+    (tmp_path / "broken.onnx.gz").write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match="cannot read the file"):
+        load_onnx(tmp_path / "broken.onnx.gz")

@@ -18,6 +18,7 @@ reshaped to ``(1, *input_shape)``.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import math
 import os
@@ -354,7 +355,7 @@ def load_vnnlib(
     path: str | os.PathLike[str], input_shape: tuple[int, ...], *, num_outputs: int | None = None,
     input_order: Sequence[int] | None = None,
 ) -> Specification:
-    """Read a ``.vnnlib`` file; see :func:`parse_vnnlib`.
+    """Read a ``.vnnlib`` (or gzip-compressed ``.vnnlib.gz``) file; see :func:`parse_vnnlib`.
 
     Raises:
         VnnlibError: naming the file (and the line) for unreadable, malformed or unsupported
@@ -362,9 +363,13 @@ def load_vnnlib(
     """
     source = os.fspath(path)
     try:
-        with open(source, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as error:
+        if source.endswith(".gz"):
+            with gzip.open(source, "rt", encoding="utf-8") as handle:
+                text = handle.read()
+        else:
+            with open(source, encoding="utf-8") as handle:
+                text = handle.read()
+    except (OSError, EOFError, UnicodeDecodeError) as error:
         raise VnnlibError(source, None, f"cannot read the file: {error}") from error
     return parse_vnnlib(text, input_shape, num_outputs=num_outputs, input_order=input_order,
                         source=source)

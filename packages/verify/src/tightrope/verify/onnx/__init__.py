@@ -11,6 +11,7 @@ Example::
 
 from __future__ import annotations
 
+import gzip
 import os
 from dataclasses import dataclass
 
@@ -91,7 +92,8 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
     constants; the graph must be a chain from one input to one output.
 
     Args:
-        path: the ``.onnx`` file (all tensors stored inside it).
+        path: the ``.onnx`` file (all tensors stored inside it), or a gzip-compressed
+            ``.onnx.gz``.
         dtype: the module's parameter dtype; the ONNX input's element type by default. The
             conversion itself is done in float64.
 
@@ -101,10 +103,11 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
     """
     source = os.fspath(path)
     try:
-        with open(source, "rb") as handle:
+        with (gzip.open if source.endswith(".gz") else open)(source, "rb") as handle:
             data = handle.read()
-    except OSError as error:
-        raise OnnxImportError(source, [f"cannot read the file: {error.strerror}"]) from error
+    except (OSError, EOFError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        raise OnnxImportError(source, [f"cannot read the file: {reason}"]) from error
     try:
         model = decode_model(data)
     except WireError as error:
