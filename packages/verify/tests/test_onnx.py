@@ -366,6 +366,17 @@ def test_reordering_at_the_output_and_before_a_later_conv(tmp_path: Path) -> Non
         load_onnx(path)
 
 
+def test_nodes_out_of_order_are_sorted(tmp_path: Path) -> None:
+    const = {"W": torch.randn(3, 2, generator=torch.Generator().manual_seed(4))}
+    nodes = [Node("Relu", ("h",), ("y",), "relu"), Node("MatMul", ("x", "W"), ("h",), "mm")]
+    path = tmp_path / "unsorted.onnx"
+    path.write_bytes(_graph_model(nodes, const, (1, 3), "y", (1, 2)))
+    net = load_onnx(path)
+    assert [type(m) for m in net.module] == [nn.Linear, nn.ReLU]
+    x = torch.rand(1, 3, dtype=torch.float64)
+    torch.testing.assert_close(net.module.double()(x), torch.relu(x @ const["W"].double()))
+
+
 def test_order_keeping_transpose_and_constant_node(tmp_path: Path) -> None:
     const = {"W": torch.randn(6, 4, generator=torch.Generator().manual_seed(5))}
     value = Attribute("value", t=_tensor("v", torch.full((1, 4), 0.25)))

@@ -444,6 +444,28 @@ def _reshape_variable(node: Node, shape: Shape, constants: dict[str, Tensor]) ->
     raise UnsupportedError(f"{op} is not a reshape")
 
 
+def _topological(nodes: tuple[Node, ...], available: set[str]) -> list[Node]:
+    """``nodes`` in an order where every node comes after the producers of its inputs (file
+    order where possible; ONNX requires it, not every exporter honours it). Nodes whose inputs
+    never become available stay at the end, in file order, to be reported."""
+    ordered: list[Node] = []
+    pending = list(nodes)
+    known = set(available)
+    progress = True
+    while pending and progress:
+        progress = False
+        waiting = []
+        for node in pending:
+            if all(not name or name in known for name in node.inputs):
+                ordered.append(node)
+                known.update(node.outputs)
+                progress = True
+            else:
+                waiting.append(node)
+        pending = waiting
+    return ordered + pending
+
+
 def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
     """Convert ``graph`` (one input, one output) into a :class:`Converted` float64 module.
 
@@ -473,7 +495,7 @@ def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
     var: _Variable | None = _Variable(info.name, onnx_shape, layout or (1,))
     builder = _Builder(input_layout=layout or (1,))
     dead: set[str] = set()  # outputs of nodes that failed: skip what depends on them
-    for node in graph.nodes:
+    for node in _topological(graph.nodes, set(constants) | {info.name}):
         missing = [n for n in node.inputs if n and n not in constants and n not in dead
                    and (var is None or n != var.name)]
         if missing:
