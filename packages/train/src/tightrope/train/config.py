@@ -43,6 +43,7 @@ __all__ = [
     "EpsConfig",
     "EpsShape",
     "EvalConfig",
+    "LoaderKind",
     "LossSection",
     "ModelConfig",
     "OptimConfig",
@@ -63,6 +64,14 @@ class Precision(Enum):
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32 if self is Precision.FLOAT32 else torch.float64
+
+
+class LoaderKind(Enum):
+    """Which loader feeds training: ``tensor`` (the device-resident in-memory loader) or
+    ``ffcv`` (``.beton`` files in ``data.cache_dir``; needs ``tightrope-train[ffcv]``)."""
+
+    TENSOR = "tensor"
+    FFCV = "ffcv"
 
 
 class EpsShape(Enum):
@@ -86,6 +95,10 @@ class DataConfig:
         eval_batch_size: batch of the per-epoch evaluation.
         augment: apply the data set's augmentation (CIFAR-10/TinyImageNet: crop and flip).
         synthetic_size: training images of the synthetic set (tests).
+        loader: ``tensor`` (default) or ``ffcv`` for the training split.
+        cache_dir: where FFCV's ``.beton`` files are written (default
+            ``~/.cache/tightrope/ffcv``).
+        workers: FFCV's decoding threads.
     """
 
     dataset: DatasetName
@@ -95,9 +108,12 @@ class DataConfig:
     eval_batch_size: int = 500
     augment: bool = True
     synthetic_size: int = 512
+    loader: LoaderKind = LoaderKind.TENSOR
+    cache_dir: str | None = None
+    workers: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "eval_batch_size", "synthetic_size"):
+        for name in ("batch_size", "eval_batch_size", "synthetic_size", "workers"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.validation_size < 0:

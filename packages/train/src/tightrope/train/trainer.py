@@ -25,10 +25,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ from tightrope.losses import (
 )
 from tightrope.train.__about__ import __version__
 from tightrope.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
-from tightrope.train.config import NO_IBP_PASS, TrainConfig
+from tightrope.train.config import NO_IBP_PASS, LoaderKind, TrainConfig
 from tightrope.train.data import Augmentation, DatasetName, Splits, load_splits, synthetic
 from tightrope.train.evaluation import EvalSettings, evaluate, summarise
 from tightrope.train.loader import Shard, TensorLoader
@@ -60,6 +60,15 @@ from tightrope.train.schedules import Phase, Schedule
 
 __all__ = ["Distributed", "FitResult", "NonFiniteLossError", "Progress", "Trainer"]
 
+
+
+class BatchLoader(Protocol):
+    """What the trainer needs of a training loader (:class:`~tightrope.train.TensorLoader`,
+    :class:`~tightrope.train.ffcv_loader.FFCVLoader`)."""
+
+    def __len__(self) -> int: ...
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[Tensor, Tensor]]: ...
 
 
 class NonFiniteLossError(RuntimeError):
@@ -151,11 +160,25 @@ class Trainer:
         info = self.splits.info
         shard = Shard(self.distributed.rank, self.distributed.world)
         augmentation = info.augmentation if config.data.augment else Augmentation.NONE
-        self.train_loader = TensorLoader(
-            self.splits.train, batch_size=config.data.batch_size, shuffle=True, seed=config.seed,
-            augmentation=augmentation, crop_padding=info.crop_padding, drop_last=True,
-            device=self.device, dtype=self.dtype, shard=shard,
-        )
+        self.train_loader: BatchLoader
+        if config.data.loader is LoaderKind.FFCV:
+            from tightrope.train.ffcv_loader import FFCVLoader
+
+            cache = (Path(config.data.cache_dir) if config.data.cache_dir is not None
+                     else Path.home() / ".cache" / "tightrope" / "ffcv")
+            self.train_loader = FFCVLoader(
+                self.splits.train, cache_dir=cache,
+                tag=f"{config.data.dataset.value}-train", batch_size=config.data.batch_size,
+                shuffle=True, seed=config.seed, augmentation=augmentation,
+                crop_padding=info.crop_padding, drop_last=True, device=self.device,
+                dtype=self.dtype, shard=shard, workers=config.data.workers,
+            )
+        else:
+            self.train_loader = TensorLoader(
+                self.splits.train, batch_size=config.data.batch_size, shuffle=True,
+                seed=config.seed, augmentation=augmentation, crop_padding=info.crop_padding,
+                drop_last=True, device=self.device, dtype=self.dtype, shard=shard,
+            )
         validation = self.splits.validation if len(self.splits.validation) else self.splits.test
         self.validation_loader = TensorLoader(
             validation, batch_size=config.data.eval_batch_size, shuffle=False,
