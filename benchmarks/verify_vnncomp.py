@@ -37,8 +37,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=120.0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--only", default=None, help="run only this vnnlib file")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1 is fastest on a CPU shared with other jobs)")
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     with open(args.suite / "expected.csv") as handle:
         rows = [r for r in csv.DictReader(handle) if f"net_{args.net}." in r["onnx"]]
     rows = rows[:: args.every]

@@ -5,6 +5,7 @@ Work in progress: today it holds the specification types (:mod:`tightrope.verify
 
 from tightrope.verify.__about__ import __version__
 from tightrope.verify.cascade import verify
+from tightrope.verify.certify import Certification, certify
 from tightrope.verify.config import (
     BabConfig,
     Branching,
@@ -28,6 +29,7 @@ from tightrope.verify.vnnlib_result import VnnResult, format_result, parse_resul
 __all__ = [
     "BabConfig",
     "Branching",
+    "Certification",
     "InputSplit",
     "Mode",
     "OnnxImportError",
@@ -43,6 +45,7 @@ __all__ = [
     "VnnResult",
     "VnnlibError",
     "__version__",
+    "certify",
     "export_onnx",
     "format_result",
     "load_onnx",

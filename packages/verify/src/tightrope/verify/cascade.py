@@ -24,6 +24,7 @@ from tightrope.bounds import (
     Network,
     ibp,
     lower,
+    optimise_pre_activations,
     optimise_split_bound,
     pre_activation_bounds,
 )
@@ -141,6 +142,10 @@ def verify(
                     net = lower(model, region.box.center)
                     lowered[number] = (net, dict(pre_activation_bounds(net, region.box).boxes))
             net, boxes = lowered[number]
+            if stage is Stage.ALPHA_CROWN and config.optimise_intermediate:
+                boxes = optimise_pre_activations(net, region.box, boxes, steps=steps,
+                                                 lr_alpha=config.alpha_lr)
+                lowered[number] = (net, boxes)
             rows = region.rows_of(open_sets[number])
             C = region.rows[rows].reshape(1, -1, *net.output_shape)
             signs = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=like.device)
@@ -158,9 +163,10 @@ def verify(
             return ending(VerifyStatus.TIMEOUT, last_stage)
 
     with torch.no_grad():
-        for region in regions:
+        for number, region in enumerate(regions):
             hit = checked(spec_pgd(model, region, steps=config.strong_attack_steps,
                                    restarts=config.strong_attack_restarts, generator=generator,
+                                   active=open_sets[number], targeted=True,
                                    deadline=clock.deadline))
             if hit is not None:
                 return falsified(hit, Stage.STRONG_ATTACK)

@@ -111,6 +111,8 @@ class VerifierConfig:
         attack_steps, attack_restarts: the cheap PGD stage.
         strong_attack_steps, strong_attack_restarts: the attack run before branch-and-bound.
         alpha_steps, alpha_lr: the alpha-CROWN stage (and the root of branch-and-bound).
+        optimise_intermediate: in the alpha-CROWN stage, also optimise the slopes for the
+            pre-activation bounds of every layer (tighter roots for branch-and-bound).
         margin: a bound certifies only when it exceeds this (absolute) margin. Bounds are
             computed in the model's dtype; in float32 the rounding of a backward pass through a
             few hundred neurons is around 1e-6 relative, which the default covers for outputs of
@@ -127,6 +129,7 @@ class VerifierConfig:
     strong_attack_restarts: int = 64
     alpha_steps: int = 20
     alpha_lr: float = 0.1
+    optimise_intermediate: bool = True
     margin: float = 1e-5
     bab: BabConfig | None = field(default_factory=BabConfig)
     milp_time_limit: float | None = None

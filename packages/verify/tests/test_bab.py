@@ -1,0 +1,133 @@
+"""Branch-and-bound against the exact MILP oracle on tiny networks: never a wrong answer.
+
+Random float64 MLPs and random robustness properties with radii around the decision boundary;
+attacks are switched off so that branch-and-bound itself must find counterexamples. Whatever
+BaB answers must match the sign of the MILP minimum of the margins (``VERIFIED`` iff every
+margin's minimum is positive); ``FALSIFIED`` must come with a point the specification rejects.
+A few dozen properties run in the normal suite, a few hundred under ``-m slow``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from tightrope.bounds import Box, margin_spec, milp_bound
+from tightrope.verify import (
+    BabConfig,
+    Branching,
+    InputSplit,
+    SearchOrder,
+    Stage,
+    VerifierConfig,
+    VerifyStatus,
+    robustness_spec,
+    verify,
+)
+from tightrope.verify.domains import DomainBatch, DomainQueue
+
+DTYPE = torch.float64
+
+pytest.importorskip("scipy")
+
+
+def bab_only(**bab: object) -> VerifierConfig:
+    """No attacks: only bounds and branch-and-bound decide."""
+    return VerifierConfig(attack_restarts=0, strong_attack_restarts=0,
+                          bab=BabConfig(batch_size=16, max_domains=20_000, **bab))  # type: ignore[arg-type]
+
+
+def case(seed: int, inputs: int = 5, width: int = 16, depth: int = 2):
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    previous = inputs
+    for _ in range(depth):
+        layers += [nn.Linear(previous, width), nn.ReLU()]
+        previous = width
+    model = nn.Sequential(*layers, nn.Linear(previous, 3)).to(DTYPE).eval()
+    x = torch.rand(1, inputs, generator=generator, dtype=DTYPE)
+    label = int(model(x).argmax())
+    eps = 0.05 + 0.4 * float(torch.rand(1, generator=generator, dtype=DTYPE))
+    return model, x, label, eps
+
+
+def truth(model: nn.Module, x: torch.Tensor, label: int, eps: float) -> bool:
+    exact = milp_bound(model, Box.from_linf(x, eps), margin_spec(torch.tensor([label]), 3),
+                       upper=False).lower
+    return bool((exact > 0).all())
+
+
+def check_agreement(seeds: range, config: VerifierConfig, **shape: int) -> dict[str, int]:
+    answers = {"verified": 0, "falsified": 0, "bab": 0}
+    for seed in seeds:
+        model, x, label, eps = case(seed, **shape)
+        spec = robustness_spec(x, label, eps, 3)
+        verdict = verify(model, spec, timeout=60.0, config=config)
+        holds = truth(model, x, label, eps)
+        assert verdict.status in (VerifyStatus.VERIFIED, VerifyStatus.FALSIFIED), (seed, verdict)
+        assert (verdict.status is VerifyStatus.VERIFIED) == holds, (seed, verdict, holds)
+        if verdict.status is VerifyStatus.FALSIFIED:
+            assert verdict.counterexample is not None
+            assert verdict.output is not None
+            assert spec.violated_by(verdict.counterexample, verdict.output)
+            answers["falsified"] += 1
+        else:
+            answers["verified"] += 1
+        answers["bab"] += verdict.stage is Stage.BAB
+    return answers
+
+
+@pytest.mark.parametrize(
+    ("branching", "order"),
+    [(Branching.FSB, SearchOrder.BEST_FIRST), (Branching.BABSR, SearchOrder.DEPTH_FIRST)],
+)
+def test_relu_bab_agrees_with_milp(branching: Branching, order: SearchOrder) -> None:
+    config = bab_only(branching=branching, order=order, input_split=InputSplit.NEVER)
+    answers = check_agreement(range(12), config)
+    # The sample must exercise both answers and branch-and-bound itself.
+    assert answers["verified"], answers
+    assert answers["falsified"], answers
+    assert answers["bab"] >= 3, answers
+
+
+def test_input_bab_agrees_with_milp() -> None:
+    answers = check_agreement(range(100, 110), bab_only(input_split=InputSplit.ALWAYS),
+                              inputs=2)
+    assert answers["verified"], answers
+    assert answers["falsified"], answers
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("split", [InputSplit.NEVER, InputSplit.ALWAYS])
+def test_bab_agrees_with_milp_on_hundreds(split: InputSplit) -> None:
+    seeds = range(1000, 1200) if split is InputSplit.NEVER else range(2000, 2100)
+    inputs = 5 if split is InputSplit.NEVER else 3
+    answers = check_agreement(seeds, bab_only(input_split=split), inputs=inputs)
+    assert answers["bab"] >= 20, answers
+
+
+def test_deeper_nets_agree_with_milp() -> None:
+    answers = check_agreement(range(200, 206), bab_only(input_split=InputSplit.NEVER),
+                              width=10, depth=3)
+    assert answers["verified"] + answers["falsified"] == 6
+
+
+def test_queue_pops_lowest_then_deepest() -> None:
+    def batch(values: list[float], depths: list[int]) -> DomainBatch:
+        count = len(values)
+        return DomainBatch(pre={}, signs={}, alphas={}, betas={},
+                           lower=torch.tensor(values).unsqueeze(1),
+                           scores=torch.zeros(count, 1), depth=torch.tensor(depths))
+
+    queue = DomainQueue()
+    queue.push(batch([0.5, -2.0, -1.0], [1, 2, 3]))
+    queue.push(batch([-3.0, 0.1], [9, 0]))
+    lowest = queue.pop(2)
+    assert sorted(lowest.value.tolist()) == [-3.0, -2.0]
+    assert len(queue) == 3
+    deepest = queue.pop(1, deepest=True)
+    assert deepest.depth.tolist() == [3]
+    assert sorted(queue.pop(5).value.tolist()) == pytest.approx([0.1, 0.5])
+    assert len(queue) == 0
