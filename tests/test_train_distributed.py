@@ -68,3 +68,27 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path: Pat
     assert shared["clean_count"] == alone["clean_count"]
     assert (tmp_path / "run" / "last.pt").is_file()
     assert not (tmp_path / "rank1" / "run").exists()
+
+
+@pytest.mark.slow
+def test_tightrope_train_under_torchrun(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "epochs: 2\n"
+        "data: {dataset: synthetic, batch_size: 16, validation_size: 64, synthetic_size: 256}\n"
+        "model: {name: cnn3, options: {width: 4}}\nloss: {method: ibp}\n"
+        "eps: {train: 0.05, ramp_epochs: 1}\nevaluation: {pgd_steps: 2}\n"
+    )
+    cli = Path(sys.executable).with_name("tightrope-train")
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(cli), "--config", str(config), "--out", str(tmp_path / "runs"), "--device", "cpu",
+         "--quiet"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = (tmp_path / "runs").iterdir()
+    assert done.stdout.count("run directory:") == 2  # printed by rank 0 only, start and end
+    report = json.loads((run / "test_metrics.json").read_text())
+    assert report["samples"] == 64
+    assert (run / "best.pt").is_file()

@@ -432,6 +432,8 @@ class Trainer:
                 self._writer = None
         if main and self.run_dir is not None and not (self.run_dir / "best.pt").is_file():
             self.save("best.pt")
+        if self.distributed.world > 1:
+            dist.barrier()  # every process may read the checkpoints once fit returns
         return FitResult(self.run_dir, self.last_metrics, self.best or self.last_metrics,
                          self.best_epoch if self.best_epoch >= 0 else self.epoch)
 

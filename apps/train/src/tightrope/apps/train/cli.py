@@ -226,6 +226,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if main_process:
         message(f"run directory: {run_dir}")
         message(f"look at it with: tensorboard --logdir {run_dir / 'tensorboard'}")
+    if distributed.world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
 
 
