@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from tightrope.apps.train.cli import build_parser, main
-from tightrope.train import load_checkpoint
+from tightrope.apps.train.cli import ProgressPrinter, build_parser, main
+from tightrope.train import Progress, load_checkpoint
 
 CONFIG = """\
 epochs: 2
@@ -70,3 +71,29 @@ def test_a_run_end_to_end_then_resume(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(["--resume", str(run), "--quiet", "--no-test"]) == 0
     after = torch.load(run / "last.pt", weights_only=True)["model"]["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_progress_bar_on_a_terminal_and_lines_otherwise(tty: bool) -> None:
+    stream = _Stream(tty)
+    printer = ProgressPrinter(stream)
+    for batch in range(20):
+        printer(Progress(epoch=0, epochs=2, batch=batch, batches=20, step=batch + 1, eps=0.1,
+                         loss=1.0, elapsed=0.5 * (batch + 1)))
+    text = stream.getvalue()
+    assert "epoch ETA 0:00, run ETA 0:10" in text  # 20 batches left at 0.5 s each
+    if tty:
+        assert text.count("\r") == 20
+        assert "[####################]" in text
+    else:
+        assert "\r" not in text
+        assert text.count("\n") == 10  # every second batch: a tenth of the epoch
