@@ -1,8 +1,11 @@
 """``tightrope-certify``: certify networks after training.
 
+    tightrope-certify --checkpoint runs/RUN/best.pt --samples 1000 --timeout 30
+    tightrope-certify checkpoint --checkpoint runs/RUN/best.pt --shard 0/4   # + merge DIR
     tightrope-certify vnnlib --onnx net.onnx --spec prop.vnnlib --timeout 120 --out result.txt
 
-Each task is a subcommand registered in :data:`SUBCOMMANDS` (``vnnlib`` today). Heavy imports
+Each task is a subcommand registered in :data:`SUBCOMMANDS` (``checkpoint``, ``merge``,
+``vnnlib``). Heavy imports
 (torch, the verifier) happen inside the subcommand, so ``--help`` answers at once and the
 start-up cost of a run is mostly importing torch.
 """
@@ -15,6 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from tightrope.apps.certify.__about__ import __version__
+from tightrope.apps.certify.checkpoint_cli import add_checkpoint, add_merge
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
@@ -98,6 +102,8 @@ def _run_vnnlib(args: argparse.Namespace) -> int:
 
 #: Subcommand name -> function adding its parser (which sets ``run``).
 SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = {
+    "checkpoint": add_checkpoint,
+    "merge": add_merge,
     "vnnlib": _add_vnnlib,
 }
 
@@ -118,7 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tightrope-certify``; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0].startswith("--checkpoint"):
+        arguments.insert(0, "checkpoint")  # the short form: tightrope-certify --checkpoint ...
+    args = parser.parse_args(arguments)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

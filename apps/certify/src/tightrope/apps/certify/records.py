@@ -154,7 +154,8 @@ def format_summary(summary: Summary, eps: float) -> str:
         ("certified accuracy", f"{100 * summary.certified_accuracy:.2f} %  (verified)"),
     ]
     rows += [(f"  {status}", str(count)) for status, count in summary.counts.items()]
-    rows += [(f"  decided by {stage}", str(count)) for stage, count in summary.stages.items()]
+    rows += [(f"  decided by {stage}" if stage != "none" else "  undecided", str(count))
+             for stage, count in summary.stages.items()]
     rows += [
         ("time, total", f"{summary.total_seconds:.1f} s"),
         ("time per sample", f"mean {summary.mean_seconds:.3f} s, median "

@@ -1,0 +1,133 @@
+"""Argument parsing of ``tightrope-certify checkpoint`` and ``tightrope-certify merge``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+__all__ = ["add_checkpoint", "add_merge"]
+
+CHECKPOINT_EPILOG = """\
+stages (each batched over the chunk's undecided samples, first decisive answer wins):
+  clean prediction (wrong -> falsified) -> PGD -> IBP -> CROWN -> alpha-CROWN -> APGD with
+  restarts -> branch-and-bound (beta-CROWN) per sample with what is left of --timeout.
+  verified comes only from sound bounds (float32 bounds must clear a 1e-5 margin);
+  falsified only with an input inside the eps box whose float64 forward pass misclassifies.
+
+output (in --out, default <checkpoint dir>/certify-eps<eps>):
+  samples.shard-III-of-NNN.jsonl  one record per sample, appended per chunk (resumable)
+  samples.csv, summary.json, summary.txt  written at the end of an unsharded run or by merge
+  run.json  the run's settings; a rerun with other settings into the same --out is refused
+
+resuming and sharding:
+  Rerun the same command after a crash: recorded samples are skipped. With --shard i/n (or
+  under torchrun, which sets RANK and WORLD_SIZE) a process takes every n-th sample; then run
+  `tightrope-certify merge DIR` for the summary.
+
+The short form `tightrope-certify --checkpoint RUN/best.pt ...` means the same.
+"""
+
+
+def add_checkpoint(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "checkpoint",
+        help="certify a tightrope-train checkpoint on its test set",
+        description="Certify l_inf robustness of a tightrope-train checkpoint on its data "
+        "set's test split: per-sample records, a summary table (clean, adversarial and "
+        "certified accuracy, counts per deciding stage, time).",
+        epilog=CHECKPOINT_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN/best.pt",
+                        help="checkpoint written by tightrope-train")
+    parser.add_argument("--eps", type=float, help="l_inf radius in pixel units "
+                        "(default: the checkpoint's test eps)")
+    parser.add_argument("--samples", type=int, metavar="N",
+                        help="certify N test samples from --start (default: all)")
+    parser.add_argument("--start", type=int, default=0, metavar="I",
+                        help="index of the first test sample (default 0)")
+    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
+                        help="seconds per sample, batched stages included (default 30)")
+    parser.add_argument("--out", type=Path, metavar="DIR", help="results directory")
+    parser.add_argument("--shard", metavar="i/n", help="take every n-th sample from the i-th "
+                        "(0-based); default: torchrun's RANK/WORLD_SIZE, else 0/1")
+    parser.add_argument("--chunk", type=int, default=100, metavar="N",
+                        help="samples per batched call and per write to disk (default 100)")
+    parser.add_argument("--data-root", type=Path, metavar="DIR",
+                        help="where the data set lives (default: its standard place)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
+    parser.add_argument("--no-bab", action="store_true",
+                        help="stop after the bounds and attacks (no branch-and-bound)")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.set_defaults(run=_run_checkpoint)
+
+
+def _run_checkpoint(args: argparse.Namespace) -> int:
+    from tightrope.apps.certify.checkpoint_command import CheckpointJob, parse_shard
+    from tightrope.apps.certify.records import format_summary
+
+    try:
+        shard, shards = parse_shard(args.shard)
+        job = CheckpointJob(
+            checkpoint=args.checkpoint, eps=args.eps, samples=args.samples, start=args.start,
+            timeout=args.timeout, out=args.out, shard=shard, shards=shards, chunk=args.chunk,
+            data_root=args.data_root, device=args.device, bab=not args.no_bab,
+        )
+    except ValueError as error:
+        print(f"tightrope-certify checkpoint: error: {error}", file=sys.stderr)
+        return 2
+    import torch
+
+    from tightrope.apps.certify.checkpoint_command import run_checkpoint
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:
+        out, summary = run_checkpoint(job, quiet=args.quiet)
+    except (OSError, ValueError) as error:  # missing files, data sets, foreign checkpoints
+        print(f"tightrope-certify checkpoint: error: {error}", file=sys.stderr)
+        return 2
+    if summary is None:
+        print(f"shard {shard}/{shards} done; results in {out}. When every shard is done: "
+              f"tightrope-certify merge {out}")
+    else:
+        eps = job.eps if job.eps is not None else summary_eps(out)
+        print(format_summary(summary, eps))
+        print(f"results: {out}")
+    return 0
+
+
+def summary_eps(out: Path) -> float:
+    import json
+
+    return float(json.loads((out / "run.json").read_text())["eps"])
+
+
+def add_merge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "merge",
+        help="join the shards of a sharded checkpoint certification",
+        description="Join samples.shard-*.jsonl of a results directory into samples.csv and "
+        "summary.{json,txt}, and print the summary.",
+    )
+    parser.add_argument("directory", type=Path, metavar="DIR", help="the results directory")
+    parser.set_defaults(run=_run_merge)
+
+
+def _run_merge(args: argparse.Namespace) -> int:
+    from tightrope.apps.certify.checkpoint_command import merge_directory
+    from tightrope.apps.certify.records import format_summary
+
+    try:
+        summary, missing = merge_directory(args.directory)
+    except (OSError, ValueError) as error:
+        print(f"tightrope-certify merge: error: {error}", file=sys.stderr)
+        return 2
+    print(format_summary(summary, summary_eps(args.directory)))
+    if missing:
+        print(f"warning: {missing} samples of the run have no record yet (a shard is "
+              "unfinished)", file=sys.stderr)
+        return 1
+    return 0
