@@ -173,9 +173,8 @@ def relu_bab(
                            -torch.ones(count, dtype=torch.long, device=flat.device)])
         pre_c, signs_c = split_at(children, flat.repeat(2), phase, layers)
         if config.refine_intermediate and len(layers.ops) > 1:
-            first_layer = int(layers.locate(flat)[0].min())
-            with torch.no_grad():
-                pre_c = refine_pre_activations(net, box, pre_c, signs_c, first_layer)
+            pre_c = _refine_by_layer(net, box, pre_c, signs_c, layers.locate(flat)[0].repeat(2),
+                                     len(layers.ops))
         empty = empty_subdomains(pre_c)
         found = bound(pre_c, signs_c, children.alphas, children.betas, config.steps,
                       config.lr_alpha)
@@ -201,6 +200,27 @@ def relu_bab(
     if stuck:
         return BabOutcome(VerifyStatus.UNKNOWN, domains=bounded)
     return BabOutcome(VerifyStatus.VERIFIED, domains=bounded)
+
+
+def _refine_by_layer(
+    net: Network, box: Box, pre: dict[int, Box], signs: dict[int, Tensor], split_layer: Tensor,
+    layer_count: int,
+) -> dict[int, Box]:
+    """CROWN-refine the layers after each subdomain's newest split (``split_layer: (D,)``
+    positions); subdomains split in the last layer need nothing."""
+    refined = {i: Box(b.lower.clone(), b.upper.clone()) for i, b in pre.items()}
+    for position in range(layer_count - 1):
+        chosen = (split_layer == position).nonzero().flatten()
+        if chosen.numel() == 0:
+            continue
+        part = {i: Box(b.lower[chosen], b.upper[chosen]) for i, b in pre.items()}
+        part_signs = {i: s[chosen] for i, s in signs.items()}
+        with torch.no_grad():
+            tightened = refine_pre_activations(net, box, part, part_signs, position)
+        for i, b in tightened.items():
+            refined[i].lower[chosen] = b.lower
+            refined[i].upper[chosen] = b.upper
+    return refined
 
 
 def minimisers_of(

@@ -130,6 +130,7 @@ def verify(
     if not any(bool(o.any()) for o in open_sets):
         return ending(VerifyStatus.VERIFIED, Stage.IBP)
     lowered: dict[int, tuple[Network, dict[int, Box]]] = {}
+    set_bounds: dict[int, Tensor] = {}
     last_stage = Stage.IBP
     for stage, steps in ((Stage.CROWN, 0), (Stage.ALPHA_CROWN, config.alpha_steps)):
         if stage is Stage.ALPHA_CROWN and steps == 0:
@@ -156,6 +157,8 @@ def verify(
                               device=like.device)
             full[rows] = found.lower[0].detach() - region.offsets[rows]
             _exclude(region, open_sets[number], full, config.margin)
+            set_bounds[number] = full.new_full((region.n_sets,), float("-inf")).scatter_reduce(
+                0, region.owner, full, reduce="amax")
         last_stage = stage
         if not any(bool(o.any()) for o in open_sets):
             return ending(VerifyStatus.VERIFIED, last_stage)
@@ -177,6 +180,8 @@ def verify(
     unknown = False
     for number, region in enumerate(regions):
         targets = open_sets[number].nonzero().flatten().tolist()
+        # Weakest bound first: a counterexample, if any, is likeliest there.
+        targets.sort(key=lambda t: float(set_bounds[number][t]) if number in set_bounds else 0.0)
         input_dim = int(region.box.lower[0].numel())
         use_input = bab.input_split is InputSplit.ALWAYS or (
             bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
