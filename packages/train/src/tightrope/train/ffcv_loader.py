@@ -134,9 +134,7 @@ class FFCVLoader:
         self.crop_padding = crop_padding
         self.batch_size = batch_size
         self.drop_last = drop_last
-        indices = list(range(len(data)))[self.shard.rank :: self.shard.world]
-        usable = len(data) // self.shard.world
-        self.samples_per_epoch = usable
+        self.samples_per_epoch = len(data) // self.shard.world
         pipelines: dict[str, list[Any]] = {
             "image": [NDArrayDecoder(), ToTensor()],
             "label": [IntDecoder(), ToTensor(), Squeeze()],
@@ -144,7 +142,9 @@ class FFCVLoader:
         self._loader = Loader(
             str(self.path), batch_size=batch_size, num_workers=workers,
             order=OrderOption.RANDOM if shuffle else OrderOption.SEQUENTIAL,
-            seed=seed, indices=indices[:usable], pipelines=pipelines, drop_last=drop_last,
+            # Several processes: FFCV shards each epoch's order itself (torch.distributed).
+            seed=seed, distributed=self.shard.world > 1, pipelines=pipelines,
+            drop_last=drop_last,
         )
 
     def __len__(self) -> int:

@@ -205,6 +205,7 @@ class Trainer:
         self.best_epoch = -1
         self.last_metrics: dict[str, float] = {}
         self._writer: Any = None
+        self._first_step = 0
         self.metrics_table = (MetricsTable(self.run_dir / "metrics.csv")
                               if self.run_dir is not None else None)
 
@@ -403,6 +404,7 @@ class Trainer:
         """Train the remaining epochs, evaluating, logging and checkpointing each one."""
         config = self.config
         main = self.distributed.is_main and self.run_dir is not None
+        self._first_step = self.step  # TensorBoard drops events after it (a resumed run)
         if main and self.run_dir is not None and not (self.run_dir / "config.yaml").is_file():
             write_provenance(self.run_dir, config, {
                 "device": str(self.device), "world_size": self.distributed.world,
@@ -475,7 +477,7 @@ class Trainer:
                 raise ImportError("logging needs the tensorboard package: "
                                   "`pip install tensorboard`") from error
             self._writer = SummaryWriter(str(self.run_dir / "tensorboard"),
-                                         purge_step=self.step)
+                                         purge_step=self._first_step)
         return self._writer
 
     # -------------------------------------------------------------------------- checkpoints

@@ -185,6 +185,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"tightrope-train: error: {error}", file=sys.stderr)
         return 2
     device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if str(device).startswith("cuda"):
+        torch.cuda.set_device(device)  # NCCL needs each process on its own GPU
     distributed = _distributed(device)
     main_process = distributed.is_main
     run_dir: Path | None = None
