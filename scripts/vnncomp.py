@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import re
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,8 @@ from pathlib import Path
 from typing import Any
 
 CORRECT, WRONG, UNCONFIRMED, NO_ANSWER, ERROR = "correct", "WRONG", "unconfirmed", "-", "error"
+# The CLI's summary line on stderr: "# unsat by crown: load ..." (the stage is optional).
+_SUMMARY = re.compile(r"^# \w+(?: by (\S+?))?(?: \(.*\))?:", re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ def run_instance(instance: Instance, result_path: Path, subprocess_mode: bool,
     if subprocess_mode:
         command = [sys.executable, "-m", "tightrope.apps.certify.cli", "vnnlib", "--onnx",
                    str(instance.onnx), "--spec", str(instance.vnnlib), "--timeout",
-                   str(instance.timeout), "--out", str(result_path), "--quiet"]
+                   str(instance.timeout), "--out", str(result_path)]
         try:
             done = subprocess.run(command, capture_output=True, text=True, check=False,
                                   timeout=instance.timeout + 60)
@@ -158,7 +161,9 @@ def run_instance(instance: Instance, result_path: Path, subprocess_mode: bool,
         seconds = time.perf_counter() - start
         if done.returncode != 0:
             return "", (done.stderr.strip().splitlines() or ["failed"])[-1], seconds
-        return result_path.read_text(), "", seconds
+        summary = _SUMMARY.search(done.stderr)
+        stage = summary.group(1) if summary else ""
+        return result_path.read_text(), stage, seconds
     from tightrope.apps.certify.vnnlib_command import run_vnnlib
 
     try:

@@ -147,8 +147,12 @@ def test_subprocess_mode_with_the_engine(
 ) -> None:
     script = _script()
     suite = make_suite(tmp_path / "suite")
+    out = tmp_path / "results.csv"
     status = script.main(["--suite", str(suite), "--subprocess", "--timeout", "60",
-                          "--results-dir", str(tmp_path / "results")])
+                          "--results-dir", str(tmp_path / "results"), "--out", str(out)])
     printed = capsys.readouterr().out
     assert status == 0, printed
     assert "correct 2 (unsat 1, sat 1), WRONG 0, unconfirmed 1" in printed
+    # the deciding stage comes from the CLI's summary line
+    stages = [line.split(",")[4] for line in out.read_text().splitlines()[1:]]
+    assert all(stages), stages
