@@ -49,13 +49,15 @@ def _add_vnnlib(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     parser = subparsers.add_parser(
         "vnnlib",
         help="answer one VNN-COMP instance (ONNX network + VNNLIB property)",
-        description="Verify a VNNLIB property of an ONNX network: prints unsat, sat (with a "
+        description="Verify a VNNLIB property of an ONNX network: prints unsat, sat (with a\n"
         "counterexample), timeout or unknown.",
         epilog=VNNLIB_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--onnx", required=True, metavar="NET", help="the network (.onnx)")
-    parser.add_argument("--spec", required=True, metavar="PROP", help="the property (.vnnlib)")
+    parser.add_argument("--onnx", required=True, metavar="NET",
+                        help="the network (.onnx or .onnx.gz)")
+    parser.add_argument("--spec", required=True, metavar="PROP",
+                        help="the property (.vnnlib or .vnnlib.gz)")
     parser.add_argument("--timeout", required=True, type=float, metavar="T",
                         help="seconds for the instance, start-up and loading included")
     parser.add_argument("--out", metavar="FILE", help="write the result file here")
