@@ -264,3 +264,28 @@ def test_counterexamples_of_a_reordering_network_are_written_in_onnx_order(
     x = torch.tensor(result.inputs).reshape(2, 2, 2)
     expected = (x[..., 0] - 2 * x[..., 1]).reshape(-1)
     torch.testing.assert_close(torch.tensor(result.outputs), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_the_hard_deadline_writes_timeout_and_ends_the_process(tmp_path: Path) -> None:
+    out = tmp_path / "result.txt"
+    code = ("import time\n"
+            "from tightrope.apps.certify.cli import _Deadline\n"
+            f"_Deadline(0.2, {str(out)!r}).start()\n"
+            "time.sleep(30)\n"
+            "print('not reached')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0
+    assert done.stdout == "timeout\n"
+    assert out.read_text() == "timeout\n"
+    # finished in time: the deadline never fires
+    code = ("import time\n"
+            "from tightrope.apps.certify.cli import _Deadline\n"
+            "deadline = _Deadline(0.5, None)\n"
+            "deadline.start()\n"
+            "deadline.finish()\n"
+            "time.sleep(1.0)\n"
+            "print('answered')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.stdout == "answered\n"

@@ -13,7 +13,9 @@ start-up cost of a run is mostly importing torch.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,12 +25,15 @@ from tightrope.apps.certify.checkpoint_cli import add_checkpoint, add_merge
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
 _STARTED = time.perf_counter()
+#: Seconds past --timeout before the hard deadline ends a run that the verifier overran.
+_GRACE = 1.0
 
 VNNLIB_EPILOG = """\
 output:
   The answer is one word, as in VNN-COMP: unsat (the property holds: proved from sound
   bounds), sat (violated: the counterexample follows as ((X_0 v) ... (Y_0 v) ...)), timeout
   or unknown. It is written to --out and printed; with --out only the word is printed.
+  Should the verifier overrun --timeout, a hard deadline 1 s later answers timeout.
   A counterexample from the verifier is re-checked first (inside the input box, and its
   forward pass in float64 and in the network's dtype violates the property); if the check
   fails the answer is unknown, never sat. A one-line summary (deciding stage, times) goes to
@@ -69,6 +74,36 @@ def _add_vnnlib(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     parser.set_defaults(run=_run_vnnlib)
 
 
+class _Deadline:
+    """A hard stop for one instance: at ``seconds`` after start-up, if no answer was written,
+    write and print ``timeout`` and end the process (the verifier may overrun its budget on a
+    loaded machine; VNN-COMP's harness would kill it anyway)."""
+
+    def __init__(self, seconds: float, out: str | None) -> None:
+        self.out = out
+        self.lock = threading.Lock()
+        self.timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self.timer.daemon = True
+
+    def start(self) -> None:
+        self.timer.start()
+
+    def _expire(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            return  # the answer is being written
+        if self.out is not None:
+            with open(self.out, "w", encoding="utf-8") as handle:
+                handle.write("timeout\n")
+        print("timeout", flush=True)
+        print("# timeout: hard deadline reached", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    def finish(self) -> None:
+        """Stop the clock; blocks for good if the deadline fired (the process is ending)."""
+        self.lock.acquire()
+        self.timer.cancel()
+
+
 def _run_vnnlib(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         print("tightrope-certify vnnlib: error: --timeout must be positive", file=sys.stderr)
@@ -82,16 +117,28 @@ def _run_vnnlib(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
+    deadline = _Deadline(args.timeout + _GRACE - (time.perf_counter() - _STARTED), args.out)
+    deadline.start()
     try:
-        outcome = run_vnnlib(args.onnx, args.spec, args.timeout, out=args.out, dtype=dtype,
-                             started=_STARTED)
+        outcome = run_vnnlib(args.onnx, args.spec, args.timeout, dtype=dtype, started=_STARTED)
     except (OnnxImportError, VnnlibError, OSError) as error:
+        deadline.finish()
         print(f"tightrope-certify vnnlib: error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # an engine failure is an internal error, never an answer
+        deadline.finish()
         print(f"tightrope-certify vnnlib: internal error: {type(error).__name__}: {error}",
               file=sys.stderr)
         return 1
+    deadline.finish()
+    if args.out is not None:
+        try:
+            with open(args.out, "w", encoding="utf-8") as handle:
+                handle.write(outcome.text)
+        except OSError as error:
+            print(f"tightrope-certify vnnlib: error: cannot write {args.out}: {error}",
+                  file=sys.stderr)
+            return 2
     print(outcome.word if args.out else outcome.text, end="" if not args.out else "\n")
     if not args.quiet:
         detail = f" ({outcome.note})" if outcome.note else ""
