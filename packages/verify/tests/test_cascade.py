@@ -140,3 +140,26 @@ def test_certify_counts_add_up_and_beat_ibp() -> None:
     assert int(result.verified.sum()) >= int(by_ibp.sum())
     # Complete here: every sample is decided.
     assert int(result.verified.sum()) + int(result.falsified.sum()) == 24
+
+
+def test_convolutional_nets_agree_with_milp() -> None:
+    """Branch-and-bound on convolutions (no attacks) against MILP mode; both exact here."""
+    pytest.importorskip("scipy")
+    torch.manual_seed(0)
+    bab_decided = 0
+    for trial in range(5):
+        model = nn.Sequential(
+            nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Flatten(), nn.Linear(16, 3),
+        ).to(DTYPE).eval()
+        x = torch.rand(1, 1, 8, 8, dtype=DTYPE)
+        spec = robustness_spec(x, int(model(x).argmax()), 0.08, 3)
+        cascade = verify(model, spec, timeout=30.0, config=VerifierConfig(
+            attack_restarts=0, strong_attack_restarts=0))
+        exact = verify(model, spec, timeout=60.0, config=VerifierConfig(
+            mode=Mode.MILP, attack_restarts=0))
+        assert cascade.status in (VerifyStatus.VERIFIED, VerifyStatus.FALSIFIED), trial
+        assert exact.status is cascade.status, trial
+        bab_decided += cascade.stage is Stage.BAB
+    assert bab_decided >= 1

@@ -43,6 +43,11 @@ from tightrope.verify.spec import VerifyStatus
 
 __all__ = ["BabOutcome", "relu_bab"]
 
+#: Largest share of the remaining time one branch-and-bound iteration should take.
+ITERATION_SHARE = 0.05
+#: Smallest number of parents per iteration.
+MIN_BATCH = 4
+
 #: Memory the queue may hold before best-first search turns depth-first.
 QUEUE_BYTES = 3 << 30
 
@@ -148,14 +153,18 @@ def relu_bab(
     queue.push(domains)
     stuck = False
     iteration = 0
+    # Deep or wide networks make one batch expensive: the batch is sized from the measured
+    # cost per parent so that an iteration takes a small share of the time left.
+    batch_size = config.batch_size
     while len(queue):
         if time.monotonic() > deadline:
             return BabOutcome(VerifyStatus.TIMEOUT, domains=bounded)
         iteration += 1
+        began = time.monotonic()
         deep = config.order is SearchOrder.DEPTH_FIRST or (
             len(queue) > config.max_domains or queue.nbytes() > QUEUE_BYTES
         )
-        parents = queue.pop(config.batch_size, deepest=deep)
+        parents = queue.pop(batch_size, deepest=deep)
         splittable = torch.isfinite(parents.scores).any(dim=1)
         if not bool(splittable.all()):
             stuck = True
@@ -185,6 +194,9 @@ def relu_bab(
             return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)
         open_ = (batch.value <= margin) & ~empty
         queue.push(batch.select(open_))
+        per_parent = (time.monotonic() - began) / count
+        affordable = int(ITERATION_SHARE * (deadline - time.monotonic()) / max(per_parent, 1e-9))
+        batch_size = max(MIN_BATCH, min(config.batch_size, affordable))
         if progress is not None:
             progress(bounded, len(queue), queue.lowest())
         if config.attack_every and iteration % config.attack_every == 0 and len(queue):

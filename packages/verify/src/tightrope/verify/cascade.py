@@ -80,7 +80,9 @@ def verify(
         spec: the regions and unsafe sets (see :mod:`tightrope.verify.spec`).
         timeout: wall-clock seconds for the whole call.
         config: stages and branch-and-bound settings.
-        progress: optional callback ``(event, numbers)`` (e.g. ``("bab", {"domains": ...})``).
+        progress: optional callback ``(event, numbers)``; branch-and-bound reports
+            ``("bab", {"region", "unsafe_set", "domains", "open", "lowest"})`` after every
+            batch (subdomains bounded so far, open ones, the lowest open bound).
 
     Returns:
         A :class:`Verdict`: ``VERIFIED`` from sound bounds on every region and unsafe set,
@@ -200,7 +202,8 @@ def verify(
                     model, net, region, target, boxes, checked, config=bab,
                     margin=config.margin, root_steps=config.alpha_steps,
                     lr_alpha=config.alpha_lr, deadline=clock.deadline, generator=generator,
-                    progress=None if progress is None else _bab_progress(progress),
+                    progress=None if progress is None else _bab_progress(progress, number,
+                                                                          target),
                 )
             total_domains += outcome.domains
             if outcome.status is VerifyStatus.FALSIFIED:
@@ -217,9 +220,12 @@ def verify(
     return ending(VerifyStatus.VERIFIED, Stage.BAB, total_domains)
 
 
-def _bab_progress(progress: Progress) -> Callable[[int, int, float], None]:
+def _bab_progress(
+    progress: Progress, region: int, target: int
+) -> Callable[[int, int, float], None]:
     def report(bounded: int, open_: int, lowest: float) -> None:
-        progress("bab", {"domains": float(bounded), "open": float(open_), "lowest": lowest})
+        progress("bab", {"region": float(region), "unsafe_set": float(target),
+                         "domains": float(bounded), "open": float(open_), "lowest": lowest})
 
     return report
 

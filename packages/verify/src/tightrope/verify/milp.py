@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from tightrope.bounds import milp_minimum
-from tightrope.verify.problem import CompiledRegion
+from tightrope.verify.problem import CompiledRegion, clip_inside
 from tightrope.verify.spec import Specification, VerifyStatus
 
 __all__ = ["milp_verify"]
@@ -51,7 +51,9 @@ def milp_verify(
                 continue
             candidates = answer.minimiser[mine]
             found = ~candidates.flatten(1).isnan().any(dim=1)
-            hit = confirm(candidates[found].to(region.box.lower)) if bool(found.any()) else None
+            # HiGHS's primal point may leave the box by its feasibility tolerance: clip it in.
+            inside = clip_inside(region, candidates[found].to(region.box.lower))
+            hit = confirm(inside) if bool(found.any()) else None
             if hit is not None:
                 return VerifyStatus.FALSIFIED, hit
             unfinished = not bool(answer.solved[mine].all()) or math.isinf(float(bound.min()))
