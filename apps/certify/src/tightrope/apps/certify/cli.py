@@ -92,8 +92,12 @@ class _Deadline:
         if not self.lock.acquire(blocking=False):
             return  # the answer is being written
         if self.out is not None:
-            with open(self.out, "w", encoding="utf-8") as handle:
-                handle.write("timeout\n")
+            try:
+                with open(self.out, "w", encoding="utf-8") as handle:
+                    handle.write("timeout\n")
+            except OSError as error:
+                print(f"tightrope-certify vnnlib: cannot write {self.out}: {error}",
+                      file=sys.stderr, flush=True)
         print("timeout", flush=True)
         print("# timeout: hard deadline reached", file=sys.stderr, flush=True)
         os._exit(0)
