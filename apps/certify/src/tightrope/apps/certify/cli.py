@@ -24,7 +24,6 @@ from tightrope.apps.certify.checkpoint_cli import add_checkpoint, add_merge
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
 
-_STARTED = time.perf_counter()
 #: Seconds past --timeout before the hard deadline ends a run that the verifier overran.
 _GRACE = 1.0
 
@@ -121,10 +120,11 @@ def _run_vnnlib(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = None if args.dtype is None else getattr(torch, args.dtype)
-    deadline = _Deadline(args.timeout + _GRACE - (time.perf_counter() - _STARTED), args.out)
+    deadline = _Deadline(args.timeout + _GRACE - (time.perf_counter() - args.started), args.out)
     deadline.start()
     try:
-        outcome = run_vnnlib(args.onnx, args.spec, args.timeout, dtype=dtype, started=_STARTED)
+        outcome = run_vnnlib(args.onnx, args.spec, args.timeout, dtype=dtype,
+                             started=args.started)
     except (OnnxImportError, VnnlibError, OSError) as error:
         deadline.finish()
         print(f"tightrope-certify vnnlib: error: {error}", file=sys.stderr)
@@ -148,7 +148,7 @@ def _run_vnnlib(args: argparse.Namespace) -> int:
         detail = f" ({outcome.note})" if outcome.note else ""
         stage = f" by {outcome.stage}" if outcome.stage else ""
         print(f"# {outcome.word}{stage}{detail}: load {outcome.load_seconds:.2f} s, verify "
-              f"{outcome.verify_seconds:.2f} s, total {time.perf_counter() - _STARTED:.2f} s",
+              f"{outcome.verify_seconds:.2f} s, total {time.perf_counter() - args.started:.2f} s",
               file=sys.stderr)
     return 0
 
@@ -176,11 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tightrope-certify``; returns the exit status."""
+    started = time.perf_counter()  # time budgets count from here (torch is imported later)
     parser = build_parser()
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0].startswith("--checkpoint"):
         arguments.insert(0, "checkpoint")  # the short form: tightrope-certify --checkpoint ...
     args = parser.parse_args(arguments)
+    args.started = started
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
