@@ -48,6 +48,9 @@ class Instance:
     vnnlib: Path
     expected: str
     timeout: float
+    #: The reference tool's answer and time from expected.csv, when given.
+    reference: str = ""
+    reference_seconds: float | None = None
 
     @property
     def name(self) -> str:
@@ -63,6 +66,8 @@ class Row:
     stage: str
     seconds: float
     note: str
+    reference: str = ""
+    reference_seconds: float | None = None
 
 
 def read_suite(
@@ -92,10 +97,19 @@ def read_suite(
             vnnlib=suite / row["benchmark"] / row["vnnlib"],
             expected=row["expected"].strip().lower(),
             timeout=timeout if timeout is not None else timeouts.get(key, 300.0),
+            reference=(row.get("reference_tool_result") or "").strip().lower(),
+            reference_seconds=_float_or_none(row.get("reference_tool_time_s")),
         )
         if pattern is None or pattern in instance.name:
             instances.append(instance)
     return instances[::every]
+
+
+def _float_or_none(text: str | None) -> float | None:
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def check_result(instance: Instance, text: str) -> tuple[str, str]:
@@ -190,15 +204,17 @@ def run_suite(instances: list[Instance], results_dir: Path, *, subprocess_mode: 
         result_path.parent.mkdir(parents=True, exist_ok=True)
         result_path.unlink(missing_ok=True)
         text, stage, seconds = run_instance(instance, result_path, subprocess_mode, verifier)
+        reference = (instance.reference, instance.reference_seconds)
         if not text:
-            row = Row(instance.name, instance.expected, ERROR, NO_ANSWER, "", seconds, stage)
+            row = Row(instance.name, instance.expected, ERROR, NO_ANSWER, "", seconds, stage,
+                      *reference)
         else:
             answer, problem = check_result(instance, text)
             verdict = score(instance.expected, answer, problem)
             if verdict == CORRECT and answer == "sat" and instance.expected == "unsat":
                 problem = "checked counterexample on an instance expected unsat"
             row = Row(instance.name, instance.expected, answer, verdict, stage, seconds,
-                      problem)
+                      problem, *reference)
         rows.append(row)
         if report is not None:
             report(row)
@@ -221,6 +237,15 @@ def summary(rows: list[Row]) -> list[str]:
         + (f", solved: median {statistics.median(solved_times):.2f} s, max "
            f"{max(solved_times):.2f} s, sum {sum(solved_times):.1f} s" if solved_times else ""),
     ]
+    timed = [r for r in rows if r.reference_seconds is not None]
+    if timed:
+        solved = [r for r in timed if r.reference in ("sat", "unsat")]
+        lines.append(
+            f"reference tool (expected.csv): solved {len(solved)} of {len(timed)}, solved sum "
+            f"{sum(r.reference_seconds or 0.0 for r in solved):.1f} s, all "
+            f"{sum(r.reference_seconds or 0.0 for r in timed):.1f} s (its times include its "
+            "start-up)"
+        )
     return lines
 
 

@@ -75,10 +75,10 @@ def make_suite(root: Path) -> Path:
         text = "\n".join([*header, f"(assert (>= Y_0 {threshold}))"]) + "\n"
         (root / "tiny" / f"{name}.vnnlib").write_text(text)
     (root / "expected.csv").write_text(
-        "benchmark,onnx,vnnlib,expected\n"
-        "tiny,net.onnx,sat.vnnlib,sat\n"
-        "tiny,net.onnx,unsat.vnnlib,unsat\n"
-        "tiny,net.onnx,open.vnnlib,unknown\n"
+        "benchmark,onnx,vnnlib,expected,reference_tool_result,reference_tool_time_s\n"
+        "tiny,net.onnx,sat.vnnlib,sat,sat,2.5\n"
+        "tiny,net.onnx,unsat.vnnlib,unsat,unsat,1.5\n"
+        "tiny,net.onnx,open.vnnlib,unknown,other,9\n"
     )
     (root / "tiny" / "tiny_instances.csv").write_text(
         "net.onnx,sat.vnnlib,7\nnet.onnx,unsat.vnnlib,8\nnet.onnx,open.vnnlib,9\n")
@@ -96,6 +96,7 @@ def test_a_sound_verifier_scores_both_instances(
     printed = capsys.readouterr().out
     assert status == 0
     assert "correct 2 (unsat 1, sat 1), WRONG 0, unconfirmed 1" in printed
+    assert "reference tool (expected.csv): solved 2 of 3, solved sum 4.0 s, all 13.0 s" in printed
     rows = out.read_text().splitlines()
     assert len(rows) == 4
     assert rows[1].startswith("tiny/net/sat,sat,sat,correct")
