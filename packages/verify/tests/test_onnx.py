@@ -377,6 +377,16 @@ def test_nodes_out_of_order_are_sorted(tmp_path: Path) -> None:
     torch.testing.assert_close(net.module.double()(x), torch.relu(x @ const["W"].double()))
 
 
+def test_left_matmul_on_a_column_input(tmp_path: Path) -> None:
+    const = {"W": torch.tensor([[1.0, -1.0, 2.0], [0.5, 0.0, -3.0]]), "b": torch.ones(2, 1)}
+    nodes = [Node("MatMul", ("W", "x"), ("m",), "mm"), Node("Add", ("m", "b"), ("a",), "add"),
+             Node("Relu", ("a",), ("y",), "relu")]
+    path = tmp_path / "column.onnx"
+    path.write_bytes(_graph_model(nodes, const, (3, 1), "y", (2, 1)))
+    _check_against_interpreter(path)
+    assert load_onnx(path).num_outputs == 2
+
+
 def test_order_keeping_transpose_and_constant_node(tmp_path: Path) -> None:
     const = {"W": torch.randn(6, 4, generator=torch.Generator().manual_seed(5))}
     value = Attribute("value", t=_tensor("v", torch.full((1, 4), 0.25)))
