@@ -134,3 +134,33 @@ def test_fashion_mnist_is_found_automatically() -> None:
     x, y = load_test_split(DatasetName.FASHION_MNIST)
     assert x.shape == (10000, 1, 28, 28)
     assert set(y.tolist()) == set(range(10))
+
+
+def test_tiny_imagenet_folder_layout_and_cache(tmp_path: Path) -> None:
+    image_module = pytest.importorskip("PIL.Image")
+    root = tmp_path / "tiny-imagenet-200"
+    wnids = ["n01", "n02"]
+    (root / "val" / "images").mkdir(parents=True)
+    (root / "wnids.txt").write_text("\n".join(wnids) + "\n")
+    annotations = []
+    for k, wnid in enumerate(wnids):
+        folder = root / "train" / wnid / "images"
+        folder.mkdir(parents=True)
+        for i in range(3):
+            # Flat colours survive JPEG compression nearly exactly.
+            pixels = np.full((64, 64, 3), 40 + 100 * k + 10 * i, dtype=np.uint8)
+            image_module.fromarray(pixels).save(folder / f"{wnid}_{i}.JPEG", quality=95)
+        name = f"val_{k}.JPEG"
+        image_module.fromarray(np.full((64, 64, 3), 50 + 100 * k, dtype=np.uint8)).save(
+            root / "val" / "images" / name, quality=95)
+        annotations.append(f"{name}\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(annotations) + "\n")
+    splits = load_splits(DatasetName.TINY_IMAGENET, tmp_path, validation_size=1)
+    assert len(splits.train) == 5
+    assert splits.train.images.shape[1:] == (3, 64, 64)
+    x, y = load_test_split("tiny_imagenet", tmp_path)
+    assert y.tolist() == [0, 1]
+    assert (x.mean(dim=(1, 2, 3)) * 255 - torch.tensor([50.0, 150.0])).abs().max() < 2
+    assert (root / "tightrope-cache.pt").is_file()
+    again, _ = load_test_split("tiny_imagenet", tmp_path)  # from the cache
+    assert torch.equal(again, x)
