@@ -4,8 +4,7 @@
 .PHONY: demo test test-all setup bench lint
 
 demo:
-	scripts/setup.sh --data
-	.venv/bin/python examples/bounds_demo.py
+	scripts/demo.sh
 
 test:
 	scripts/test.sh
