@@ -21,9 +21,19 @@ from tightrope.train import Trainer, parse_config
 torch.set_num_threads(1)
 config = parse_config(json.loads(sys.argv[1]))
 out = sys.argv[2]
+mode = sys.argv[3] if len(sys.argv) > 3 else "whole"
 distributed = _distributed(torch.device("cpu"))
+
+
+def interrupt(progress):
+    if mode == "cut" and progress.step == 11:
+        raise SystemExit(0)
+
+
 trainer = Trainer(config, run_dir=out + "/run" if distributed.is_main else None,
-                  distributed=distributed)
+                  distributed=distributed, on_progress=interrupt)
+if mode == "resume":
+    trainer.restore(out + "/run/last.pt")
 trainer.fit()
 torch.save(trainer.model.state_dict(), f"{out}/rank{distributed.rank}.pt")
 with open(f"{out}/metrics{distributed.rank}.json", "w") as handle:
@@ -31,15 +41,16 @@ with open(f"{out}/metrics{distributed.rank}.json", "w") as handle:
 """
 
 
-def _config(batch: int) -> dict[str, object]:
+def _config(batch: int, method: str = "ibp") -> dict[str, object]:
     return {
         "epochs": 2, "seed": 3, "precision": "float64",
         "data": {"dataset": "synthetic", "batch_size": batch, "validation_size": 64,
                  "synthetic_size": 256, "eval_batch_size": 32},
         "model": {"name": "mlp", "options": {"hidden": [32]}},
-        "loss": {"method": "ibp"},
+        "loss": {"method": method},
         "eps": {"train": 0.03, "ramp_epochs": 1},
         "evaluation": {"pgd_steps": 0},
+        "checkpoint": {"every_steps": 3},
     }
 
 
@@ -92,3 +103,30 @@ def test_tightrope_train_under_torchrun(tmp_path: Path) -> None:
     report = json.loads((run / "test_metrics.json").read_text())
     assert report["samples"] == 64
     assert (run / "best.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_processes_resume_exactly(tmp_path: Path) -> None:
+    """CC-IBP's random attack starts come from per-process generators, stored per rank."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    config = json.dumps(_config(16, "cc_ibp"))
+
+    def torchrun(out: Path, mode: str) -> None:
+        out.mkdir(exist_ok=True)
+        subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+             "2", str(script), config, str(out), mode],
+            check=True, env=env, timeout=300, capture_output=True,
+        )
+
+    torchrun(tmp_path / "whole", "whole")
+    torchrun(tmp_path / "cut", "cut")  # 6 steps per epoch: stops after step 11, saved at 9
+    assert torch.load(tmp_path / "cut" / "run" / "last.pt", weights_only=True)["step"] == 9
+    torchrun(tmp_path / "cut", "resume")
+    for rank in range(2):
+        whole = torch.load(tmp_path / "whole" / f"rank{rank}.pt", weights_only=True)
+        resumed = torch.load(tmp_path / "cut" / f"rank{rank}.pt", weights_only=True)
+        for name in whole:
+            assert torch.equal(whole[name], resumed[name]), (rank, name)

@@ -327,7 +327,7 @@ class Trainer:
                 self.on_progress(Progress(self.epoch, config.epochs, self.batch - 1, batches,
                                           self.step, eps, value, time.perf_counter() - started))
             every = config.checkpoint.every_steps
-            if every and self.step % every == 0 and self.batch < batches:
+            if every and self.step % every == 0 and self.batch < batches and self._checkpoints:
                 self.save("last.pt")
         samples = max(self.sums.pop("samples", 0.0), 1.0)
         means = {name: total / samples for name, total in self.sums.items()}
@@ -427,13 +427,14 @@ class Trainer:
                     self._select(metrics)
                 if main:
                     self._log(train_metrics, metrics, seconds)
+                if self._checkpoints:
                     self.save("last.pt")
         finally:
             if self._writer is not None:
                 self._writer.close()
                 self._writer = None
-        if main and self.run_dir is not None and not (self.run_dir / "best.pt").is_file():
-            self.save("best.pt")
+        if self._checkpoints and self.best_epoch < 0:
+            self.save("best.pt")  # eps never reached its final value: the last state
         if self.distributed.world > 1:
             dist.barrier()  # every process may read the checkpoints once fit returns
         return FitResult(self.run_dir, self.last_metrics, self.best or self.last_metrics,
@@ -448,13 +449,13 @@ class Trainer:
         if score > best:
             self.best = dict(metrics)
             self.best_epoch = self.epoch
-            if self.distributed.is_main and self.run_dir is not None:
+            if self._checkpoints:
                 self.save("best.pt")
-                if self.on_message is not None:
-                    self.on_message(
-                        f"epoch {self.epoch}: new best (verified {score[0]:.4f}, clean "
-                        f"{score[1]:.4f} on validation)"
-                    )
+            if self.distributed.is_main and self.on_message is not None:
+                self.on_message(
+                    f"epoch {self.epoch}: new best (verified {score[0]:.4f}, clean "
+                    f"{score[1]:.4f} on validation)"
+                )
 
     def _log(self, train: dict[str, float], val: dict[str, float], seconds: float) -> None:
         row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "epoch_seconds": seconds}
@@ -487,10 +488,23 @@ class Trainer:
         path = self.run_dir / "last.pt"
         return str(path) if path.is_file() else "not saved yet (no checkpoint written)"
 
-    def state(self) -> dict[str, Any]:
+    @property
+    def _checkpoints(self) -> bool:
+        # Under data parallelism every process joins the collective part of save().
+        return self.run_dir is not None or self.distributed.world > 1
+
+    def _generator_states(self) -> dict[str, Any]:
+        own = self.loss_generator.get_state()
+        if self.distributed.world == 1:
+            return {"loss": own}
+        gathered: list[Any] = [None] * self.distributed.world
+        dist.all_gather_object(gathered, own)
+        return {"loss": gathered[0], "loss_per_rank": gathered}
+
+    def state(self, rng: dict[str, Any] | None = None) -> dict[str, Any]:
         """The checkpoint payload (plain containers; ``weights_only``-loadable)."""
         info = self.splits.info
-        rng: dict[str, Tensor] = {"loss": self.loss_generator.get_state()}
+        rng = rng if rng is not None else {"loss": self.loss_generator.get_state()}
         return {
             "format": CHECKPOINT_FORMAT,
             "model": {"name": self.config.model.name, "kwargs": dict(self.model_kwargs),
@@ -511,12 +525,19 @@ class Trainer:
             "versions": {"tightrope-train": __version__, **package_versions()},
         }
 
-    def save(self, name: str) -> Path:
-        """Write the checkpoint ``name`` (``last.pt``, ``best.pt``) into the run directory."""
+    def save(self, name: str) -> Path | None:
+        """Write the checkpoint ``name`` (``last.pt``, ``best.pt``) into the run directory.
+
+        Under data parallelism every process must call it (the processes' generator states are
+        gathered); the main process writes the file and the others return ``None``.
+        """
+        rng = self._generator_states()
+        if not self.distributed.is_main:
+            return None
         if self.run_dir is None:
             raise ValueError("this trainer has no run directory to save into")
         path = self.run_dir / name
-        save_checkpoint(path, self.state())
+        save_checkpoint(path, self.state(rng))
         return path
 
     def restore(self, path: str | Path) -> None:
@@ -525,7 +546,11 @@ class Trainer:
         stored = torch.load(Path(path), map_location=self.device, weights_only=True)
         self.model.load_state_dict(stored["model"]["state_dict"])
         self.optimizer.load_state_dict(stored["optimizer"])
-        self.loss_generator.set_state(stored["rng"]["loss"].cpu())
+        per_rank = stored["rng"].get("loss_per_rank")
+        if per_rank is not None and len(per_rank) == self.distributed.world:
+            self.loss_generator.set_state(per_rank[self.distributed.rank].cpu())
+        else:
+            self.loss_generator.set_state(stored["rng"]["loss"].cpu())
         self.epoch = int(stored["epoch"])
         self.step = int(stored["step"])
         self.batch = int(stored["batch"])
