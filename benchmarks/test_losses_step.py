@@ -22,6 +22,7 @@ from tightrope.losses import METHODS, ibp_initialize
 
 BATCH = int(os.environ.get("TIGHTROPE_BENCH_LOSS_BATCH", "128"))
 EPS = 2 / 255
+ROUNDS = int(os.environ.get("TIGHTROPE_BENCH_LOSS_ROUNDS", "3"))
 NAMES = [name for name in sorted(METHODS) if name != "wong_kolter"]
 
 
@@ -46,4 +47,4 @@ def test_loss_step(benchmark: BenchmarkFixture, name: str) -> None:
     benchmark.group = "loss-step-cnn7"
     benchmark.extra_info["baseline"] = name == "standard"
     benchmark.extra_info["reference"] = name == "ibp"
-    benchmark.pedantic(step, rounds=3, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(step, rounds=ROUNDS, iterations=1, warmup_rounds=1)
