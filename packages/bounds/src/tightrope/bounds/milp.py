@@ -156,45 +156,12 @@ def milp_minimum(
     return MilpMinimum(bound, value, minimiser.view(rows, *box.lower.shape[1:]), solved)
 
 
-def _milp_runner(program: Program, time_limit: float | None) -> Callable[[int], Any]:
-    """A function solving row ``r`` of ``program``'s MILP and returning SciPy's result."""
-    optimize = load_scipy("milp_bound")
-    import numpy as np
-
-    constraints = []
-    if program.b_eq.numel():
-        b_eq = program.b_eq.numpy()
-        constraints.append(optimize.LinearConstraint(to_scipy(program.A_eq), b_eq, b_eq))
-    if program.b_ub.numel():
-        b_ub = program.b_ub.numpy()
-        constraints.append(
-            optimize.LinearConstraint(to_scipy(program.A_ub), np.full_like(b_ub, -np.inf), b_ub)
-        )
-    bounds = optimize.Bounds(program.lower.numpy(), program.upper.numpy())
-    integrality = program.integer.numpy().astype(np.int64)
-    options: dict[str, float | bool] = {
-        "mip_rel_gap": MIP_RELATIVE_GAP, "presolve": False, "disp": False,
-    }
-    if time_limit is not None:
-        options["time_limit"] = float(time_limit)
-
-    def solve(row: int) -> Any:
-        result = optimize.milp(
-            program.objectives[row].numpy(), integrality=integrality, bounds=bounds,
-            constraints=constraints, options=options,
-        )
-        if result.status not in (0, 1):
-            raise RuntimeError(
-                f"milp_minimum: HiGHS failed on the MILP (status {result.status}: "
-                f"{result.message})"
-            )
-        return result
-
-    return solve
-
-
-def _milp_solver(program: Program, time_limit: float | None) -> Callable[[int], float]:
-    optimize = load_scipy("milp_bound")
+def _milp_runner(
+    program: Program, time_limit: float | None, caller: str = "milp_minimum", hint: str = ""
+) -> Callable[[int], Any]:
+    """A function solving row ``r`` of ``program``'s MILP and returning SciPy's result; a HiGHS
+    failure raises ``RuntimeError`` naming ``caller`` (followed by ``hint``)."""
+    optimize = load_scipy(caller)
     import numpy as np
 
     constraints = []
@@ -215,17 +182,30 @@ def _milp_solver(program: Program, time_limit: float | None) -> Callable[[int], 
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
 
-    def solve(row: int) -> float:
+    def solve(row: int) -> Any:
         result = optimize.milp(
             program.objectives[row].numpy(), integrality=integrality, bounds=bounds,
             constraints=constraints, options=options,
         )
         if result.status not in (0, 1):
             raise RuntimeError(
-                f"milp_bound: HiGHS failed on the MILP (status {result.status}: "
-                f"{result.message}); no sound bound can be read from it. An infeasible MILP "
-                "means the pre-activation bounds exclude the network's own values."
+                f"{caller}: HiGHS failed on the MILP (status {result.status}: "
+                f"{result.message}){hint}"
             )
+        return result
+
+    return solve
+
+
+def _milp_solver(program: Program, time_limit: float | None) -> Callable[[int], float]:
+    run = _milp_runner(
+        program, time_limit, "milp_bound",
+        "; no sound bound can be read from it. An infeasible MILP means the pre-activation "
+        "bounds exclude the network's own values.",
+    )
+
+    def solve(row: int) -> float:
+        result = run(row)
         dual = getattr(result, "mip_dual_bound", None)
         if dual is None or math.isnan(dual):
             if result.status != 0:
