@@ -54,20 +54,27 @@ def _config(batch: int, method: str = "ibp") -> dict[str, object]:
     }
 
 
+def _run(command: list[str], env: dict[str, str]) -> None:
+    """Run ``command``; on failure show the end of its output (the workers' tracebacks)."""
+    done = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
+    assert done.returncode == 0, (
+        f"exit status {done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    )
+
+
 @pytest.mark.slow
 def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run(
+    _run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
          str(script), json.dumps(_config(16)), str(tmp_path)],
-        check=True, env=env, timeout=300, capture_output=True,
+        env,
     )
     single = tmp_path / "single"
     single.mkdir()
-    subprocess.run([sys.executable, str(script), json.dumps(_config(32)), str(single)],
-                   check=True, env=env, timeout=300, capture_output=True)
+    _run([sys.executable, str(script), json.dumps(_config(32)), str(single)], env)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     one = torch.load(single / "rank0.pt", weights_only=True)
     for name in one:
@@ -115,10 +122,10 @@ def test_two_processes_resume_exactly(tmp_path: Path) -> None:
 
     def torchrun(out: Path, mode: str) -> None:
         out.mkdir(exist_ok=True)
-        subprocess.run(
+        _run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
              "2", str(script), config, str(out), mode],
-            check=True, env=env, timeout=300, capture_output=True,
+            env,
         )
 
     torchrun(tmp_path / "whole", "whole")
