@@ -93,8 +93,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         print(f"shard {shard}/{shards} done; results in {out}. When every shard is done: "
               f"tightrope-certify merge {out}")
     else:
-        eps = job.eps if job.eps is not None else summary_eps(out)
-        print(format_summary(summary, eps))
+        print(format_summary(summary, summary_eps(out)))
         print(f"results: {out}")
     return 0
 
