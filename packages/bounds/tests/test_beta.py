@@ -22,6 +22,7 @@ from tightrope.bounds import (
     lower,
     milp_bound,
     milp_minimum,
+    milp_search,
     optimise_pre_activations,
     optimise_split_bound,
     pre_activation_bounds,
@@ -181,3 +182,49 @@ def test_milp_minimum_returns_its_minimisers() -> None:
     torch.testing.assert_close(answer.bound, answer.value, atol=1e-5, rtol=1e-6)
     exact = milp_bound(model, box, C, upper=False).lower[0]
     torch.testing.assert_close(answer.bound, exact, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_milp_search_decides_a_row_like_the_milp_minimum(seed: int) -> None:
+    pytest.importorskip("scipy")
+    model = mlp(10 + seed)
+    box = Box.from_linf(torch.rand(1, 4, dtype=DTYPE), 0.3)
+    C = torch.randn(1, 1, 3, dtype=DTYPE)
+    minimum = float(milp_bound(model, box, C, upper=False).lower[0, 0])
+    # Just below the minimum the row cannot be met; just above it, a witness exists.
+    below = milp_search(model, box, C, torch.tensor([minimum - 0.05], dtype=DTYPE))
+    assert below.status == "infeasible"
+    above = milp_search(model, box, C, torch.tensor([minimum + 0.05], dtype=DTYPE))
+    assert above.status == "feasible" and above.point is not None
+    assert bool(box.contains(above.point, 1e-9).all())
+    assert float((model(above.point) * C[0]).sum()) <= minimum + 0.05 + 1e-6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_milp_search_meets_every_row_at_once(seed: int) -> None:
+    """A conjunction of rows: a found point meets all of them, and "infeasible" is never
+    claimed where sampled points meet them all."""
+    pytest.importorskip("scipy")
+    model = mlp(20 + seed)
+    box = Box.from_linf(torch.rand(1, 4, dtype=DTYPE), 0.3)
+    C = torch.randn(1, 2, 3, dtype=DTYPE)
+    minima = milp_bound(model, box, C, upper=False).lower[0]
+    thresholds = minima + 0.3 * torch.rand(2, dtype=DTYPE)
+    net = lower(model, box.center)
+    boxes = optimise_pre_activations(net, box, dict(pre_activation_bounds(net, box).boxes))
+    found = milp_search(model, box, C, thresholds, boxes=boxes)
+    points = box.lower + (box.upper - box.lower) * torch.rand(4096, 4, dtype=DTYPE)
+    sampled_hit = bool(((model(points) @ C[0].T) <= thresholds).all(dim=1).any())
+    if found.status == "infeasible":
+        assert not sampled_hit
+    else:
+        assert found.status == "feasible" and found.point is not None
+        assert bool(((model(found.point) @ C[0].T)[0] <= thresholds + 1e-6).all())
+
+
+def test_milp_search_checks_its_thresholds() -> None:
+    pytest.importorskip("scipy")
+    model = mlp(3)
+    box = Box.from_linf(torch.rand(1, 4, dtype=DTYPE), 0.1)
+    with pytest.raises(ValueError, match="one value per row"):
+        milp_search(model, box, torch.randn(1, 2, 3, dtype=DTYPE), torch.zeros(3, dtype=DTYPE))

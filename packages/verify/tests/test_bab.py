@@ -131,3 +131,29 @@ def test_queue_pops_lowest_then_deepest() -> None:
     assert deepest.depth.tolist() == [3]
     assert sorted(queue.pop(5).value.tolist()) == pytest.approx([0.1, 0.5])
     assert len(queue) == 0
+
+
+def test_the_milp_fallback_agrees_with_the_oracle() -> None:
+    """With almost no time for branch-and-bound, the exact MILP decides the open sets."""
+    config = bab_only(input_split=InputSplit.NEVER, milp_after=1e-9)
+    stages = {}
+    for seed in range(300, 312):
+        model, x, label, eps = case(seed)
+        spec = robustness_spec(x, label, eps, 3)
+        verdict = verify(model, spec, timeout=60.0, config=config)
+        assert verdict.status in (VerifyStatus.VERIFIED, VerifyStatus.FALSIFIED), (seed, verdict)
+        assert (verdict.status is VerifyStatus.VERIFIED) == truth(model, x, label, eps), seed
+        if verdict.status is VerifyStatus.FALSIFIED:
+            assert verdict.output is not None and verdict.counterexample is not None
+            assert spec.violated_by(verdict.counterexample, verdict.output)
+        stages[verdict.stage] = stages.get(verdict.stage, 0) + 1
+    assert stages.get(Stage.MILP, 0) >= 2, stages
+
+
+def test_no_milp_when_switched_off() -> None:
+    config = bab_only(input_split=InputSplit.NEVER, milp_after=1.0)
+    for seed in range(300, 306):
+        model, x, label, eps = case(seed)
+        verdict = verify(model, robustness_spec(x, label, eps, 3), timeout=60.0, config=config)
+        assert verdict.stage is not Stage.MILP
+        assert (verdict.status is VerifyStatus.VERIFIED) == truth(model, x, label, eps), seed

@@ -47,7 +47,14 @@ from tightrope.bounds.linear import (
 )
 from tightrope.bounds.modules import Normalize
 from tightrope.bounds.network import Affine, Network, affine_rule, lower, supported_layers
-from tightrope.bounds.oracles import MilpMinimum, lp_bound, milp_bound, milp_minimum
+from tightrope.bounds.oracles import (
+    MilpMinimum,
+    MilpSearch,
+    lp_bound,
+    milp_bound,
+    milp_minimum,
+    milp_search,
+)
 from tightrope.bounds.relaxation import LowerSlope
 from tightrope.bounds.relaxed import Relaxed, relax
 
@@ -59,6 +66,7 @@ __all__ = [
     "LinearBounds",
     "LowerSlope",
     "MilpMinimum",
+    "MilpSearch",
     "Network",
     "Normalize",
     "Relaxed",
@@ -78,6 +86,7 @@ __all__ = [
     "margin_spec",
     "milp_bound",
     "milp_minimum",
+    "milp_search",
     "optimise_pre_activations",
     "optimise_split_bound",
     "pre_activation_bounds",

@@ -23,6 +23,7 @@ from tightrope.bounds.core import Box
 from tightrope.bounds.encoding import (
     DEFAULT_MAX_VARIABLES,
     Program,
+    SparseMatrix,
     check_size,
     float64_problem,
     load_scipy,
@@ -30,11 +31,11 @@ from tightrope.bounds.encoding import (
     solve_rows,
     to_scipy,
 )
-from tightrope.bounds.linear import Intermediate, pre_activation_bounds
+from tightrope.bounds.linear import Intermediate, PreActivations, pre_activation_bounds
 from tightrope.bounds.problem import prepare
-from tightrope.bounds.relaxation import LowerSlope
+from tightrope.bounds.relaxation import LowerSlope, relu_relaxation
 
-__all__ = ["MilpMinimum", "milp_bound", "milp_minimum"]
+__all__ = ["MilpMinimum", "MilpSearch", "milp_bound", "milp_minimum", "milp_search"]
 
 #: Relative gap at which HiGHS may stop; the bound returned is the dual bound either way.
 MIP_RELATIVE_GAP = 1e-9
@@ -214,3 +215,112 @@ def _milp_solver(program: Program, time_limit: float | None) -> Callable[[int], 
         return float(dual) + float(program.offsets[row])
 
     return solve
+
+
+@dataclass(frozen=True, slots=True)
+class MilpSearch:
+    """The answer of :func:`milp_search`.
+
+    Attributes:
+        status: ``"infeasible"`` (HiGHS proved that no input of the box meets every row),
+            ``"feasible"`` (``point`` meets every row, up to the solver's tolerances) or
+            ``"unknown"`` (stopped by the time limit first).
+        point: ``(1, *S_in)`` float64 input found (``None`` unless feasible).
+        worst: the solver's ``max_r (C_r f(point) - thresholds_r)`` (NaN unless feasible).
+    """
+
+    status: str
+    point: Tensor | None = None
+    worst: float = math.nan
+
+
+def milp_search(
+    model: nn.Module,
+    box: Box,
+    C: Tensor,
+    thresholds: Tensor,
+    *,
+    boxes: dict[int, Box] | None = None,
+    time_limit: float | None = None,
+    max_variables: int = DEFAULT_MAX_VARIABLES,
+) -> MilpSearch:
+    """Search the box for an input with ``C f(x) <= thresholds`` in every row, exactly.
+
+    The conjunction of the rows is one MILP (Tjeng et al. 2019's encoding): minimise ``t``
+    subject to ``C_r f(x) - thresholds_r <= t`` for every row and ``t <= 0``. The cap on ``t``
+    acts as an objective cut-off, so HiGHS prunes every branch whose relaxation cannot reach
+    the set; "infeasible" is then a proof that the set is empty (as sound as HiGHS's
+    floating-point LP solves, which hold to about 1e-7: keep a margin in ``thresholds``). A
+    verifier asks whether an unsafe set ``C f(x) <= b`` is empty with ``thresholds = b +
+    margin`` and re-checks a feasible ``point`` itself.
+
+    Args:
+        box: the input box ``(1, *S_in)``.
+        C: ``(1, K, n_out)`` or ``(K, n_out)`` rows.
+        thresholds: ``(K,)`` right-hand sides.
+        boxes: sound pre-activation bounds ``(1, *S_i)`` per ReLU op index of the lowered
+            network (e.g. alpha-CROWN's, which make the program much easier); CROWN's when
+            ``None``.
+        time_limit: seconds for the solve (``None``: no limit).
+    """
+    if box.lower.shape[0] != 1:
+        raise ValueError(f"milp_search takes one sample (box batch 1), got {tuple(box.shape)}")
+    optimize = load_scipy("milp_search")
+    import numpy as np
+
+    with torch.no_grad():
+        problem = prepare(model, box, C)
+        check_size(problem.net, binaries=True, max_variables=max_variables,
+                   caller="milp_search")
+        if boxes is None or set(boxes) != set(problem.net.relu_indices):
+            pre = pre_activation_bounds(problem.net, box, "crown", LowerSlope.ADAPTIVE)
+        else:
+            pre = PreActivations(boxes, {i: relu_relaxation(b, LowerSlope.ADAPTIVE)
+                                         for i, b in boxes.items()})
+        exact = float64_problem(model, box, C)
+        program = next(iter(programs(exact, pre, binaries=True, upper=False)))
+    rows, n = program.objectives.shape
+    limits = thresholds.detach().to("cpu", torch.float64).flatten()
+    if limits.numel() != rows:
+        raise ValueError(f"thresholds must have one value per row ({rows}), got {limits.numel()}")
+    # Variable n is t; row r reads objectives[r] . v - t <= thresholds[r] - offsets[r].
+    dense = program.objectives
+    at = dense.nonzero(as_tuple=True)
+    cut = SparseMatrix(
+        torch.cat([at[0], torch.arange(rows)]), torch.cat([at[1], torch.full((rows,), n)]),
+        torch.cat([dense[at], -torch.ones(rows, dtype=torch.float64)]), (rows, n + 1),
+    )
+    widen = [
+        SparseMatrix(m.rows, m.cols, m.values, (m.shape[0], n + 1))
+        for m in (program.A_eq, program.A_ub)
+    ]
+    constraints = [optimize.LinearConstraint(
+        to_scipy(cut), np.full(rows, -np.inf), (limits - program.offsets).numpy())]
+    if program.b_eq.numel():
+        b_eq = program.b_eq.numpy()
+        constraints.append(optimize.LinearConstraint(to_scipy(widen[0]), b_eq, b_eq))
+    if program.b_ub.numel():
+        b_ub = program.b_ub.numpy()
+        constraints.append(
+            optimize.LinearConstraint(to_scipy(widen[1]), np.full_like(b_ub, -np.inf), b_ub))
+    lower = np.append(program.lower.numpy(), -np.inf)
+    upper = np.append(program.upper.numpy(), 0.0)
+    integrality = np.append(program.integer.numpy().astype(np.int64), 0)
+    objective = np.zeros(n + 1)
+    objective[n] = 1.0
+    # With the cut-off, presolve pays for itself (it did not for milp_minimum's programs).
+    options: dict[str, float | bool] = {"presolve": True, "disp": False}
+    if time_limit is not None:
+        options["time_limit"] = max(float(time_limit), 1e-3)
+    result = optimize.milp(objective, integrality=integrality,
+                           bounds=optimize.Bounds(lower, upper), constraints=constraints,
+                           options=options)
+    if result.status == 2:
+        return MilpSearch("infeasible")
+    if result.x is not None and result.status in (0, 1):
+        point = torch.as_tensor(result.x[: int(box.lower[0].numel())], dtype=torch.float64)
+        return MilpSearch("feasible", point.view(1, *box.lower.shape[1:]), float(result.fun))
+    if result.status == 1:
+        return MilpSearch("unknown")
+    raise RuntimeError(f"milp_search: HiGHS failed on the MILP (status {result.status}: "
+                       f"{result.message})")

@@ -4,6 +4,8 @@ with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``; SciPy is imported
 so ``tightrope.bounds`` imports without it)."""
 
 from tightrope.bounds.lp import lp_bound
-from tightrope.bounds.milp import MilpMinimum, milp_bound, milp_minimum
+from tightrope.bounds.milp import MilpMinimum, MilpSearch, milp_bound, milp_minimum, milp_search
 
-__all__ = ["MilpMinimum", "lp_bound", "milp_bound", "milp_minimum"]
+__all__ = [
+    "MilpMinimum", "MilpSearch", "lp_bound", "milp_bound", "milp_minimum", "milp_search",
+]

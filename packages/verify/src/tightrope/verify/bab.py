@@ -122,8 +122,12 @@ def relu_bab(
         )
 
     def package(pre_d: dict[int, Box], signs: dict[int, Tensor], found: SplitBound,
-                depth: Tensor) -> DomainBatch:
+                depth: Tensor, inherited: Tensor | None = None) -> DomainBatch:
         lower = found.lower - offsets
+        if inherited is not None:
+            # A child lies inside its parent, so the parent's bound holds on it too; the
+            # child's own can come out lower (its new split enters with a zero multiplier).
+            lower = torch.maximum(lower, inherited)
         row = lower.argmax(dim=1)
         scores = branching_scores(pre_d, signs, found.relu_coefficients, found.alphas, row,
                                   layers)
@@ -188,7 +192,7 @@ def relu_bab(
         found = bound(pre_c, signs_c, children.alphas, children.betas, config.steps,
                       config.lr_alpha)
         bounded += len(children)
-        batch = package(pre_c, signs_c, found, children.depth + 1)
+        batch = package(pre_c, signs_c, found, children.depth + 1, children.lower)
         hit = check(found, batch.lower)
         if hit is not None:
             return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)

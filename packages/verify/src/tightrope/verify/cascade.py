@@ -9,6 +9,10 @@ bound's minimiser proposes is re-checked with a float64 forward pass and
 Stages: PGD (Madry et al. 2018) -> IBP (Gowal et al. 2018) -> CROWN (Zhang et al. 2018) ->
 alpha-CROWN (Xu et al. 2021) -> PGD with many restarts -> branch-and-bound with beta-CROWN
 bounds (Wang et al. 2021) per open unsafe set, or input splitting for low-dimensional inputs.
+On networks with few unstable ReLUs, an unsafe set that branch-and-bound has not decided in its
+share of the time (``BabConfig.milp_after``) goes to an exact MILP (Tjeng et al. 2019) over the
+alpha-CROWN pre-activation bounds, with the set's rows as constraints; such sets are solved
+concurrently, one HiGHS solve per torch thread.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from tightrope.verify.attack import spec_pgd
 from tightrope.verify.bab import BabOutcome, relu_bab
 from tightrope.verify.config import InputSplit, Mode, VerifierConfig
 from tightrope.verify.input_bab import input_bab
-from tightrope.verify.milp import milp_verify
+from tightrope.verify.milp import milp_eligible, milp_exclude, milp_verify
 from tightrope.verify.problem import CompiledRegion, compile_region, confirm, float64_model
 from tightrope.verify.result import Stage, Verdict
 from tightrope.verify.spec import Specification, VerifyStatus
@@ -180,18 +184,27 @@ def verify(
     bab = config.bab
     total_domains = 0
     unknown = False
+    used_milp = False
     for number, region in enumerate(regions):
         targets = open_sets[number].nonzero().flatten().tolist()
+        if not targets:
+            continue
         # Weakest bound first: a counterexample, if any, is likeliest there.
         targets.sort(key=lambda t: float(set_bounds[number][t]) if number in set_bounds else 0.0)
         input_dim = int(region.box.lower[0].numel())
         use_input = bab.input_split is InputSplit.ALWAYS or (
             bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
         )
+        net, boxes = lowered[number]
+        exact_fallback = (not use_input and bab.milp_after < 1.0
+                          and milp_eligible(net, boxes, bab.milp_max_unstable))
+        deferred: list[int] = []
         for target in targets:
             if clock.expired():
                 return ending(VerifyStatus.TIMEOUT, Stage.BAB, total_domains)
-            net, boxes = lowered[number]
+            deadline = clock.deadline
+            if exact_fallback:
+                deadline = time.monotonic() + bab.milp_after * (clock.deadline - time.monotonic())
             outcome: BabOutcome
             if use_input:
                 outcome = input_bab(model, net, region, target, checked, config=bab,
@@ -201,11 +214,14 @@ def verify(
                 outcome = relu_bab(
                     model, net, region, target, boxes, checked, config=bab,
                     margin=config.margin, root_steps=config.alpha_steps,
-                    lr_alpha=config.alpha_lr, deadline=clock.deadline, generator=generator,
+                    lr_alpha=config.alpha_lr, deadline=deadline, generator=generator,
                     progress=None if progress is None else _bab_progress(progress, number,
                                                                           target),
                 )
             total_domains += outcome.domains
+            if exact_fallback and outcome.status in (VerifyStatus.TIMEOUT, VerifyStatus.UNKNOWN):
+                deferred.append(target)  # branch-and-bound used its share or got stuck
+                continue
             if outcome.status is VerifyStatus.FALSIFIED:
                 if outcome.counterexample is None or outcome.output is None:
                     raise RuntimeError("branch-and-bound reported FALSIFIED without a witness")
@@ -215,9 +231,25 @@ def verify(
                 return ending(VerifyStatus.TIMEOUT, Stage.BAB, total_domains)
             if outcome.status is VerifyStatus.UNKNOWN:
                 unknown = True
+        if not deferred:
+            continue
+        # The exact MILP decides what branch-and-bound left, a few unsafe sets at a time.
+        used_milp = True
+        for outcome in milp_exclude(model, region, deferred, boxes, checked,
+                                    margin=config.margin, deadline=clock.deadline,
+                                    workers=torch.get_num_threads()):
+            if outcome.status is VerifyStatus.FALSIFIED:
+                if outcome.counterexample is None or outcome.output is None:
+                    raise RuntimeError("the MILP reported FALSIFIED without a witness")
+                return falsified((outcome.counterexample, outcome.output), Stage.MILP,
+                                 total_domains)
+            if outcome.status is VerifyStatus.TIMEOUT:
+                return ending(VerifyStatus.TIMEOUT, Stage.MILP, total_domains)
+            if outcome.status is VerifyStatus.UNKNOWN:
+                unknown = True
     if unknown:
         return ending(VerifyStatus.UNKNOWN, Stage.BAB, total_domains)
-    return ending(VerifyStatus.VERIFIED, Stage.BAB, total_domains)
+    return ending(VerifyStatus.VERIFIED, Stage.MILP if used_milp else Stage.BAB, total_domains)
 
 
 def _bab_progress(

@@ -71,6 +71,13 @@ class BabConfig:
         input_split_max_dim: input dimension at or below which ``InputSplit.AUTO`` splits inputs.
         attack_every: run a PGD attack biased by the queue's worst subdomains every this many
             iterations (0: never).
+        milp_after: on networks small enough for the exact MILP (see ``milp_max_unstable``),
+            the share of the time left when an unsafe set's search starts that
+            branch-and-bound gets alone; if it has not decided by then, one MILP over the
+            root's alpha-CROWN pre-activation bounds (``tightrope.bounds.milp_search``, the
+            unsafe set's rows as constraints) gets the rest. ``1.0``: never switch.
+        milp_max_unstable: the switch is made only when the root has at most this many
+            unstable ReLUs (one binary each) and SciPy is installed.
     """
 
     batch_size: int = 256
@@ -85,6 +92,8 @@ class BabConfig:
     input_split: InputSplit = InputSplit.AUTO
     input_split_max_dim: int = 16
     attack_every: int = 10
+    milp_after: float = 0.2
+    milp_max_unstable: int = 400
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -98,6 +107,10 @@ class BabConfig:
             )
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not 0.0 < self.milp_after <= 1.0:
+            raise ValueError(f"milp_after must lie in (0, 1], got {self.milp_after}")
+        if self.milp_max_unstable < 0:
+            raise ValueError(f"milp_max_unstable must be >= 0, got {self.milp_max_unstable}")
         if self.input_split_max_dim < 0:
             raise ValueError(f"input_split_max_dim must be >= 0, got {self.input_split_max_dim}")
 

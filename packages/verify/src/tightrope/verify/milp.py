@@ -1,4 +1,6 @@
-"""``Mode.MILP``: an exact answer from the mixed-integer program (Tjeng et al. 2019).
+"""Exact answers from the mixed-integer program (Tjeng et al. 2019).
+
+``Mode.MILP`` (:func:`milp_verify`):
 
 Every row of every unsafe set is minimised exactly over its region with HiGHS
 (:func:`tightrope.bounds.milp_minimum`). An unsafe set is excluded when some row's proven lower
@@ -10,17 +12,22 @@ conjunction. Small networks only (the MILP has a binary per unstable ReLU).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
+import torch
 from torch import Tensor, nn
 
-from tightrope.bounds import milp_minimum
+from tightrope.bounds import Box, MilpSearch, Network, milp_minimum, milp_search
+from tightrope.bounds.encoding import DEFAULT_MAX_VARIABLES
+from tightrope.verify.bab import BabOutcome
 from tightrope.verify.problem import CompiledRegion, clip_inside
 from tightrope.verify.spec import Specification, VerifyStatus
 
-__all__ = ["milp_verify"]
+__all__ = ["milp_eligible", "milp_exclude", "milp_verify"]
 
 
 def milp_verify(
@@ -61,3 +68,71 @@ def milp_verify(
                 return VerifyStatus.TIMEOUT, None
             undecided = True
     return (VerifyStatus.UNKNOWN if undecided else VerifyStatus.VERIFIED), None
+
+
+def milp_eligible(net: Network, boxes: Mapping[int, Box], max_unstable: int) -> bool:
+    """Whether the cascade may hand an unsafe set to :func:`milp_exclude`: SciPy is
+    installed, the MILP stays within the oracle's size cap and the root has at most
+    ``max_unstable`` unstable ReLUs (one binary each)."""
+    if importlib.util.find_spec("scipy") is None or not boxes:
+        return False
+    unstable = sum(int(((b.lower < 0) & (b.upper > 0)).sum()) for b in boxes.values())
+    neurons = sum(int(b.lower[0].numel()) for b in boxes.values())
+    variables = int(torch.Size(net.input_shape).numel()) + 2 * neurons + unstable
+    return unstable <= max_unstable and variables <= DEFAULT_MAX_VARIABLES
+
+
+def milp_exclude(
+    model: nn.Module,
+    region: CompiledRegion,
+    targets: Sequence[int],
+    boxes: Mapping[int, Box],
+    confirm: Callable[[Tensor], tuple[Tensor, Tensor] | None],
+    *,
+    margin: float,
+    deadline: float,
+    workers: int = 1,
+) -> Iterator[BabOutcome]:
+    """Decide unsafe sets ``targets`` of ``region``, one MILP each (:func:`milp_search`).
+
+    Each set ``A f(x) <= b``, widened by ``margin``, is searched over the region's box with the
+    given (sound) pre-activation bounds: HiGHS proving it empty gives ``VERIFIED``; a point it
+    finds is a counterexample only once ``confirm`` re-checks it in float64 (else
+    ``UNKNOWN``); running out of time gives ``TIMEOUT``. Up to ``workers`` solves run at once
+    in threads (HiGHS releases the GIL); outcomes are yielded as they finish. A solve cannot
+    be interrupted: should the caller stop early, the others run on to ``deadline``.
+    """
+
+    def solve(target: int) -> tuple[int, MilpSearch | None]:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return target, None
+        mine = region.owner == target
+        rows = region.rows[mine].unsqueeze(0)
+        return target, milp_search(model, region.box, rows, region.offsets[mine] + margin,
+                                   boxes=dict(boxes), time_limit=left)
+
+    def outcome(found: MilpSearch | None) -> BabOutcome:
+        if found is None or found.status == "unknown":
+            return BabOutcome(VerifyStatus.TIMEOUT)
+        if found.status == "infeasible":
+            return BabOutcome(VerifyStatus.VERIFIED)
+        if found.point is None:
+            return BabOutcome(VerifyStatus.TIMEOUT)
+        with torch.no_grad():
+            hit = confirm(clip_inside(region, found.point.to(region.box.lower)))
+        if hit is None:
+            return BabOutcome(VerifyStatus.UNKNOWN)
+        return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1])
+
+    if workers <= 1 or len(targets) == 1:
+        for target in targets:
+            yield outcome(solve(target)[1])
+        return
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(targets)))
+    try:
+        futures = [pool.submit(solve, target) for target in targets]
+        for future in as_completed(futures):
+            yield outcome(future.result()[1])
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
