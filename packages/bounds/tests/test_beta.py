@@ -195,7 +195,8 @@ def test_milp_search_decides_a_row_like_the_milp_minimum(seed: int) -> None:
     below = milp_search(model, box, C, torch.tensor([minimum - 0.05], dtype=DTYPE))
     assert below.status == "infeasible"
     above = milp_search(model, box, C, torch.tensor([minimum + 0.05], dtype=DTYPE))
-    assert above.status == "feasible" and above.point is not None
+    assert above.status == "feasible"
+    assert above.point is not None
     assert bool(box.contains(above.point, 1e-9).all())
     assert float((model(above.point) * C[0]).sum()) <= minimum + 0.05 + 1e-6
 
@@ -218,7 +219,8 @@ def test_milp_search_meets_every_row_at_once(seed: int) -> None:
     if found.status == "infeasible":
         assert not sampled_hit
     else:
-        assert found.status == "feasible" and found.point is not None
+        assert found.status == "feasible"
+        assert found.point is not None
         assert bool(((model(found.point) @ C[0].T)[0] <= thresholds + 1e-6).all())
 
 

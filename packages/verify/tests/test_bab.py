@@ -144,7 +144,8 @@ def test_the_milp_fallback_agrees_with_the_oracle() -> None:
         assert verdict.status in (VerifyStatus.VERIFIED, VerifyStatus.FALSIFIED), (seed, verdict)
         assert (verdict.status is VerifyStatus.VERIFIED) == truth(model, x, label, eps), seed
         if verdict.status is VerifyStatus.FALSIFIED:
-            assert verdict.output is not None and verdict.counterexample is not None
+            assert verdict.output is not None
+            assert verdict.counterexample is not None
             assert spec.violated_by(verdict.counterexample, verdict.output)
         stages[verdict.stage] = stages.get(verdict.stage, 0) + 1
     assert stages.get(Stage.MILP, 0) >= 2, stages
