@@ -230,3 +230,20 @@ def test_milp_search_checks_its_thresholds() -> None:
     box = Box.from_linf(torch.rand(1, 4, dtype=DTYPE), 0.1)
     with pytest.raises(ValueError, match="one value per row"):
         milp_search(model, box, torch.randn(1, 2, 3, dtype=DTYPE), torch.zeros(3, dtype=DTYPE))
+
+
+def test_a_passed_deadline_stops_the_ascent_at_its_start() -> None:
+    model = mlp(7)
+    box = Box.from_linf(torch.rand(1, 4, dtype=DTYPE), 0.3)
+    C = torch.randn(1, 3, 3, dtype=DTYPE)
+    net = lower(model, box.center)
+    pre = dict(pre_activation_bounds(net, box).boxes)
+    start = optimise_split_bound(net, box, C, pre, {}, steps=0)
+    stopped = optimise_split_bound(net, box, C, pre, {}, steps=50, deadline=0.0)
+    ran = optimise_split_bound(net, box, C, pre, {}, steps=50)
+    torch.testing.assert_close(stopped.lower, start.lower)
+    assert bool((ran.lower >= start.lower - 1e-12).all())
+    kept = optimise_pre_activations(net, box, pre, steps=50, deadline=0.0)
+    for index, bounds in kept.items():
+        assert bool((bounds.lower >= pre[index].lower - 1e-12).all())
+        assert bool((bounds.upper <= pre[index].upper + 1e-12).all())

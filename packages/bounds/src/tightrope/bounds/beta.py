@@ -23,6 +23,7 @@ pre-activation, ``K`` the number of specification rows.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -140,6 +141,7 @@ def optimise_pre_activations(
     *,
     steps: int = 20,
     lr_alpha: float = 0.1,
+    deadline: float | None = None,
 ) -> dict[int, Box]:
     """Tighten pre-activation bounds layer by layer with optimised lower slopes.
 
@@ -154,6 +156,8 @@ def optimise_pre_activations(
         box: input boxes ``(D, *S_in)`` (or ``(1, *S_in)`` shared by all ``D`` subdomains).
         boxes: sound pre-activation bounds ``(D, *S_i)`` per ReLU op (e.g. CROWN's).
         signs: optional split phases ``(D, *S_i)``; bounds are clamped to them.
+        deadline: ``time.monotonic()`` value after which the ascent steps stop (the bounds
+            found so far are kept; they are sound at every step).
     """
     signs = {} if signs is None else signs
     refined = apply_splits(boxes, signs)
@@ -176,7 +180,7 @@ def optimise_pre_activations(
         earlier_signs = {i: s for i, s in signs.items() if i < index}
         found = optimise_split_bound(
             prefix, box, selector.view(batch, 2 * count, *net.shapes[index]), earlier,
-            earlier_signs, steps=steps, lr_alpha=lr_alpha,
+            earlier_signs, steps=steps, lr_alpha=lr_alpha, deadline=deadline,
         )
         new_lower, new_upper = lower.clone(), upper.clone()
         new_lower[:, union] = torch.maximum(lower[:, union], found.lower[:, :count].detach())
@@ -260,6 +264,7 @@ def optimise_split_bound(
     lr_alpha: float = 0.1,
     lr_beta: float = 0.05,
     objective: Tensor | None = None,
+    deadline: float | None = None,
 ) -> SplitBound:
     """:func:`split_lower_bound` with ``alpha`` and ``beta`` optimised jointly (Wang et al. 2021).
 
@@ -270,6 +275,8 @@ def optimise_split_bound(
     Args:
         objective: optional ``(D, K)`` weights of the rows in the ascent objective (e.g. to
             favour the row a subdomain's verdict depends on).
+        deadline: ``time.monotonic()`` value after which no further step is taken (the best
+            bound so far is returned).
 
     Returns:
         The best bound per row, with the multipliers and coefficients that produced it (the
@@ -314,7 +321,7 @@ def optimise_split_bound(
                 for index, tensor in current.items():
                     mask = improved.view(batch, rows, *([1] * (tensor.dim() - 2)))
                     store[index] = torch.where(mask, tensor.detach(), store[index])
-            if step == steps:
+            if step == steps or (deadline is not None and time.monotonic() > deadline):
                 break
             total = found.lower if weights is None else found.lower * weights
             gradients = torch.autograd.grad(

@@ -118,7 +118,7 @@ def relu_bab(
         C = rows.unsqueeze(0).expand(pre_d[layers.ops[0]].lower.shape[0], *rows.shape)
         return optimise_split_bound(
             net, box, C, pre_d, signs, alphas, betas, steps=steps, lr_alpha=lr,
-            lr_beta=config.lr_beta,
+            lr_beta=config.lr_beta, deadline=deadline,
         )
 
     def package(pre_d: dict[int, Box], signs: dict[int, Tensor], found: SplitBound,

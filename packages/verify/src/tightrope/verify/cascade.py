@@ -151,14 +151,15 @@ def verify(
             net, boxes = lowered[number]
             if stage is Stage.ALPHA_CROWN and config.optimise_intermediate:
                 boxes = optimise_pre_activations(net, region.box, boxes, steps=steps,
-                                                 lr_alpha=config.alpha_lr)
+                                                 lr_alpha=config.alpha_lr,
+                                                 deadline=clock.deadline)
                 lowered[number] = (net, boxes)
             rows = region.rows_of(open_sets[number])
             C = region.rows[rows].reshape(1, -1, *net.output_shape)
             signs = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=like.device)
                      for i, b in boxes.items()}
             found = optimise_split_bound(net, region.box, C, boxes, signs, steps=steps,
-                                         lr_alpha=config.alpha_lr)
+                                         lr_alpha=config.alpha_lr, deadline=clock.deadline)
             full = torch.full((region.rows.shape[0],), float("-inf"), dtype=like.dtype,
                               device=like.device)
             full[rows] = found.lower[0].detach() - region.offsets[rows]
