@@ -114,6 +114,17 @@ def verify(
             stage = Stage.NONE
         return Verdict(status, stage, clock.seconds(), domains=domains)
 
+    def settle(outcome: BabOutcome, stage: Stage, domains: int) -> Verdict | None:
+        """The verdict a search's outcome forces on the whole property (a counterexample or
+        the deadline), else ``None``."""
+        if outcome.status is VerifyStatus.FALSIFIED:
+            if outcome.counterexample is None or outcome.output is None:
+                raise RuntimeError(f"{stage.value} reported FALSIFIED without a witness")
+            return falsified((outcome.counterexample, outcome.output), stage, domains)
+        if outcome.status is VerifyStatus.TIMEOUT:
+            return ending(VerifyStatus.TIMEOUT, stage, domains)
+        return None
+
     with torch.no_grad():
         for region in regions:
             hit = checked(spec_pgd(model, region, steps=config.attack_steps,
@@ -223,15 +234,10 @@ def verify(
             if exact_fallback and outcome.status in (VerifyStatus.TIMEOUT, VerifyStatus.UNKNOWN):
                 deferred.append(target)  # branch-and-bound used its share or got stuck
                 continue
-            if outcome.status is VerifyStatus.FALSIFIED:
-                if outcome.counterexample is None or outcome.output is None:
-                    raise RuntimeError("branch-and-bound reported FALSIFIED without a witness")
-                return falsified((outcome.counterexample, outcome.output), Stage.BAB,
-                                 total_domains)
-            if outcome.status is VerifyStatus.TIMEOUT:
-                return ending(VerifyStatus.TIMEOUT, Stage.BAB, total_domains)
-            if outcome.status is VerifyStatus.UNKNOWN:
-                unknown = True
+            final = settle(outcome, Stage.BAB, total_domains)
+            if final is not None:
+                return final
+            unknown |= outcome.status is VerifyStatus.UNKNOWN
         if not deferred:
             continue
         # The exact MILP decides what branch-and-bound left, a few unsafe sets at a time.
@@ -239,15 +245,10 @@ def verify(
         for outcome in milp_exclude(model, region, deferred, boxes, checked,
                                     margin=config.margin, deadline=clock.deadline,
                                     workers=torch.get_num_threads()):
-            if outcome.status is VerifyStatus.FALSIFIED:
-                if outcome.counterexample is None or outcome.output is None:
-                    raise RuntimeError("the MILP reported FALSIFIED without a witness")
-                return falsified((outcome.counterexample, outcome.output), Stage.MILP,
-                                 total_domains)
-            if outcome.status is VerifyStatus.TIMEOUT:
-                return ending(VerifyStatus.TIMEOUT, Stage.MILP, total_domains)
-            if outcome.status is VerifyStatus.UNKNOWN:
-                unknown = True
+            final = settle(outcome, Stage.MILP, total_domains)
+            if final is not None:
+                return final
+            unknown |= outcome.status is VerifyStatus.UNKNOWN
     if unknown:
         return ending(VerifyStatus.UNKNOWN, Stage.BAB, total_domains)
     return ending(VerifyStatus.VERIFIED, Stage.MILP if used_milp else Stage.BAB, total_domains)
