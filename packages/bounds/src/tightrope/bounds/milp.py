@@ -126,16 +126,7 @@ def milp_minimum(
         C: ``(1, K, n_out)`` or ``(K, n_out)`` specification.
         time_limit: seconds per row (``None``: no limit).
     """
-    if box.lower.shape[0] != 1:
-        raise ValueError(f"milp_minimum takes one sample (box batch 1), got {tuple(box.shape)}")
-    load_scipy("milp_minimum")
-    with torch.no_grad():
-        problem = prepare(model, box, C)
-        check_size(problem.net, binaries=True, max_variables=max_variables,
-                   caller="milp_minimum")
-        pre = pre_activation_bounds(problem.net, box, "crown", LowerSlope.ADAPTIVE)
-        exact = float64_problem(model, box, C)
-        program = next(iter(programs(exact, pre, binaries=True, upper=False)))
+    program = _one_sample_program(model, box, C, None, max_variables, "milp_minimum")
     run = _milp_runner(program, time_limit)
     n_input = int(box.lower[0].numel())
     rows = program.objectives.shape[0]
@@ -157,6 +148,44 @@ def milp_minimum(
     return MilpMinimum(bound, value, minimiser.view(rows, *box.lower.shape[1:]), solved)
 
 
+def _one_sample_program(
+    model: nn.Module, box: Box, C: Tensor, boxes: dict[int, Box] | None, max_variables: int,
+    caller: str,
+) -> Program:
+    """The float64 MILP of one sample (``box: (1, *S_in)``) over the pre-activation ``boxes``
+    given per ReLU op index, or CROWN's when ``None`` (or keyed differently)."""
+    if box.lower.shape[0] != 1:
+        raise ValueError(f"{caller} takes one sample (box batch 1), got {tuple(box.shape)}")
+    load_scipy(caller)
+    with torch.no_grad():
+        problem = prepare(model, box, C)
+        check_size(problem.net, binaries=True, max_variables=max_variables, caller=caller)
+        if boxes is None or set(boxes) != set(problem.net.relu_indices):
+            pre = pre_activation_bounds(problem.net, box, "crown", LowerSlope.ADAPTIVE)
+        else:
+            pre = PreActivations(boxes, {i: relu_relaxation(b, LowerSlope.ADAPTIVE)
+                                         for i, b in boxes.items()})
+        exact = float64_problem(model, box, C)
+        return next(iter(programs(exact, pre, binaries=True, upper=False)))
+
+
+def _network_constraints(optimize: Any, program: Program, columns: int) -> list[Any]:
+    """``program``'s equalities and inequalities as SciPy constraints over ``columns``
+    variables (columns past the program's own get zero coefficients)."""
+    import numpy as np
+
+    constraints = []
+    for matrix, rhs, equal in ((program.A_eq, program.b_eq, True),
+                               (program.A_ub, program.b_ub, False)):
+        if not rhs.numel():
+            continue
+        wide = SparseMatrix(matrix.rows, matrix.cols, matrix.values, (matrix.shape[0], columns))
+        values = rhs.numpy()
+        low = values if equal else np.full_like(values, -np.inf)
+        constraints.append(optimize.LinearConstraint(to_scipy(wide), low, values))
+    return constraints
+
+
 def _milp_runner(
     program: Program, time_limit: float | None, caller: str = "milp_minimum", hint: str = ""
 ) -> Callable[[int], Any]:
@@ -165,15 +194,7 @@ def _milp_runner(
     optimize = load_scipy(caller)
     import numpy as np
 
-    constraints = []
-    if program.b_eq.numel():
-        b_eq = program.b_eq.numpy()
-        constraints.append(optimize.LinearConstraint(to_scipy(program.A_eq), b_eq, b_eq))
-    if program.b_ub.numel():
-        b_ub = program.b_ub.numpy()
-        constraints.append(
-            optimize.LinearConstraint(to_scipy(program.A_ub), np.full_like(b_ub, -np.inf), b_ub)
-        )
+    constraints = _network_constraints(optimize, program, program.objectives.shape[1])
     bounds = optimize.Bounds(program.lower.numpy(), program.upper.numpy())
     integrality = program.integer.numpy().astype(np.int64)
     # HiGHS's MIP presolve (probing) costs more than it saves on these small programs.
@@ -263,22 +284,10 @@ def milp_search(
             ``None``.
         time_limit: seconds for the solve (``None``: no limit).
     """
-    if box.lower.shape[0] != 1:
-        raise ValueError(f"milp_search takes one sample (box batch 1), got {tuple(box.shape)}")
+    program = _one_sample_program(model, box, C, boxes, max_variables, "milp_search")
     optimize = load_scipy("milp_search")
     import numpy as np
 
-    with torch.no_grad():
-        problem = prepare(model, box, C)
-        check_size(problem.net, binaries=True, max_variables=max_variables,
-                   caller="milp_search")
-        if boxes is None or set(boxes) != set(problem.net.relu_indices):
-            pre = pre_activation_bounds(problem.net, box, "crown", LowerSlope.ADAPTIVE)
-        else:
-            pre = PreActivations(boxes, {i: relu_relaxation(b, LowerSlope.ADAPTIVE)
-                                         for i, b in boxes.items()})
-        exact = float64_problem(model, box, C)
-        program = next(iter(programs(exact, pre, binaries=True, upper=False)))
     rows, n = program.objectives.shape
     limits = thresholds.detach().to("cpu", torch.float64).flatten()
     if limits.numel() != rows:
@@ -290,19 +299,9 @@ def milp_search(
         torch.cat([at[0], torch.arange(rows)]), torch.cat([at[1], torch.full((rows,), n)]),
         torch.cat([dense[at], -torch.ones(rows, dtype=torch.float64)]), (rows, n + 1),
     )
-    widen = [
-        SparseMatrix(m.rows, m.cols, m.values, (m.shape[0], n + 1))
-        for m in (program.A_eq, program.A_ub)
-    ]
     constraints = [optimize.LinearConstraint(
         to_scipy(cut), np.full(rows, -np.inf), (limits - program.offsets).numpy())]
-    if program.b_eq.numel():
-        b_eq = program.b_eq.numpy()
-        constraints.append(optimize.LinearConstraint(to_scipy(widen[0]), b_eq, b_eq))
-    if program.b_ub.numel():
-        b_ub = program.b_ub.numpy()
-        constraints.append(
-            optimize.LinearConstraint(to_scipy(widen[1]), np.full_like(b_ub, -np.inf), b_ub))
+    constraints += _network_constraints(optimize, program, n + 1)
     lower = np.append(program.lower.numpy(), -np.inf)
     upper = np.append(program.upper.numpy(), 0.0)
     integrality = np.append(program.integer.numpy().astype(np.int64), 0)
