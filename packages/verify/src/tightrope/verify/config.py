@@ -73,9 +73,10 @@ class BabConfig:
             iterations (0: never).
         milp_after: on networks small enough for the exact MILP (see ``milp_max_unstable``),
             the share of the time left when an unsafe set's search starts that
-            branch-and-bound gets alone; if it has not decided by then, one MILP over the
-            root's alpha-CROWN pre-activation bounds (``tightrope.bounds.milp_search``, the
-            unsafe set's rows as constraints) gets the rest. ``1.0``: never switch.
+            branch-and-bound gets for it; the sets it leaves undecided then get one MILP
+            each over the root's alpha-CROWN pre-activation bounds
+            (``tightrope.bounds.milp_search``, the set's rows as constraints), solved
+            concurrently in the time that remains. ``1.0``: never switch.
         milp_max_unstable: the switch is made only when the root has at most this many
             unstable ReLUs (one binary each) and SciPy is installed.
     """

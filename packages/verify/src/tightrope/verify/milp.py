@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.bounds import Box, MilpSearch, Network, milp_minimum, milp_search
-from tightrope.bounds.encoding import DEFAULT_MAX_VARIABLES
+from tightrope.bounds.encoding import DEFAULT_MAX_VARIABLES, check_size
 from tightrope.verify.bab import BabOutcome
 from tightrope.verify.problem import CompiledRegion, clip_inside
 from tightrope.verify.spec import Specification, VerifyStatus
@@ -77,9 +77,13 @@ def milp_eligible(net: Network, boxes: Mapping[int, Box], max_unstable: int) -> 
     if importlib.util.find_spec("scipy") is None or not boxes:
         return False
     unstable = sum(int(((b.lower < 0) & (b.upper > 0)).sum()) for b in boxes.values())
-    neurons = sum(int(b.lower[0].numel()) for b in boxes.values())
-    variables = int(torch.Size(net.input_shape).numel()) + 2 * neurons + unstable
-    return unstable <= max_unstable and variables <= DEFAULT_MAX_VARIABLES
+    if unstable > max_unstable:
+        return False
+    try:  # the same size rule milp_search applies
+        check_size(net, binaries=True, max_variables=DEFAULT_MAX_VARIABLES, caller="milp_search")
+    except ValueError:
+        return False
+    return True
 
 
 def milp_exclude(
