@@ -15,7 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from tightrope.bounds import keep_freed_memory
+
 sys.path.insert(0, str(Path(__file__).parent))
+# As the command-line tools do: freed blocks are reused rather than unmapped and faulted back.
+keep_freed_memory()
 
 THREADS = int(os.environ.get("TIGHTROPE_BENCH_THREADS", "2"))
 

@@ -196,7 +196,9 @@ def run_suite(instances: list[Instance], results_dir: Path, *, subprocess_mode: 
     if not subprocess_mode and verifier is None:
         # Import the engine once, outside any instance's time (a process pays it at start-up).
         from tightrope.apps.certify.vnnlib_command import default_verifier
+        from tightrope.bounds import keep_freed_memory
 
+        keep_freed_memory()  # as tightrope-certify does
         verifier = default_verifier()
     for instance in instances:
         result_path = results_dir / instance.benchmark / (

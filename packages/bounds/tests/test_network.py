@@ -33,6 +33,10 @@ CONV_CASES = [
     (3, 4, 3, 3, 0, 1, 10, 11),
     (2, 3, 3, 1, 2, 2, 7, 7),
     (2, 3, (3, 2), (2, 1), (1, 0), 1, 7, 6),
+    (3, 4, 4, 2, 1, 1, 32, 32),
+    (1, 2, 2, 2, 0, 1, 9, 9),
+    (2, 3, 3, 2, 4, 1, 5, 6),
+    (9, 4, 3, 2, 1, 1, 8, 8),
 ]
 
 
@@ -74,6 +78,21 @@ def test_linear_fast_transpose_matches_vjp() -> None:
     assert op.fast_transpose is not None
     rows = torch.randn(5, 4, dtype=DTYPE, generator=generator)
     torch.testing.assert_close(op.fast_transpose(rows), transpose(op.apply, rows, (6,)))
+
+
+@pytest.mark.parametrize("out_features", [3, 700])
+def test_linear_apply_abs_is_the_absolute_weights(
+    out_features: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # 700 rows of 3000 inputs make |W| form in blocks (of 349 rows, then 2).
+    monkeypatch.setattr("tightrope.bounds.network._ABS_BLOCK_ELEMENTS", 3000 * 349)
+    generator = torch.Generator().manual_seed(2)
+    linear = nn.Linear(3000, out_features).to(DTYPE)
+    network = lower(nn.Sequential(linear), torch.rand(1, 3000, dtype=DTYPE))
+    op = network.ops[0]
+    assert isinstance(op, Affine)
+    radius = torch.rand(4, 3000, dtype=DTYPE, generator=generator)
+    torch.testing.assert_close(op.apply_abs(radius), radius @ linear.weight.detach().abs().T)
 
 
 @pytest.mark.parametrize("train", [False, True])

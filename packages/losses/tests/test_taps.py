@@ -178,10 +178,19 @@ def test_taps_gradients_are_finite_and_reach_both_halves(dtype: torch.dtype, spl
     out = loss(model, x, y, 0.05)
     assert out.loss.dtype == dtype
     out.loss.backward()
+    # When every BatchNorm lies in the extractor, whose IBP pass normalises with the statistics
+    # of the batch it propagates, a convolution's bias right before a BatchNorm cancels in the
+    # batch mean: its gradient is zero in exact arithmetic (rounding may leave a trace), so it is
+    # not asked for.
+    in_classifier = any(isinstance(m, nn.BatchNorm2d) for m in model[split:])
+    cancelled = set() if in_classifier else {"0.bias", "3.bias"}
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None, name
         assert bool(torch.isfinite(parameter.grad).all()), name
-        assert float(parameter.grad.abs().sum()) > 0, name
+        if name not in cancelled:
+            assert float(parameter.grad.abs().sum()) > 0, name
+        else:
+            assert float(parameter.grad.abs().max()) < 1e-4, name
     assert all(m.training for m in model.modules())
 
 

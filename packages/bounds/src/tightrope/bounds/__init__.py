@@ -57,6 +57,7 @@ from tightrope.bounds.oracles import (
 )
 from tightrope.bounds.relaxation import LowerSlope
 from tightrope.bounds.relaxed import Relaxed, relax
+from tightrope.bounds.runtime import keep_freed_memory
 
 __all__ = [
     "Affine",
@@ -80,6 +81,7 @@ __all__ = [
     "empty_subdomains",
     "ibp",
     "ibp_trace",
+    "keep_freed_memory",
     "linear_bounds",
     "lower",
     "lp_bound",

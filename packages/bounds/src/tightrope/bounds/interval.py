@@ -36,18 +36,19 @@ def propagate_interval(
     intervals with better bounds).
     """
     end = len(net.ops) if end is None else end
-    center, radius = box.center, box.radius
+    center, radius = _channels_last(box.center), _channels_last(box.radius)
     for index in range(start, end):
         op = net.ops[index]
         if isinstance(op, Affine):
             center, radius = op.apply(center), op.apply_abs(radius)
             continue
         if pre_activations is None:
-            # Fresh temporaries, so the in-place updates are safe under autograd.
-            upper = (center + radius).relu_()
-            lower = (center - radius).relu_()
-            radius = (upper - lower).mul_(0.5)
-            center = lower + radius
+            # With u = relu(c + r): the new radius is r where the neuron is active (c >= r),
+            # u / 2 where it is unstable and 0 where it is off, i.e. min(u / 2, r), and the new
+            # centre is u minus it. Five passes over the tensor instead of seven.
+            upper = (center + radius).relu_()  # a fresh temporary: in place is safe
+            radius = torch.minimum(upper * 0.5, radius)
+            center = upper - radius
             continue
         lower, upper = center - radius, center + radius
         known = pre_activations.get(index)
@@ -57,6 +58,14 @@ def propagate_interval(
         lower, upper = torch.relu(lower), torch.relu(upper)
         center, radius = (upper + lower).mul_(0.5), (upper - lower).mul_(0.5)
     return Box.from_center_radius(center, radius)
+
+
+def _channels_last(images: Tensor) -> Tensor:
+    """Images in channels-last layout, where oneDNN's convolutions run 10-20% faster on CPU;
+    every later op keeps the layout, and values and shapes are unchanged."""
+    if images.dim() != 4 or images.device.type != "cpu":
+        return images
+    return images.contiguous(memory_format=torch.channels_last)
 
 
 def interval_pre_activations(net: Network, box: Box) -> dict[int, Box]:
@@ -128,14 +137,21 @@ def tail_bounds(net: Network, C: Tensor, tail_input: Box, tail_start: int) -> Bo
     """Bounds of ``C f`` given the box of the input of the trailing affine block.
 
     ``C f`` is one affine map ``A z + b`` of the block's input ``z`` (``A = C L``), bounded by
-    ``A c + b -/+ |A| r``. Margin specifications repeat across a batch (one ``C`` per label), so
+    ``A c + b -/+ |A| r``, where ``A c + b = C f(c)`` is the block's forward pass. Margin
+    specifications repeat across a batch (one ``C`` per label), so
     ``A`` is built once per distinct ``C`` and applied to every sample with two matrix products;
     the per-sample ``(B, K, n)`` tensor is only formed when the specifications are all distinct.
     """
     batch, rows = C.shape[0], C.shape[1]
-    center, radius = tail_input.center.flatten(1), tail_input.radius.flatten(1)
+    radius = tail_input.radius.flatten(1)
+    # The centre is the block's plain forward pass: C f(c) costs less than (C L) c.
+    out = tail_input.center
+    for op in net.ops[tail_start:]:
+        assert isinstance(op, Affine)
+        out = op.apply(out)
+    mid = torch.bmm(C, out.reshape(batch, -1, 1)).squeeze(-1)
     distinct, which = _distinct_specs(C)
-    A, bias = backward_lower(
+    A, _ = backward_lower(
         net, len(net.ops), distinct.view(distinct.shape[0], rows, *net.output_shape), {},
         start=tail_start,
     )
@@ -143,11 +159,9 @@ def tail_bounds(net: Network, C: Tensor, tail_input: Box, tail_start: int) -> Bo
     if distinct.shape[0] < batch:
         # (B, n) @ (n, U K) -> (B, U, K), then each sample picks its own specification.
         pick = which.view(batch, 1, 1).expand(batch, 1, rows)
-        mid = (center @ A.flatten(0, 1).T).view(batch, -1, rows).gather(1, pick).squeeze(1)
         spread = (radius @ A.abs().flatten(0, 1).T).view(batch, -1, rows).gather(1, pick)
-        mid, spread = mid + bias[which], spread.squeeze(1)
+        spread = spread.squeeze(1)
     else:
-        mid = torch.bmm(A, center.unsqueeze(-1)).squeeze(-1) + bias
         spread = torch.bmm(A.abs(), radius.unsqueeze(-1)).squeeze(-1)
     return Box(mid - spread, mid + spread)
 

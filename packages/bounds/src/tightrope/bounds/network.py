@@ -21,7 +21,9 @@ affine layer, register a rule::
                       name="MyScale")
 
 ``reference`` is the batch that reaches the layer in a clean forward pass of the box centre;
-rules that need batch statistics (BatchNorm in train mode) read it, others ignore it.
+rules that need batch statistics (BatchNorm in train mode) read it, others use its shape only.
+When no BatchNorm of the model uses batch statistics, the bound functions pass an empty batch
+(zero samples), which fixes the shapes at no cost.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def lower(model: nn.Module, reference: Tensor) -> Network:
         model: the network; nested ``nn.Sequential`` containers are flattened.
         reference: ``(N, *S_in)`` inputs for a clean forward pass that fixes the shapes and, for
             BatchNorm in train mode, the batch statistics (pass the whole batch's box centre
-            then; one sample suffices otherwise).
+            then; otherwise any batch, even an empty one, will do).
 
     Raises:
         TypeError: listing every unsupported layer of the model at once.
@@ -318,6 +320,10 @@ def _flatten_rule(module: nn.Flatten, reference: Tensor) -> Affine:
     return Affine(flatten, flatten, "Flatten", mixing=False, fast_transpose=unflatten)
 
 
+#: Elements of ``|W|`` formed at once by a Linear layer's ``apply_abs`` (4 MB in float32).
+_ABS_BLOCK_ELEMENTS = 1 << 20
+
+
 @affine_rule(nn.Linear)
 def _linear_rule(module: nn.Linear, reference: Tensor) -> Affine:
     return _linear(module.weight, module.bias)
@@ -328,7 +334,15 @@ def _linear(weight: Tensor, bias: Tensor | None) -> Affine:
         return F.linear(z, weight, bias)
 
     def apply_abs(r: Tensor) -> Tensor:
-        return F.linear(r, weight.abs())
+        # |W| a block of output rows at a time: each block is still in cache when the product
+        # reads it, and no temporary as large as W (67 MB in CNN7) is allocated per call.
+        step = max(1, _ABS_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+        if step >= weight.shape[0]:
+            return F.linear(r, weight.abs())
+        return torch.cat(
+            [F.linear(r, weight[i : i + step].abs()) for i in range(0, weight.shape[0], step)],
+            dim=-1,
+        )
 
     def fast_transpose(rows: Tensor) -> Tensor:
         return rows @ weight
@@ -366,10 +380,14 @@ def _conv2d(
     def apply_abs(r: Tensor) -> Tensor:
         return F.conv2d(r, weight.abs(), None, stride, padding, dilation, groups)
 
+    phased = _phase_plan(weight, in_shape, stride, padding, dilation, groups)
+
     def fast_transpose(rows: Tensor) -> Tensor:
         # oneDNN's transposed convolution is about twice as fast in channels-last layout; the
         # result stays channels-last for the next layers of the backward pass.
         rows = rows.contiguous(memory_format=torch.channels_last)
+        if phased is not None:
+            return _phase_transpose(rows, _phase_kernel(weight, stride[0]), *phased)
         return F.conv_transpose2d(
             rows, weight, None, stride, padding, output_padding, groups, dilation
         )
@@ -395,6 +413,65 @@ def _conv2d(
         apply, apply_abs, "Conv2d", fast_transpose=fast_transpose, absorb=absorb,
         window_transpose=window_transpose,
     )
+
+
+#: Strided convolutions with at most this many input channels (image inputs) transpose as
+#: stride x stride ordinary convolutions (see ``_phase_transpose``): oneDNN's transposed
+#: convolution is slow with so few output channels (about 2x on MNIST's first layer).
+_PHASE_MAX_CHANNELS = 8
+
+
+def _phase_plan(
+    weight: Tensor,
+    in_shape: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    groups: int,
+) -> tuple[int, int, tuple[int, int], tuple[int, int]] | None:
+    """``(stride, padding, kernel padding, input size)`` when ``_phase_transpose`` applies."""
+    if isinstance(padding, str) or groups != 1 or dilation != (1, 1):
+        return None
+    if stride[0] != stride[1] or stride[0] == 1 or padding[0] != padding[1]:
+        return None
+    if weight.shape[1] > _PHASE_MAX_CHANNELS:
+        return None
+    step, pad = stride[0], padding[0]
+    reach = [-(-weight.shape[2 + d] // step) for d in range(2)]
+    return step, pad, (reach[0] - 1, reach[1] - 1), (in_shape[1], in_shape[2])
+
+
+def _phase_kernel(weight: Tensor, step: int) -> Tensor:
+    """The kernels of ``_phase_transpose``, ``(C_in step^2, C_out, ceil(kh/step), ceil(kw/step))``.
+
+    Input pixel ``y = step * q + a - padding`` of the transpose receives the output rows
+    ``q - m`` through kernel row ``a + step * m``; so phase ``a`` is an ordinary correlation
+    with the kernel rows ``a, a + step, ...`` in reverse order (zero past the kernel's end).
+    """
+    c_out, c_in, kh, kw = weight.shape
+    mh, mw = -(-kh // step), -(-kw // step)
+    padded = F.pad(weight, (0, mw * step - kw, 0, mh * step - kh))
+    phases = padded.view(c_out, c_in, mh, step, mw, step).flip(2, 4)
+    return phases.permute(1, 3, 5, 0, 2, 4).reshape(c_in * step * step, c_out, mh, mw)
+
+
+def _phase_transpose(
+    rows: Tensor,
+    kernel: Tensor,
+    step: int,
+    pad: int,
+    kernel_pad: tuple[int, int],
+    size: tuple[int, int],
+) -> Tensor:
+    """The transposed strided convolution as one ordinary convolution with ``step^2`` output
+    channels per input channel, interleaved by ``pixel_shuffle`` and cropped to the image."""
+    needed = [-(-(size[d] + pad) // step) for d in range(2)]
+    phases = F.conv2d(rows, kernel, padding=kernel_pad)[..., : needed[0], : needed[1]]
+    short = [needed[d] - phases.shape[2 + d] for d in range(2)]
+    if short[0] > 0 or short[1] > 0:
+        # Input pixels past the last one the forward convolution reads: their rows are zero.
+        phases = F.pad(phases, (0, max(0, short[1]), 0, max(0, short[0])))
+    return F.pixel_shuffle(phases, step)[..., pad : pad + size[0], pad : pad + size[1]]
 
 
 @affine_rule(nn.AvgPool2d)

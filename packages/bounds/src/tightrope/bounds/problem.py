@@ -48,10 +48,9 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
                 f"model tensor {name} is {tensor.dtype} on {tensor.device} but the box is "
                 f"{box.lower.dtype} on {box.lower.device}; move the model or the box with .to()"
             )
-    # The clean forward pass fixes shapes; BatchNorm on batch statistics needs the whole batch.
-    batch_reference = needs_batch_reference(model)
-    sample = box if batch_reference else Box(box.lower[:1], box.upper[:1])
-    reference = sample.center
+    # The clean forward pass fixes shapes; BatchNorm on batch statistics needs the whole batch,
+    # anything else only the shapes, which an empty batch gives without arithmetic.
+    reference = box.center if needs_batch_reference(model) else box.lower[:0]
     net = lower(model, reference)
     n_out = 1
     for size in net.output_shape:

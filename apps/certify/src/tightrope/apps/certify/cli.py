@@ -186,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    from tightrope.bounds import keep_freed_memory  # imports torch, which every command needs
+
+    keep_freed_memory()
     run: Callable[[argparse.Namespace], int] = args.run
     return run(args)
 

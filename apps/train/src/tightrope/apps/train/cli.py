@@ -20,6 +20,7 @@ from typing import TextIO
 import torch
 
 from tightrope.apps.train.__about__ import __version__
+from tightrope.bounds import keep_freed_memory
 from tightrope.train import (
     ConfigError,
     DatasetNotFoundError,
@@ -177,6 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     out = sys.stdout
+    keep_freed_memory()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:
