@@ -43,12 +43,7 @@ def propagate_interval(
             center, radius = op.apply(center), op.apply_abs(radius)
             continue
         if pre_activations is None:
-            # With u = relu(c + r): the new radius is r where the neuron is active (c >= r),
-            # u / 2 where it is unstable and 0 where it is off, i.e. min(u / 2, r), and the new
-            # centre is u minus it. Five passes over the tensor instead of seven.
-            upper = (center + radius).relu_()  # a fresh temporary: in place is safe
-            radius = torch.minimum(upper * 0.5, radius)
-            center = upper - radius
+            center, radius = _relu_interval(center, radius)
             continue
         lower, upper = center - radius, center + radius
         known = pre_activations.get(index)
@@ -58,6 +53,21 @@ def propagate_interval(
         lower, upper = torch.relu(lower), torch.relu(upper)
         center, radius = (upper + lower).mul_(0.5), (upper - lower).mul_(0.5)
     return Box.from_center_radius(center, radius)
+
+
+def _relu_interval(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """``relu`` of the interval ``center -/+ radius`` in centre/radius form."""
+    if torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad):
+        # Seven passes whose backward is two cheap ReLU masks (that of ``minimum`` below is not).
+        upper = (center + radius).relu_()  # fresh temporaries: in place is safe under autograd
+        lower = (center - radius).relu_()
+        radius = (upper - lower).mul_(0.5)
+        return lower + radius, radius
+    # With u = relu(c + r), the new radius is r where the neuron is active (c >= r), u / 2 where
+    # it is unstable and 0 where it is off: min(u / 2, r); the new centre is u minus it.
+    upper = (center + radius).relu_()
+    radius = torch.minimum(upper * 0.5, radius)
+    return upper - radius, radius
 
 
 def _channels_last(images: Tensor) -> Tensor:

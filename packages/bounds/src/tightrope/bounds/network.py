@@ -339,10 +339,8 @@ def _linear(weight: Tensor, bias: Tensor | None) -> Affine:
         step = max(1, _ABS_BLOCK_ELEMENTS // max(1, weight.shape[1]))
         if step >= weight.shape[0]:
             return F.linear(r, weight.abs())
-        return torch.cat(
-            [F.linear(r, weight[i : i + step].abs()) for i in range(0, weight.shape[0], step)],
-            dim=-1,
-        )
+        # split, not slices: its backward joins the blocks' gradients with one concatenation.
+        return torch.cat([F.linear(r, block.abs()) for block in weight.split(step)], dim=-1)
 
     def fast_transpose(rows: Tensor) -> Tensor:
         return rows @ weight
