@@ -340,7 +340,7 @@ def _linear(weight: Tensor, bias: Tensor | None) -> Affine:
         if step >= weight.shape[0]:
             return F.linear(r, weight.abs())
         # split, not slices: its backward joins the blocks' gradients with one concatenation.
-        return torch.cat([F.linear(r, block.abs()) for block in weight.split(step)], dim=-1)
+        return torch.cat([F.linear(r, block.abs()) for block in torch.split(weight, step)], dim=-1)
 
     def fast_transpose(rows: Tensor) -> Tensor:
         return rows @ weight
