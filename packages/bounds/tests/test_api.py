@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 
 import pytest
@@ -24,6 +25,7 @@ from tightrope.bounds import (
     crown_ibp,
     ibp,
     linear_bounds,
+    lower,
     margin_spec,
     supported_layers,
 )
@@ -467,6 +469,30 @@ def test_row_chunking_of_intermediate_bounds_is_invisible(monkeypatch: pytest.Mo
     chunked = crown(model, box)
     torch.testing.assert_close(chunked.lower, expected.lower, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(chunked.upper, expected.upper, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("upper", [False, True])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_sample_chunking_of_the_output_pass_is_invisible(
+    monkeypatch: pytest.MonkeyPatch, upper: bool, train: bool
+) -> None:
+    model, box = small_cnn(8).train(train), random_box((5, 2, 6, 6), eps=0.2)
+    C = margin_spec(torch.tensor([1, 3, 0, 2, 1]), 4, dtype=DTYPE)
+    parameters = list(model.parameters())
+    expected = crown(model, box, C, upper=upper)
+    expected_grads = torch.autograd.grad(expected.lower.sum(), parameters)
+    # Groups of two samples (and one of one at the end).
+    net = lower(model, box.center)
+    rows = C.shape[1] * (2 if upper else 1)
+    widest = max(math.prod(shape) for shape in net.shapes)
+    monkeypatch.setattr(linear_module, "OUTPUT_CHUNK_ELEMENTS", 2 * rows * widest)
+    assert len(linear_module._sample_chunks(net, 5, rows)) == 3
+    chunked = crown(model, box, C, upper=upper)
+    torch.testing.assert_close(chunked.lower, expected.lower, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(chunked.upper, expected.upper, rtol=1e-12, atol=1e-12)
+    grads = torch.autograd.grad(chunked.lower.sum(), parameters)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", ["crown", "crown_ibp", "alpha_crown"])

@@ -317,13 +317,36 @@ def crown_ibp(
 def _output_bounds(problem: Problem, pre: PreActivations, upper: bool) -> Box:
     net, spec = problem.net, _output_spec(problem)
     end = len(net.ops)
-    if upper:
-        bounds = both_sides(net, end, spec, problem.box, pre.relaxations)
-    else:
-        A_in, bias = backward_lower(net, end, spec, pre.relaxations)
-        lower = concretize_lower(A_in, bias, problem.box)
-        bounds = Box(lower, torch.full_like(lower, float("inf")))
+    rows = spec.shape[1] * (2 if upper else 1)
+    found = []
+    for samples in _sample_chunks(net, problem.batch, rows):
+        box = Box(problem.box.lower[samples], problem.box.upper[samples])
+        relaxations = {i: r.select(samples) for i, r in pre.relaxations.items()}
+        if upper:
+            found.append(both_sides(net, end, spec[samples], box, relaxations))
+        else:
+            A_in, bias = backward_lower(net, end, spec[samples], relaxations)
+            lower = concretize_lower(A_in, bias, box)
+            found.append(Box(lower, torch.full_like(lower, float("inf"))))
+    if len(found) == 1:
+        return _reshape_result(problem, found[0])
+    bounds = Box(torch.cat([b.lower for b in found]), torch.cat([b.upper for b in found]))
     return _reshape_result(problem, bounds)
+
+
+#: Upper limit on the elements of one coefficient tensor ``(B, rows, *S)`` of the output pass;
+#: larger batches go through in groups of samples (32 MB in float32). Tensors above glibc's
+#: largest mmap threshold are mapped and faulted in afresh on every allocation, and smaller
+#: ones stay in cache between the steps of the pass: on CNN7 both are worth more than the
+#: larger convolutions lose (``benchmarks/test_bounds_speed.py``).
+OUTPUT_CHUNK_ELEMENTS = 1 << 23
+
+
+def _sample_chunks(net: Network, batch: int, rows: int) -> list[slice]:
+    """Groups of samples whose output-pass coefficients stay under ``OUTPUT_CHUNK_ELEMENTS``."""
+    widest = max(_numel(shape) for shape in net.shapes)
+    step = max(1, OUTPUT_CHUNK_ELEMENTS // max(1, rows * widest))
+    return [slice(begin, begin + step) for begin in range(0, batch, step)]
 
 
 def linear_bounds(

@@ -48,6 +48,13 @@ class ReluRelaxation:
     upper_intercept: Tensor
     unstable: Tensor
 
+    def select(self, samples: slice) -> ReluRelaxation:
+        """The relaxation of some samples of the batch (views, no copies)."""
+        return ReluRelaxation(
+            self.lower_slope[samples], self.upper_slope[samples],
+            self.upper_intercept[samples], self.unstable[samples],
+        )
+
 
 def relu_relaxation(
     pre_activation: Box, policy: LowerSlope = LowerSlope.ADAPTIVE
