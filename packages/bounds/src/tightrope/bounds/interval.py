@@ -19,7 +19,14 @@ from tightrope.bounds.core import Box
 from tightrope.bounds.network import Affine, Network
 from tightrope.bounds.problem import prepare
 
-__all__ = ["IntervalTrace", "ibp", "ibp_trace", "interval_pre_activations", "propagate_interval"]
+__all__ = [
+    "IntervalTrace",
+    "ibp",
+    "ibp_trace",
+    "interval_pre_activations",
+    "propagate_center_radius",
+    "propagate_interval",
+]
 
 
 def propagate_interval(
@@ -35,8 +42,24 @@ def propagate_interval(
     op's index, and a box already stored there is intersected in (callers use this to tighten
     intervals with better bounds).
     """
+    center, radius = propagate_center_radius(
+        net, box.center, box.radius, start, end, pre_activations
+    )
+    return Box.from_center_radius(center, radius)
+
+
+def propagate_center_radius(
+    net: Network,
+    center: Tensor,
+    radius: Tensor,
+    start: int = 0,
+    end: int | None = None,
+    pre_activations: dict[int, Box] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`propagate_interval` on the interval ``center -/+ radius``, returned in the same
+    form (no conversion to and from bounds in between)."""
     end = len(net.ops) if end is None else end
-    center, radius = _channels_last(box.center), _channels_last(box.radius)
+    center, radius = _channels_last(center), _channels_last(radius)
     for index in range(start, end):
         op = net.ops[index]
         if isinstance(op, Affine):
@@ -52,7 +75,7 @@ def propagate_interval(
         pre_activations[index] = Box(lower, upper)
         lower, upper = torch.relu(lower), torch.relu(upper)
         center, radius = (upper + lower).mul_(0.5), (upper - lower).mul_(0.5)
-    return Box.from_center_radius(center, radius)
+    return center, radius
 
 
 def _relu_interval(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
@@ -104,8 +127,8 @@ def ibp(model: nn.Module, box: Box, C: Tensor | None = None) -> Box:
     if problem.spec is None:
         return propagate_interval(net, box)
     tail_start = max(net.relu_indices, default=-1) + 1
-    tail_input = propagate_interval(net, box, end=tail_start)
-    return tail_bounds(net, problem.spec, tail_input, tail_start)
+    center, radius = propagate_center_radius(net, box.center, box.radius, end=tail_start)
+    return tail_bounds(net, problem.spec, center, radius, tail_start)
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,16 +158,22 @@ def ibp_trace(model: nn.Module, box: Box, C: Tensor | None = None) -> IntervalTr
     net = problem.net
     found: dict[int, Box] = {}
     tail_start = max(net.relu_indices, default=-1) + 1
-    tail_input = propagate_interval(net, box, end=tail_start, pre_activations=found)
+    center, radius = propagate_center_radius(
+        net, box.center, box.radius, end=tail_start, pre_activations=found
+    )
     if problem.spec is None:
-        output = propagate_interval(net, tail_input, start=tail_start)
+        center, radius = propagate_center_radius(net, center, radius, start=tail_start)
+        output = Box.from_center_radius(center, radius)
     else:
-        output = tail_bounds(net, problem.spec, tail_input, tail_start)
+        output = tail_bounds(net, problem.spec, center, radius, tail_start)
     return IntervalTrace(output, tuple(found[index] for index in sorted(found)))
 
 
-def tail_bounds(net: Network, C: Tensor, tail_input: Box, tail_start: int) -> Box:
-    """Bounds of ``C f`` given the box of the input of the trailing affine block.
+def tail_bounds(
+    net: Network, C: Tensor, center: Tensor, radius: Tensor, tail_start: int
+) -> Box:
+    """Bounds of ``C f`` given the interval ``center -/+ radius`` of the input of the trailing
+    affine block.
 
     ``C f`` is one affine map ``A z + b`` of the block's input ``z`` (``A = C L``), bounded by
     ``A c + b -/+ |A| r``, where ``A c + b = C f(c)`` is the block's forward pass. Margin
@@ -153,9 +182,9 @@ def tail_bounds(net: Network, C: Tensor, tail_input: Box, tail_start: int) -> Bo
     the per-sample ``(B, K, n)`` tensor is only formed when the specifications are all distinct.
     """
     batch, rows = C.shape[0], C.shape[1]
-    radius = tail_input.radius.flatten(1)
+    radius = radius.flatten(1)
     # The centre is the block's plain forward pass: C f(c) costs less than (C L) c.
-    out = tail_input.center
+    out = center
     for op in net.ops[tail_start:]:
         assert isinstance(op, Affine)
         out = op.apply(out)

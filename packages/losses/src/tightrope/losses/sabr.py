@@ -86,7 +86,7 @@ def shrunk_interval_bounds(model: nn.Module, box: Box, C: Tensor, relu_shrink: f
         lower = lower.relu()
         center, radius = (upper + lower) / 2, (upper - lower) / 2
     record_pre_activations(box, tuple(pre_activations))
-    return tail_bounds(net, problem.spec, Box.from_center_radius(center, radius), tail_start)
+    return tail_bounds(net, problem.spec, center, radius, tail_start)
 
 
 def small_box(x: Tensor, x_adv: Tensor, eps: float | Tensor, shrink: float) -> Box:
