@@ -319,7 +319,7 @@ def _output_bounds(problem: Problem, pre: PreActivations, upper: bool) -> Box:
     end = len(net.ops)
     rows = spec.shape[1] * (2 if upper else 1)
     found = []
-    for samples in _sample_chunks(net, problem.batch, rows):
+    for samples in _sample_chunks(net, problem.batch, rows, problem.box.lower.device):
         box = Box(problem.box.lower[samples], problem.box.upper[samples])
         relaxations = {i: r.select(samples) for i, r in pre.relaxations.items()}
         if upper:
@@ -334,16 +334,19 @@ def _output_bounds(problem: Problem, pre: PreActivations, upper: bool) -> Box:
     return _reshape_result(problem, bounds)
 
 
-#: Upper limit on the elements of one coefficient tensor ``(B, rows, *S)`` of the output pass;
-#: larger batches go through in groups of samples (32 MB in float32). Tensors above glibc's
+#: Upper limit on the elements of one coefficient tensor ``(B, rows, *S)`` of the output pass
+#: on CPU; larger batches go through in groups of samples (32 MB in float32). Tensors above glibc's
 #: largest mmap threshold are mapped and faulted in afresh on every allocation, and smaller
 #: ones stay in cache between the steps of the pass: on CNN7 both are worth more than the
-#: larger convolutions lose (``benchmarks/test_bounds_speed.py``).
+#: larger convolutions lose (``benchmarks/test_bounds_speed.py``). GPUs take the whole batch.
 OUTPUT_CHUNK_ELEMENTS = 1 << 23
 
 
-def _sample_chunks(net: Network, batch: int, rows: int) -> list[slice]:
-    """Groups of samples whose output-pass coefficients stay under ``OUTPUT_CHUNK_ELEMENTS``."""
+def _sample_chunks(net: Network, batch: int, rows: int, device: torch.device) -> list[slice]:
+    """Groups of samples whose output-pass coefficients stay under ``OUTPUT_CHUNK_ELEMENTS``
+    (on CPU; one group elsewhere)."""
+    if device.type != "cpu":
+        return [slice(None)]
     widest = max(_numel(shape) for shape in net.shapes)
     step = max(1, OUTPUT_CHUNK_ELEMENTS // max(1, rows * widest))
     return [slice(begin, begin + step) for begin in range(0, batch, step)]

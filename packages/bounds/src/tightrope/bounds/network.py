@@ -320,7 +320,8 @@ def _flatten_rule(module: nn.Flatten, reference: Tensor) -> Affine:
     return Affine(flatten, flatten, "Flatten", mixing=False, fast_transpose=unflatten)
 
 
-#: Elements of ``|W|`` formed at once by a Linear layer's ``apply_abs`` (4 MB in float32).
+#: Elements of ``|W|`` formed at once by a Linear layer's ``apply_abs`` on CPU (4 MB in
+#: float32).
 _ABS_BLOCK_ELEMENTS = 1 << 20
 
 
@@ -337,7 +338,7 @@ def _linear(weight: Tensor, bias: Tensor | None) -> Affine:
         # |W| a block of output rows at a time: each block is still in cache when the product
         # reads it, and no temporary as large as W (67 MB in CNN7) is allocated per call.
         step = max(1, _ABS_BLOCK_ELEMENTS // max(1, weight.shape[1]))
-        if step >= weight.shape[0]:
+        if step >= weight.shape[0] or r.device.type != "cpu":
             return F.linear(r, weight.abs())
         # split, not slices: its backward joins the blocks' gradients with one concatenation.
         return torch.cat([F.linear(r, block.abs()) for block in torch.split(weight, step)], dim=-1)
@@ -384,7 +385,7 @@ def _conv2d(
         # oneDNN's transposed convolution is about twice as fast in channels-last layout; the
         # result stays channels-last for the next layers of the backward pass.
         rows = rows.contiguous(memory_format=torch.channels_last)
-        if phased is not None:
+        if phased is not None and rows.device.type == "cpu":
             return _phase_transpose(rows, _phase_kernel(weight, stride[0]), *phased)
         return F.conv_transpose2d(
             rows, weight, None, stride, padding, output_padding, groups, dilation
@@ -413,8 +414,8 @@ def _conv2d(
     )
 
 
-#: Strided convolutions with at most this many input channels (image inputs) transpose as
-#: stride x stride ordinary convolutions (see ``_phase_transpose``): oneDNN's transposed
+#: Strided convolutions with at most this many input channels (image inputs) transpose on CPU
+#: as stride x stride ordinary convolutions (see ``_phase_transpose``): oneDNN's transposed
 #: convolution is slow with so few output channels (about 2x on MNIST's first layer).
 _PHASE_MAX_CHANNELS = 8
 
