@@ -199,6 +199,10 @@ def test_empty_box_is_a_value_error(method: str) -> None:
     lower[1, 2] = box.upper[1, 2] + 1e-3
     with pytest.raises(ValueError, match="lower > upper"):
         ALL_METHODS[method](small_mlp(), Box(lower, box.upper))
+    upper = box.upper.clone()
+    upper[0, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        ALL_METHODS[method](small_mlp(), Box(box.lower, upper))
 
 
 def test_malformed_boxes() -> None:

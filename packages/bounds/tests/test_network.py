@@ -165,6 +165,17 @@ def test_ibp_with_shared_specifications_matches_per_sample(classes_used: int) ->
         single = ibp(model, Box(box.lower[i : i + 1], box.upper[i : i + 1]), spec[i : i + 1])
         torch.testing.assert_close(batched.lower[i : i + 1], single.lower)
         torch.testing.assert_close(batched.upper[i : i + 1], single.upper)
+    # The parameter gradients agree too (the grouped products are differentiable).
+    weights = list(model.parameters())
+    grouped = torch.autograd.grad(ibp(model, box, spec).lower.sum(), weights)
+    separate = [torch.zeros_like(w) for w in weights]
+    for i in range(24):
+        single = ibp(model, Box(box.lower[i : i + 1], box.upper[i : i + 1]), spec[i : i + 1])
+        for total, part in zip(separate, torch.autograd.grad(single.lower.sum(), weights),
+                               strict=True):
+            total += part
+    for got, expected in zip(grouped, separate, strict=True):
+        torch.testing.assert_close(got, expected)
     # Folding C into the last layer is at least as tight as applying C to the output box.
     output = ibp(model, box)
     naive_lower = (spec.clamp(min=0) @ output.lower.unsqueeze(-1)

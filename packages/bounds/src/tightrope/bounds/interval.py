@@ -195,14 +195,29 @@ def tail_bounds(
         start=tail_start,
     )
     A = A.flatten(2)
-    if distinct.shape[0] < batch:
+    if distinct.shape[0] == batch:
+        spread = torch.bmm(A.abs(), radius.unsqueeze(-1)).squeeze(-1)
+    elif radius.device.type == "cpu":
+        spread = _grouped_spread(A.abs(), radius, which)
+    else:
         # (B, n) @ (n, U K) -> (B, U, K), then each sample picks its own specification.
         pick = which.view(batch, 1, 1).expand(batch, 1, rows)
         spread = (radius @ A.abs().flatten(0, 1).T).view(batch, -1, rows).gather(1, pick)
         spread = spread.squeeze(1)
-    else:
-        spread = torch.bmm(A.abs(), radius.unsqueeze(-1)).squeeze(-1)
     return Box(mid - spread, mid + spread)
+
+
+def _grouped_spread(magnitudes: Tensor, radius: Tensor, which: Tensor) -> Tensor:
+    """``(B, K)``: ``|A_{which[b]}| r_b`` with the samples grouped by specification, one matrix
+    product per group (a U-th of the arithmetic of applying every specification to every
+    sample, which pays on CPU where the products dominate)."""
+    order = torch.argsort(which)
+    counts = torch.bincount(which, minlength=magnitudes.shape[0]).tolist()
+    groups = radius.index_select(0, order).split(counts)
+    parts = [group @ magnitudes[u].T for u, group in enumerate(groups) if counts[u]]
+    spread = torch.empty((radius.shape[0], magnitudes.shape[1]), dtype=radius.dtype,
+                         device=radius.device)
+    return spread.index_copy(0, order, torch.cat(parts))
 
 
 #: Above this many distinct specifications, applying each to every sample costs more than

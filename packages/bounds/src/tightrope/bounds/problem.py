@@ -37,7 +37,8 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
         raise ValueError(f"box bounds need a batch dimension: (B, *S), got {tuple(box.shape)}")
     if not box.lower.is_floating_point():
         raise TypeError(f"box bounds must be floating point, got {box.lower.dtype}")
-    if not bool((box.lower <= box.upper).all()):
+    # One subtraction and one reduction; NaN anywhere makes the minimum NaN and fails too.
+    if box.lower.numel() and not bool((box.upper - box.lower).min() >= 0):
         raise ValueError("box has lower > upper or NaN somewhere; build it from finite "
                          "values with lower <= upper (Box.from_linf does)")
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
