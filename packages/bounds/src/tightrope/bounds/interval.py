@@ -213,7 +213,7 @@ def _grouped_spread(magnitudes: Tensor, radius: Tensor, which: Tensor) -> Tensor
     sample, which pays on CPU where the products dominate)."""
     order = torch.argsort(which)
     counts = torch.bincount(which, minlength=magnitudes.shape[0]).tolist()
-    groups = radius.index_select(0, order).split(counts)
+    groups = torch.split(radius.index_select(0, order), counts)
     parts = [group @ magnitudes[u].T for u, group in enumerate(groups) if counts[u]]
     spread = torch.empty((radius.shape[0], magnitudes.shape[1]), dtype=radius.dtype,
                          device=radius.device)
