@@ -158,3 +158,64 @@ def test_no_milp_when_switched_off() -> None:
         verdict = verify(model, robustness_spec(x, label, eps, 3), timeout=60.0, config=config)
         assert verdict.stage is not Stage.MILP
         assert (verdict.status is VerifyStatus.VERIFIED) == truth(model, x, label, eps), seed
+
+
+def test_fsb_picks_the_candidate_with_the_best_worse_child_in_any_chunking(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """FSB's choice is the top-scoring candidate whose worse child bounds highest, the same
+    whether the children are bounded in one pass or one parent at a time."""
+    from tightrope.bounds import (
+        empty_subdomains,
+        lower,
+        pre_activation_bounds,
+        split_lower_bound,
+    )
+    from tightrope.verify import branching
+
+    # A case where the worse and the better child favour different neurons, and neither
+    # is the top-scoring one.
+    model, x, label, _ = case(10, width=12, depth=2)
+    box = Box.from_linf(x, 0.3)
+    net = lower(model, box.center)
+    rows = margin_spec(torch.tensor([label]), 3, dtype=DTYPE)[0]
+    offsets = torch.zeros(rows.shape[0], dtype=DTYPE)
+    layers = branching.LayerIndex(net)
+    pre = dict(pre_activation_bounds(net, box).boxes)
+    signs = {i: torch.zeros(b.lower.shape, dtype=torch.int8) for i, b in pre.items()}
+    C = rows.unsqueeze(0)
+    root = split_lower_bound(net, box, C, pre, signs)
+    scores = branching.branching_scores(pre, signs, root.relu_coefficients, root.alphas,
+                                        root.lower.argmax(dim=1), layers)
+    unstable = int(torch.isfinite(scores).sum())
+    assert unstable >= 4, unstable
+    parents = DomainBatch(pre=pre, signs=signs, alphas=root.alphas,
+                          betas={i: torch.zeros_like(a) for i, a in root.alphas.items()},
+                          lower=root.lower, scores=scores,
+                          depth=torch.zeros(1, dtype=torch.long)).select(torch.zeros(3).long())
+    # Three different parents: each has one more neuron fixed.
+    first = scores.topk(3).indices[0]
+    pre3, signs3 = branching.split_at(parents, first, torch.tensor([1, -1, 1]), layers)
+    parents = DomainBatch(pre=pre3, signs=signs3, alphas=parents.alphas, betas=parents.betas,
+                          lower=parents.lower, depth=parents.depth,
+                          scores=parents.scores.scatter(1, first.unsqueeze(1), float("-inf")))
+    whole = branching.fsb_choice(net, box, rows, offsets, parents, 6, layers)
+    monkeypatch.setattr(branching, "FSB_CHUNK_BYTES", 1)
+    assert torch.equal(branching.fsb_choice(net, box, rows, offsets, parents, 6, layers), whole)
+    # Brute force: bound both children of every candidate separately.
+    for d in range(3):
+        one = parents.select(torch.tensor([d]))
+        best_value, best_neuron = float("-inf"), -1
+        for neuron in one.scores[0].topk(6).indices.tolist():
+            worse = float("inf")
+            for phase in (1, -1):
+                p, s = branching.split_at(one, torch.tensor([neuron]), torch.tensor([phase]),
+                                          layers)
+                if bool(empty_subdomains(p).any()):
+                    continue
+                with torch.no_grad():
+                    found = split_lower_bound(net, box, C, p, s, one.alphas, one.betas)
+                worse = min(worse, float((found.lower - offsets).max()))
+            if worse > best_value:
+                best_value, best_neuron = worse, neuron
+        assert int(whole[d]) == best_neuron, (d, int(whole[d]), best_neuron)

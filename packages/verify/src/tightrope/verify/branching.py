@@ -105,6 +105,11 @@ def split_at(
     return pre, signs
 
 
+#: Bytes the children of one FSB evaluation pass may hold (bounds, signs and coefficients);
+#: larger batches of parents are evaluated in chunks.
+FSB_CHUNK_BYTES = 256 << 20
+
+
 def fsb_choice(
     net: Network,
     box: Box,
@@ -120,15 +125,43 @@ def fsb_choice(
         box: the input box ``(1, *S_in)``.
         rows: ``(K, *S_out)`` specification rows; ``offsets: (K,)``.
         domains: the parents, with their scores and multipliers.
-        candidates: how many top-scoring neurons each parent tries.
+        candidates: how many top-scoring neurons each parent tries; each costs two children
+            bounded in one batched pass, in chunks of parents whose children stay under
+            ``FSB_CHUNK_BYTES``.
     """
     count = len(domains)
     k = min(candidates, domains.scores.shape[1])
     top = torch.topk(domains.scores, k, dim=1)
     if k == 1:
         return top.indices[:, 0]
+    # Per child: pre-activation bounds, signs, slopes and multipliers of every ReLU neuron
+    # (per row where they carry one) and the backward pass's coefficients.
+    element = domains.scores.element_size()
+    per_child = layers.total * element * (3 + 3 * rows.shape[0]) + 1
+    chunk = max(1, FSB_CHUNK_BYTES // (2 * k * per_child))
+    worse_child = torch.cat([
+        _worse_children(net, box, rows, offsets,
+                        domains.select(torch.arange(start, min(start + chunk, count),
+                                                    device=top.indices.device)),
+                        top.indices[start:start + chunk], layers)
+        for start in range(0, count, chunk)
+    ])
+    # Candidates that were not splittable (score -inf) must never win.
+    worse_child = torch.where(torch.isinf(top.values) & (top.values < 0),
+                              torch.full_like(worse_child, float("-inf")), worse_child)
+    best = worse_child.argmax(dim=1)
+    return top.indices.gather(1, best.unsqueeze(1)).squeeze(1)
+
+
+def _worse_children(
+    net: Network, box: Box, rows: Tensor, offsets: Tensor, domains: DomainBatch,
+    choices: Tensor, layers: LayerIndex,
+) -> Tensor:
+    """``(D, k)``: for each parent and candidate neuron ``choices: (D, k)``, the lower of its two
+    children's bounds (with the parent's multipliers; ``inf`` for an empty child)."""
+    count, k = choices.shape
     # Children ordered (parent, candidate, phase).
-    flat = top.indices.repeat_interleave(2, dim=1).flatten()
+    flat = choices.repeat_interleave(2, dim=1).flatten()
     phase = torch.tensor([1, -1], device=flat.device).repeat(count * k)
     repeated = domains.select(torch.arange(count, device=flat.device).repeat_interleave(2 * k))
     pre, signs = split_at(repeated, flat, phase, layers)
@@ -139,9 +172,4 @@ def fsb_choice(
         )
     value = (found.lower - offsets).max(dim=1).values
     value = torch.where(empty_subdomains(pre), torch.full_like(value, float("inf")), value)
-    worse_child = value.view(count, k, 2).min(dim=2).values
-    # Candidates that were not splittable (score -inf) must never win.
-    worse_child = torch.where(torch.isinf(top.values) & (top.values < 0),
-                              torch.full_like(worse_child, float("-inf")), worse_child)
-    best = worse_child.argmax(dim=1)
-    return top.indices.gather(1, best.unsqueeze(1)).squeeze(1)
+    return value.view(count, k, 2).min(dim=2).values
