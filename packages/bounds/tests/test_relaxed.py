@@ -82,3 +82,35 @@ def test_bad_slopes_are_rejected() -> None:
         relaxed.lower([slopes[0] + 2.0, slopes[1]])
     with pytest.raises(ValueError, match="shape"):
         relaxed.lower([slopes[0][:1], slopes[1]])
+
+
+@pytest.mark.parametrize("with_spec", [True, False])
+def test_interval_lower_is_ibp_without_a_second_pass(with_spec: bool) -> None:
+    """With IBP intermediates, the interval bound read off the relaxation is ``ibp``'s; with
+    CROWN intermediates it is sound and at least as tight."""
+    from tightrope.bounds import ibp
+
+    model, box, C = _problem()
+    spec = C if with_spec else None
+    expected = ibp(model, box, spec).lower.flatten(1)
+    torch.testing.assert_close(relax(model, box, spec).interval_lower(), expected,
+                               rtol=0, atol=1e-10)
+    tighter = relax(model, box, spec, intermediate="crown").interval_lower()
+    assert bool((tighter >= expected - 1e-10).all())
+    # Sound: below the specification at sampled points of the box.
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(200):
+        x = box.lower + (box.upper - box.lower) * torch.rand(box.lower.shape, generator=generator,
+                                                             dtype=box.lower.dtype)
+        out = model(x)
+        values = torch.einsum("bkn,bn->bk", C, out) if with_spec else out
+        assert bool((tighter <= values + 1e-10).all())
+
+
+def test_interval_lower_of_a_network_without_relu() -> None:
+    from tightrope.bounds import ibp
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(36, 4)).double().eval()
+    _, box, C = _problem()
+    torch.testing.assert_close(relax(model, box, C).interval_lower(), ibp(model, box, C).lower,
+                               rtol=0, atol=1e-10)

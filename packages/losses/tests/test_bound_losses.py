@@ -69,6 +69,12 @@ def test_crown_ibp_beta_one_uses_crown_ibp_and_zero_is_ibp(seed: int) -> None:
     robust = robust_cross_entropy(0.3 * crown_lower + 0.7 * ibp_lower).mean()
     expected = 0.5 * F.cross_entropy(model(x), y) + 0.5 * robust
     torch.testing.assert_close(half.loss, expected, rtol=1e-12, atol=0)
+    # The mix reads its IBP bound off the CROWN-IBP pass; the gradients are those of the
+    # two separate bounds.
+    weights = list(model.parameters())
+    for got, want in zip(torch.autograd.grad(half.loss, weights),
+                         torch.autograd.grad(expected, weights), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("seed", SEEDS)

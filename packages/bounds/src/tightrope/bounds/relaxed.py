@@ -18,9 +18,11 @@ from torch import Tensor, nn
 
 from tightrope.bounds.backward import lower_bound
 from tightrope.bounds.core import Box
+from tightrope.bounds.interval import tail_bounds
 from tightrope.bounds.linear import (
     Intermediate,
     PreActivations,
+    _output_bounds,
     _output_spec,
     pre_activation_bounds,
 )
@@ -74,8 +76,9 @@ class Relaxed:
         """
         net = self.problem.net
         if slopes is None:
-            return lower_bound(net, len(net.ops), self.spec, self.problem.box,
-                               self.pre.relaxations)
+            # crown's own output pass (in sample groups on CPU).
+            found = _output_bounds(self.problem, self.pre, upper=False).lower
+            return found.reshape(found.shape[0], -1)
         if len(slopes) != len(self.relu_ops):
             raise ValueError(
                 f"expected {len(self.relu_ops)} slope tensors (one per ReLU), got {len(slopes)}"
@@ -98,6 +101,21 @@ class Relaxed:
             chosen[index] = torch.where(unstable, slope, relaxation.lower_slope.unsqueeze(1))
         return lower_bound(net, len(net.ops), self.spec, self.problem.box,
                            self.pre.relaxations, chosen)
+
+
+    def interval_lower(self) -> Tensor:
+        """Lower bounds ``(B, K)`` of ``C f`` by interval arithmetic from the last ReLU's
+        pre-activation bounds: with ``intermediate="ibp"`` this is ``ibp(model, box, C).lower``
+        without a second interval pass (CROWN-IBP training mixes the two bounds)."""
+        if self.relu_ops:
+            last = self.relu_ops[-1]
+            box = self.pre.boxes[last]
+            upper, lower = box.upper.relu(), box.lower.relu()
+            center, radius = (upper + lower) / 2, (upper - lower) / 2
+            start = last + 1
+        else:
+            center, radius, start = self.problem.box.center, self.problem.box.radius, 0
+        return tail_bounds(self.problem.net, self.spec, center, radius, start).lower
 
 
 def relax(

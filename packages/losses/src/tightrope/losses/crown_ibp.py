@@ -31,7 +31,8 @@ class CROWNIBPConfig:
 
     Attributes:
         beta: weight of the CROWN-IBP bound in the mix with IBP (paper: 1 -> 0 over the eps
-            ramp; default 1). At ``beta = 0`` no CROWN pass is run; at 1 no IBP output pass.
+            ramp; default 1). At ``beta = 0`` no CROWN pass is run; in between, the IBP bound
+            is read off the CROWN-IBP pass's own intervals (no second interval pass).
         kappa: weight of the natural cross-entropy (paper: 1 -> 0 on MNIST, 0 on CIFAR-10).
         lower_slope: lower slopes of unstable ReLUs in the CROWN pass (paper: adaptive).
         batchnorm: which batch normalises the bound passes (see :class:`BatchNormPolicy`).
@@ -51,16 +52,23 @@ class CROWNIBPConfig:
 
 def crown_ibp_margins(
     model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor, num_classes: int,
-    lower_slope: LowerSlope,
+    lower_slope: LowerSlope, beta: float = 1.0,
 ) -> Tensor:
-    """CROWN-IBP lower bounds ``(B, K-1)`` of the margins (lower side only)."""
+    """``beta lb_CROWN-IBP + (1 - beta) lb_IBP``, lower bounds ``(B, K-1)`` of the margins.
+
+    Both bounds come from one interval pass: CROWN-IBP's intermediate bounds already hold the
+    last ReLU's interval, from which the IBP bound is read (``Relaxed.interval_lower``).
+    """
     C = margin_spec(y, num_classes, dtype=x.dtype).to(x.device)
     box = Box.from_linf(x, eps)
-    if not is_recording():
+    if beta == 1.0 and not is_recording():
         return crown_ibp(model, box, C, lower_slope=lower_slope, upper=False).lower
     relaxed = relax(model, box, C, intermediate="ibp", lower_slope=lower_slope)
-    record_pre_activations(box, relaxed.pre_activations)
-    return relaxed.lower()
+    if is_recording():
+        record_pre_activations(box, relaxed.pre_activations)
+    if beta == 1.0:
+        return relaxed.lower()
+    return beta * relaxed.lower() + (1.0 - beta) * relaxed.interval_lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +86,11 @@ class CROWNIBPLoss:
         beta, kappa = self.config.beta, self.config.kappa
         with clean_pass(model, x, self.config.batchnorm) as logits:
             num_classes = logits.shape[1]
-            if beta == 1.0:
-                lower = crown_ibp_margins(model, x, y, eps, num_classes, self.config.lower_slope)
-            elif beta == 0.0:
+            if beta == 0.0:
                 lower = ibp_margins(model, x, y, eps, num_classes)
             else:
-                lower = beta * crown_ibp_margins(
-                    model, x, y, eps, num_classes, self.config.lower_slope
-                ) + (1.0 - beta) * ibp_margins(model, x, y, eps, num_classes)
+                lower = crown_ibp_margins(model, x, y, eps, num_classes,
+                                          self.config.lower_slope, beta)
         robust = robust_cross_entropy(lower).mean()
         natural = cross_entropy(logits, y)
         loss = robust if kappa == 0.0 else kappa * natural + (1.0 - kappa) * robust
