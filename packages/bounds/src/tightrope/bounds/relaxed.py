@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from tightrope.bounds.backward import lower_bound
 from tightrope.bounds.core import Box
-from tightrope.bounds.interval import tail_bounds
+from tightrope.bounds.interval import _relu_interval, tail_bounds
 from tightrope.bounds.linear import (
     Intermediate,
     PreActivations,
@@ -102,17 +102,14 @@ class Relaxed:
         return lower_bound(net, len(net.ops), self.spec, self.problem.box,
                            self.pre.relaxations, chosen)
 
-
     def interval_lower(self) -> Tensor:
         """Lower bounds ``(B, K)`` of ``C f`` by interval arithmetic from the last ReLU's
         pre-activation bounds: with ``intermediate="ibp"`` this is ``ibp(model, box, C).lower``
         without a second interval pass (CROWN-IBP training mixes the two bounds)."""
         if self.relu_ops:
-            last = self.relu_ops[-1]
-            box = self.pre.boxes[last]
-            upper, lower = box.upper.relu(), box.lower.relu()
-            center, radius = (upper + lower) / 2, (upper - lower) / 2
-            start = last + 1
+            box = self.pre.boxes[self.relu_ops[-1]]
+            center, radius = _relu_interval(box.center, box.radius)
+            start = self.relu_ops[-1] + 1
         else:
             center, radius, start = self.problem.box.center, self.problem.box.radius, 0
         return tail_bounds(self.problem.net, self.spec, center, radius, start).lower
