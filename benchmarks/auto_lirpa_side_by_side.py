@@ -1,7 +1,7 @@
 """tightrope.bounds and auto_LiRPA side by side, in one process, on the same models and inputs.
 
     python benchmarks/auto_lirpa_side_by_side.py [--rounds 10] [--cases cnn7-b32,cnn3-b256]
-                                                 [--keep-freed-memory]
+                                                 [--keep-freed-memory] [--compile]
 
 auto_LiRPA is not a dependency of this project: install it from source into the environment
 that runs this script (with ``--no-deps`` next to a pinned CPU torch), together with
@@ -270,6 +270,10 @@ def main() -> None:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="call tightrope.bounds.keep_freed_memory() first (process-wide "
                              "glibc setting, affects both libraries alike)")
+    parser.add_argument("--compile", action="store_true",
+                        help="call tightrope.bounds.compile_kernels(after_elements=0) first: "
+                             "tightrope's ReLU step of the backward pass compiled by "
+                             "torch.compile (compiled during the warm-up round)")
     args = parser.parse_args()
     names = [name.strip() for name in args.cases.split(",") if name.strip()]
     unknown = [name for name in names if name not in CASES]
@@ -285,6 +289,9 @@ def main() -> None:
           f"({Path(auto_LiRPA.__file__).parent})")
     print("keep_freed_memory: "
           + (f"called (applied: {kept})" if args.keep_freed_memory else "not called (default)"))
+    compiled = tb.compile_kernels(after_elements=0) if args.compile else False
+    print("compile_kernels: "
+          + (f"called (in use: {compiled})" if args.compile else "not called (default)"))
     print(f"eps {EPS} (box clipped to [0, 1]), {CLASSES - 1} margin rows, median of "
           f"{args.rounds} rounds after 1 warm-up (CROWN: 2 rounds)")
 

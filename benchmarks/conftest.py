@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tightrope.bounds import keep_freed_memory
+from tightrope.bounds import compile_kernels, keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 # As the command-line tools do: freed blocks are reused rather than unmapped and faulted back.
 keep_freed_memory()
+COMPILE = os.environ.get("TIGHTROPE_BENCH_COMPILE", "1") != "0"
 
 THREADS = int(os.environ.get("TIGHTROPE_BENCH_THREADS", "2"))
 
@@ -27,6 +28,13 @@ THREADS = int(os.environ.get("TIGHTROPE_BENCH_THREADS", "2"))
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     torch.set_num_threads(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _compiled_kernels() -> None:
+    # As tightrope-train does, but compiled at first use, so that compilation falls in the
+    # warm-up rounds; TIGHTROPE_BENCH_COMPILE=0 measures eager kernels.
+    compile_kernels(COMPILE, after_elements=0)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

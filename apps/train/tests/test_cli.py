@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tightrope.apps.train.cli import ProgressPrinter, build_parser, main
+from tightrope.bounds import compile_kernels, kernels_compiled
 from tightrope.train import Progress, load_checkpoint
 
 CONFIG = """\
@@ -67,8 +68,11 @@ def test_a_run_end_to_end_then_resume(tmp_path: Path, capsys: pytest.CaptureFixt
     assert report["verified_accuracy"] <= report["pgd_accuracy"] <= report["clean_accuracy"]
     assert load_checkpoint(run / "best.pt").epoch == 2
     before = torch.load(run / "last.pt", weights_only=True)["model"]["state_dict"]
+    assert kernels_compiled(), "tightrope-train compiles the bound kernels by default"
     # A finished run resumes to the same state (nothing left to train).
-    assert main(["--resume", str(run), "--quiet", "--no-test"]) == 0
+    compile_kernels(False)
+    assert main(["--resume", str(run), "--quiet", "--no-test", "--no-compile"]) == 0
+    assert not kernels_compiled()
     after = torch.load(run / "last.pt", weights_only=True)["model"]["state_dict"]
     assert all(torch.equal(before[k], after[k]) for k in before)
 

@@ -37,6 +37,7 @@ from tightrope.bounds.beta import (
     split_lower_bound,
 )
 from tightrope.bounds.core import Box, LinearBounds, margin_spec
+from tightrope.bounds.fused import compile_kernels, kernels_compiled
 from tightrope.bounds.interval import IntervalTrace, ibp, ibp_trace
 from tightrope.bounds.linear import (
     Intermediate,
@@ -76,12 +77,14 @@ __all__ = [
     "affine_rule",
     "alpha_crown",
     "apply_splits",
+    "compile_kernels",
     "crown",
     "crown_ibp",
     "empty_subdomains",
     "ibp",
     "ibp_trace",
     "keep_freed_memory",
+    "kernels_compiled",
     "linear_bounds",
     "lower",
     "lp_bound",

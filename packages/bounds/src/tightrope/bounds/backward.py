@@ -15,10 +15,11 @@ import torch
 from torch import Tensor
 
 from tightrope.bounds.core import Box, concretize_lower, features_dot
+from tightrope.bounds.fused import relu_step
 from tightrope.bounds.network import Affine, Network, transpose_rows
 from tightrope.bounds.relaxation import ReluRelaxation
 
-__all__ = ["backward_lower", "lower_bound"]
+__all__ = ["backward_lower", "lower_bound", "relu_step"]
 
 
 def backward_lower(
@@ -70,20 +71,6 @@ def backward_lower(
                 upper_slope = upper_slope.contiguous(memory_format=torch.channels_last)
             A, bias = relu_step(A, bias, lower_slope, upper_slope, relaxation.upper_intercept)
     return A, bias
-
-
-def relu_step(
-    A: Tensor, bias: Tensor, lower_slope: Tensor, upper_slope: Tensor, intercept: Tensor
-) -> tuple[Tensor, Tensor]:
-    """One ReLU of the backward pass: ``A: (B, K, *S)``, ``lower_slope: (B, 1 or K, *S)``,
-    ``upper_slope, intercept: (B, *S)``.
-
-    Where a coefficient is negative the upper line keeps the bound a lower bound:
-    ``A' = A * lower_slope + A- * (upper_slope - lower_slope)``, constant ``+= A- . intercept``.
-    """
-    negative = A.clamp(max=0)
-    bias = bias + features_dot(negative, intercept)
-    return torch.addcmul(A * lower_slope, negative, upper_slope.unsqueeze(1) - lower_slope), bias
 
 
 def _channels_last(A: Tensor) -> bool:

@@ -60,6 +60,10 @@ def add_checkpoint(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     parser.add_argument("--no-bab", action="store_true",
                         help="stop after the bounds and attacks (no branch-and-bound)")
+    parser.add_argument("--compile", action="store_true",
+                        help="compile the ReLU step of CROWN-style bounds with torch.compile "
+                             "(tightrope.bounds.compile_kernels): seconds of compilation per "
+                             "kernel variant at start, faster bounds after; for long runs")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.set_defaults(run=_run_checkpoint)
 
@@ -81,9 +85,12 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     import torch
 
     from tightrope.apps.certify.checkpoint_command import run_checkpoint
+    from tightrope.bounds import compile_kernels
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.compile:
+        compile_kernels()
     try:
         out, summary = run_checkpoint(job, quiet=args.quiet)
     except (OSError, ValueError) as error:  # missing files, data sets, foreign checkpoints

@@ -20,7 +20,7 @@ from typing import TextIO
 import torch
 
 from tightrope.apps.train.__about__ import __version__
-from tightrope.bounds import keep_freed_memory
+from tightrope.bounds import compile_kernels, keep_freed_memory
 from tightrope.train import (
     ConfigError,
     DatasetNotFoundError,
@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-test", action="store_true",
                         help="skip the final evaluation of best.pt on the test split")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress output")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="run bound computations eagerly; by default the ReLU step of "
+                             "CROWN-style bounds (CROWN-IBP, Lee, evaluation) is compiled by "
+                             "torch.compile: seconds of compilation at its first use, faster "
+                             "steps after (tightrope.bounds.compile_kernels)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value",
                         help="config overrides, e.g. optim.lr=1e-3 epochs=3")
@@ -179,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = sys.stdout
     keep_freed_memory()
+    if not args.no_compile:
+        compile_kernels()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     try:

@@ -1,0 +1,213 @@
+"""compile_kernels(): the compiled ReLU step of the backward pass equals the eager one (values
+and gradients, every layout and gradient variant), bounds stay sound with it, and a compiler
+failure falls back to eager computation with a warning."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+import tightrope.bounds.fused as fused
+from tightrope.bounds import (
+    Box,
+    alpha_crown,
+    compile_kernels,
+    crown,
+    crown_ibp,
+    kernels_compiled,
+    margin_spec,
+)
+
+
+@pytest.fixture
+def compiled() -> Iterator[None]:
+    assert compile_kernels(True, after_elements=0), "torch.compile should work here"
+    yield
+    fused._settings.failed = False
+    compile_kernels(False)
+
+
+def _inputs(
+    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, per_row: bool,
+) -> tuple[Tensor, ...]:
+    generator = torch.Generator().manual_seed(sum(shape))
+    batch, rows, features = shape[0], shape[1], shape[2:]
+    A = torch.randn(shape, dtype=dtype, generator=generator)
+    lower = torch.randn((batch, *features), dtype=dtype, generator=generator)
+    upper = lower + torch.rand((batch, *features), dtype=dtype, generator=generator)
+    slopes = torch.rand((batch, rows if per_row else 1, *features), dtype=dtype,
+                        generator=generator)
+    if channels_last:
+        A = A.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+        lower = lower.contiguous(memory_format=torch.channels_last)
+        upper = upper.contiguous(memory_format=torch.channels_last)
+    bias = torch.randn((batch, rows), dtype=dtype, generator=generator)
+    return A, bias, slopes, lower, upper
+
+
+def _step(step: object, A: Tensor, bias: Tensor, slopes: Tensor, lower: Tensor,
+          upper: Tensor) -> tuple[Tensor, Tensor]:
+    # The relaxation's chord and intercept as functions of the bounds, so that gradients
+    # reach the bounds as they do in training.
+    width = (upper - lower).clamp(min=1e-3)
+    chord = upper.clamp(min=0) / width
+    intercept = -chord * lower.clamp(max=0)
+    assert callable(step)
+    result: tuple[Tensor, Tensor] = step(A, bias, slopes, chord, intercept)
+    return result
+
+
+# shape, dtype, channels-last coefficients, per-row (alpha) slopes. Each variant compiles for
+# seconds on first use; the fast suite keeps the layout of the convolutional output pass.
+VARIANTS = [
+    pytest.param((3, 4, 5, 6, 7), torch.float32, False, False, marks=pytest.mark.slow),
+    ((3, 4, 5, 6, 7), torch.float32, True, False),
+    pytest.param((3, 4, 5, 6, 7), torch.float64, True, True, marks=pytest.mark.slow),
+    pytest.param((3, 4, 11), torch.float64, False, False, marks=pytest.mark.slow),
+    pytest.param((3, 4, 11), torch.float32, False, True, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "channels_last", "per_row"), VARIANTS)
+@pytest.mark.usefixtures("compiled")
+def test_compiled_step_equals_eager_in_values_and_gradients(
+    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, per_row: bool,
+) -> None:
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    results = []
+    for step in (fused.relu_step_eager, fused.relu_step):
+        leaves = [t.clone().requires_grad_(True) for t in _inputs(shape, dtype, channels_last,
+                                                                     per_row)]
+        out, bias = _step(step, *leaves)
+        generator = torch.Generator().manual_seed(7)
+        weights = torch.randn(out.shape, dtype=dtype, generator=generator)
+        loss = (out * weights).sum() + (bias * torch.arange(bias.numel(), dtype=dtype)
+                                        .view(bias.shape)).sum()
+        grads = torch.autograd.grad(loss, leaves)
+        results.append((out.detach(), bias.detach(), *grads))
+    for eager, compiled_value in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(compiled_value, eager, **tol)
+    # The layout of the coefficients is kept (the next transposed convolution relies on it).
+    if channels_last:
+        assert results[1][0].permute(0, 1, 3, 4, 2).is_contiguous()
+
+
+@pytest.mark.usefixtures("compiled")
+def test_compiled_step_without_gradients_and_in_inference_mode() -> None:
+    inputs = _inputs((2, 3, 4, 5, 5), torch.float32, True, False)
+    expected = _step(fused.relu_step_eager, *inputs)
+    with torch.no_grad():
+        found = _step(fused.relu_step, *inputs)
+    with torch.inference_mode():
+        found_inference = _step(fused.relu_step, *inputs)
+    for value in (found, found_inference):
+        torch.testing.assert_close(value[0], expected[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(value[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def _cnn() -> nn.Sequential:
+    torch.manual_seed(5)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=1, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 16), nn.ReLU(), nn.Linear(16, 5),
+    ).double().eval()
+
+
+def test_bounds_with_compiled_kernels_equal_eager_and_are_sound(compiled: None) -> None:
+    model = _cnn()
+    with torch.no_grad():
+        model[3].running_mean.uniform_(-0.2, 0.2)
+        model[3].running_var.uniform_(0.5, 2.0)
+    generator = torch.Generator().manual_seed(2)
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64, generator=generator)
+    y = torch.arange(6) % 5
+    box, C = Box.from_linf(x, 0.08), margin_spec(y, 5, dtype=torch.float64)
+    functions = {
+        "crown": lambda: crown(model, box, C),
+        "crown_ibp": lambda: crown_ibp(model, box, C),
+        "alpha_crown": lambda: alpha_crown(model, box, C, steps=5),
+    }
+    found = {}
+    for enabled in (False, True):
+        compile_kernels(enabled, after_elements=0)
+        assert kernels_compiled() == enabled
+        for name, function in functions.items():
+            found[name, enabled] = function()
+    points = box.lower + (box.upper - box.lower) * torch.rand(
+        (512, *box.shape), dtype=torch.float64, generator=generator)
+    with torch.no_grad():
+        values = torch.einsum("bkn,sbn->sbk", C, model(points.flatten(0, 1)).view(512, 6, 5))
+    for name in functions:
+        eager, compiled_bounds = found[name, False], found[name, True]
+        torch.testing.assert_close(compiled_bounds.lower, eager.lower, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(compiled_bounds.upper, eager.upper, rtol=1e-10, atol=1e-10)
+        assert bool((values >= compiled_bounds.lower - 1e-9).all()), name
+        assert bool((values <= compiled_bounds.upper + 1e-9).all()), name
+    # Training differentiates through the compiled step: parameter gradients agree too.
+    gradients = []
+    for enabled in (False, True):
+        compile_kernels(enabled, after_elements=0)
+        model.zero_grad()
+        crown_ibp(model, box, C, upper=False).lower.sum().backward()
+        gradients.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    for eager, compiled_gradient in zip(*gradients, strict=True):
+        torch.testing.assert_close(compiled_gradient, eager, rtol=1e-10, atol=1e-10)
+
+
+def test_compiler_failure_falls_back_to_eager_with_one_warning(
+    compiled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken_compile(function: object, **options: object) -> object:
+        def run(*args: object) -> object:
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_working", set())
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    inputs = _inputs((2, 3, 7), torch.float64, False, False)
+    expected = _step(fused.relu_step_eager, *inputs)
+    with pytest.warns(RuntimeWarning, match=r"no C\+\+ compiler"):
+        found = _step(fused.relu_step, *inputs)
+    torch.testing.assert_close(found[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(found[1], expected[1], rtol=0, atol=0)
+    assert not kernels_compiled()
+    assert not compile_kernels(True), "a failed compiler stays off for the process"
+
+
+def test_bad_inputs_raise_their_own_error_and_keep_compilation_on(compiled: None) -> None:
+    A, bias, slopes, lower, upper = _inputs((2, 3, 7), torch.float64, False, False)
+    with pytest.raises(RuntimeError, match="size"):
+        _step(fused.relu_step, A, bias, slopes, lower[:, :5], upper[:, :5])
+    assert kernels_compiled()
+
+
+def test_a_variant_runs_eagerly_until_it_has_processed_after_elements(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    compiled_functions: list[object] = []
+
+    def recording_compile(function: object, **options: object) -> object:
+        compiled_functions.append(function)
+        return function
+
+    monkeypatch.setattr(fused, "_compiled", {})
+    monkeypatch.setattr(fused, "_working", set())
+    monkeypatch.setattr(torch, "compile", recording_compile)
+    inputs = _inputs((2, 3, 7), torch.float64, False, False)  # 42 elements per call
+    try:
+        assert compile_kernels(True, after_elements=100)
+        for _ in range(3):  # 0, 42, 84 elements processed before these calls: eager
+            _step(fused.relu_step, *inputs)
+        assert compiled_functions == []
+        _step(fused.relu_step, *inputs)  # 126 >= 100: compiles
+        _step(fused.relu_step, *inputs)
+        assert len(compiled_functions) == 1
+    finally:
+        compile_kernels(False)
+    with pytest.raises(ValueError, match="after_elements"):
+        compile_kernels(True, after_elements=-1)
