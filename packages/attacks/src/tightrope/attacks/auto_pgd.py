@@ -142,7 +142,7 @@ def apgd(
     config = APGDConfig() if config is None else config
     check_generator(generator, config.random_start or config.restarts > 1, x)
     inputs = prepare_inputs(x, y, eps, config.domain)
-    with frozen_model(model, mode=config.model_mode):
+    with frozen_model(model, mode=config.model_mode) as model:
         best = run_restarts(
             lambda index, random: _run(model, inputs.rows(index), random, config, generator),
             inputs.x.shape[0],

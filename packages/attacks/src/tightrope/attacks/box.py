@@ -178,7 +178,7 @@ def box_pgd(
             early_stop=config.early_stop,
         )
 
-    with frozen_model(model, mode=config.model_mode):
+    with frozen_model(model, mode=config.model_mode) as model:
         best = run_restarts(
             run,
             lower.shape[0],
@@ -218,7 +218,7 @@ def multi_estimator_box_pgd(
     lower, upper, y = _check_box(lower, upper, y)
     check_generator(generator, config.random_start or config.restarts > 1, lower)
     batch, shape = lower.shape[0], lower.shape[1:]
-    with frozen_model(model, mode=config.model_mode):
+    with frozen_model(model, mode=config.model_mode) as model:
         with torch.no_grad():
             centre_logits = model((lower + upper) / 2)
         check_logits(centre_logits, y)

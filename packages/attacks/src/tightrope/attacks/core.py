@@ -22,6 +22,7 @@ __all__ = [
     "AttackResult",
     "ModelMode",
     "Objective",
+    "fold_batchnorm",
     "frozen_model",
     "margins",
     "objective_values",
@@ -104,6 +105,10 @@ def frozen_model(model: nn.Module, *, mode: ModelMode = ModelMode.EVAL) -> Itera
     computed or accumulated) and, for ``ModelMode.EVAL``, every module is in eval mode. On exit
     the ``training`` flag of every submodule and the ``requires_grad`` flag of every parameter
     are restored to what they were, also when the block raises.
+
+    Yields the module to attack: for ``ModelMode.EVAL``, :func:`fold_batchnorm` of ``model``
+    (the same function with eval-mode BatchNorms folded into the layers before them: one
+    element-wise pass fewer per BatchNorm, forward and backward); ``model`` itself otherwise.
     """
     modes = [(module, module.training) for module in model.modules()]
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
@@ -112,12 +117,97 @@ def frozen_model(model: nn.Module, *, mode: ModelMode = ModelMode.EVAL) -> Itera
             parameter.requires_grad_(False)
         if mode is ModelMode.EVAL:
             model.eval()
-        yield model
+            yield fold_batchnorm(model)
+        else:
+            yield model
     finally:
         for module, training in modes:
             module.training = training
         for parameter, requires_grad in flags:
             parameter.requires_grad_(requires_grad)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """``model`` with every eval-mode BatchNorm that directly follows a ``Conv2d`` (or a
+    ``Linear``) in an ``nn.Sequential`` folded into that layer's weight and bias.
+
+    The result computes the same function as ``model`` in eval mode (up to float rounding) with
+    one element-wise pass fewer per BatchNorm. Its tensors are computed without gradient from
+    the current parameters: build it afresh after the parameters change. ``model`` is not
+    modified, and is returned itself when there is nothing to fold (not an ``nn.Sequential``,
+    BatchNorm in train mode or without running statistics, layer subclasses, non-zero padding
+    modes).
+    """
+    if type(model) is not nn.Sequential:
+        return model
+    children = list(model)
+    layers: list[nn.Module] = []
+    changed = False
+    index = 0
+    while index < len(children):
+        following = children[index + 1] if index + 1 < len(children) else None
+        folded = _fold_pair(children[index], following)
+        if folded is not None:
+            layers.append(folded)
+            changed = True
+            index += 2
+            continue
+        layers.append(fold_batchnorm(children[index]))
+        changed = changed or layers[-1] is not children[index]
+        index += 1
+    return nn.Sequential(*layers) if changed else model
+
+
+class _FoldedConv2d(nn.Module):
+    def __init__(self, conv: nn.Conv2d, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        self.stride, self.padding = conv.stride, conv.padding
+        self.dilation, self.groups = conv.dilation, conv.groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                        self.groups)
+
+
+class _FoldedLinear(nn.Module):
+    def __init__(self, weight: Tensor, bias: Tensor) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def _fold_pair(layer: nn.Module, norm: nn.Module | None) -> nn.Module | None:
+    """The fold of ``norm`` into ``layer``, or None when the pair does not fold."""
+    if type(layer) is nn.Conv2d:
+        if type(norm) is not nn.BatchNorm2d or layer.padding_mode != "zeros":
+            return None
+        if isinstance(layer.padding, str):
+            return None
+    elif type(layer) is nn.Linear:
+        if type(norm) is not nn.BatchNorm1d:
+            return None
+    else:
+        return None
+    assert isinstance(norm, nn.BatchNorm1d | nn.BatchNorm2d)  # narrowed by the checks above
+    mean, var = norm.running_mean, norm.running_var
+    if norm.training or mean is None or var is None or norm.num_features != layer.weight.shape[0]:
+        return None
+    with torch.no_grad():
+        scale = torch.rsqrt(var + norm.eps)
+        shift = -mean * scale
+        if norm.weight is not None:
+            scale = scale * norm.weight
+            shift = shift * norm.weight
+        if norm.bias is not None:
+            shift = shift + norm.bias
+        bias = shift if layer.bias is None else layer.bias * scale + shift
+        weight = layer.weight * scale.view(-1, *([1] * (layer.weight.dim() - 1)))
+    if isinstance(layer, nn.Conv2d):
+        return _FoldedConv2d(layer, weight, bias)
+    return _FoldedLinear(weight, bias)
 
 
 def margins(logits: Tensor, y: Tensor) -> Tensor:

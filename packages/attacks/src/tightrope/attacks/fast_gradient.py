@@ -101,7 +101,7 @@ def fgsm(
     check_generator(generator, config.random_start, x)
     inputs = prepare_inputs(x, y, eps, config.domain)
     score = label_score(inputs.y, config.objective)
-    with frozen_model(model, mode=config.model_mode):
+    with frozen_model(model, mode=config.model_mode) as model:
         start = (
             uniform_in_box(inputs.lower, inputs.upper, generator)
             if config.random_start
