@@ -1,6 +1,6 @@
-"""compile_kernels(): the compiled ReLU step of the backward pass equals the eager one (values
-and gradients, every layout and gradient variant), bounds stay sound with it, and a compiler
-failure falls back to eager computation with a warning."""
+"""compile_kernels(): the compiled ReLU step of the backward pass and the compiled interval ReLU
+of IBP equal the eager ones (values and gradients, every layout and gradient variant), bounds
+stay sound with them, and a compiler failure falls back to eager computation with a warning."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from tightrope.bounds import (
     compile_kernels,
     crown,
     crown_ibp,
+    ibp,
     kernels_compiled,
     margin_spec,
 )
@@ -127,6 +128,7 @@ def test_bounds_with_compiled_kernels_equal_eager_and_are_sound(compiled: None) 
     y = torch.arange(6) % 5
     box, C = Box.from_linf(x, 0.08), margin_spec(y, 5, dtype=torch.float64)
     functions = {
+        "ibp": lambda: ibp(model, box, C),
         "crown": lambda: crown(model, box, C),
         "crown_ibp": lambda: crown_ibp(model, box, C),
         "alpha_crown": lambda: alpha_crown(model, box, C, steps=5),
@@ -147,15 +149,17 @@ def test_bounds_with_compiled_kernels_equal_eager_and_are_sound(compiled: None) 
         torch.testing.assert_close(compiled_bounds.upper, eager.upper, rtol=1e-10, atol=1e-10)
         assert bool((values >= compiled_bounds.lower - 1e-9).all()), name
         assert bool((values <= compiled_bounds.upper + 1e-9).all()), name
-    # Training differentiates through the compiled step: parameter gradients agree too.
-    gradients = []
-    for enabled in (False, True):
-        compile_kernels(enabled, after_elements=0)
-        model.zero_grad()
-        crown_ibp(model, box, C, upper=False).lower.sum().backward()
-        gradients.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-    for eager, compiled_gradient in zip(*gradients, strict=True):
-        torch.testing.assert_close(compiled_gradient, eager, rtol=1e-10, atol=1e-10)
+    # Training differentiates through the compiled steps: parameter gradients agree too.
+    for bound in (lambda: crown_ibp(model, box, C, upper=False).lower,
+                  lambda: ibp(model, box, C).lower):
+        gradients = []
+        for enabled in (False, True):
+            compile_kernels(enabled, after_elements=0)
+            model.zero_grad()
+            bound().sum().backward()
+            gradients.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+        for eager, compiled_gradient in zip(*gradients, strict=True):
+            torch.testing.assert_close(compiled_gradient, eager, rtol=1e-10, atol=1e-10)
 
 
 def test_compiler_failure_falls_back_to_eager_with_one_warning(
@@ -211,3 +215,73 @@ def test_a_variant_runs_eagerly_until_it_has_processed_after_elements(
         compile_kernels(False)
     with pytest.raises(ValueError, match="after_elements"):
         compile_kernels(True, after_elements=-1)
+
+
+def _interval(
+    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool
+) -> tuple[Tensor, Tensor]:
+    """Centres and radii with every case of the ReLU: off, on, unstable, and the ties
+    ``c = r`` (lower bound exactly 0) and ``c = r = 0`` (dead padding) where the
+    gradients of the two eager formulas would differ."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    center = torch.randn(shape, dtype=dtype, generator=generator)
+    radius = torch.rand(shape, dtype=dtype, generator=generator)
+    flat_center, flat_radius = center.view(-1), radius.view(-1)
+    flat_center[::7] = flat_radius[::7]
+    flat_center[1::11] = 0.0
+    flat_radius[1::11] = 0.0
+    if channels_last:
+        center = center.contiguous(memory_format=torch.channels_last)
+        radius = radius.contiguous(memory_format=torch.channels_last)
+    return center, radius
+
+
+# shape, dtype, channels-last, with gradients. Each variant compiles for seconds on first use.
+INTERVAL_VARIANTS = [
+    ((4, 6, 5, 5), torch.float32, True, False),
+    ((4, 6, 5, 5), torch.float64, True, True),
+    pytest.param((4, 6, 5, 5), torch.float64, False, False, marks=pytest.mark.slow),
+    pytest.param((5, 13), torch.float32, False, True, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("shape", "dtype", "channels_last", "grad"), INTERVAL_VARIANTS)
+@pytest.mark.usefixtures("compiled")
+def test_compiled_interval_relu_equals_eager_in_values_gradients_and_layout(
+    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, grad: bool,
+) -> None:
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    results = []
+    for step in (fused.relu_interval_eager, fused.relu_interval):
+        leaves = [t.clone().requires_grad_(grad) for t in _interval(shape, dtype, channels_last)]
+        with torch.set_grad_enabled(grad):
+            center, radius = step(*leaves)
+        assert center.shape == shape
+        assert radius.shape == shape
+        assert center.stride() == leaves[0].stride(), "the layout is kept"
+        found = [center.detach(), radius.detach()]
+        if grad:
+            weights = torch.randn((2, *shape), dtype=dtype,
+                                  generator=torch.Generator().manual_seed(3))
+            found += torch.autograd.grad((center * weights[0] + radius * weights[1]).sum(),
+                                         leaves)
+        results.append(found)
+    for eager, compiled_value in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(compiled_value, eager, **tol)
+    # The values are those of the interval itself: relu of both ends.
+    center, radius = _interval(shape, dtype, channels_last)
+    torch.testing.assert_close(results[1][0] - results[1][1], (center - radius).relu(), **tol)
+    torch.testing.assert_close(results[1][0] + results[1][1], (center + radius).relu(), **tol)
+
+
+@pytest.mark.usefixtures("compiled")
+def test_interval_relu_of_mismatched_layouts_runs_eagerly() -> None:
+    center, radius = _interval((2, 3, 4, 4), torch.float32, False)
+    radius = radius.contiguous(memory_format=torch.channels_last)
+    before = len(fused._compiled)
+    with torch.no_grad():
+        found = fused.relu_interval(center, radius)
+    expected = fused.relu_interval_eager(center, radius)
+    assert len(fused._compiled) == before
+    torch.testing.assert_close(found[0], expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(found[1], expected[1], rtol=0, atol=0)

@@ -64,3 +64,37 @@ def test_gradients_flow_through_pre_activations() -> None:
     sum(b.radius.mean() for b in trace.pre_activations).backward()
     assert model[1].weight.grad is not None
     assert bool(model[1].weight.grad.abs().sum() > 0)
+
+
+def test_single_channel_images_propagate_in_channels_last_layout_on_cpu() -> None:
+    # A contiguous (B, 1, H, W) batch is channels-last in memory but not by its strides;
+    # IBP gives it channels-last strides (a view) so that every convolution after it runs in
+    # oneDNN's faster layout. Values are those of the plain NCHW computation.
+    model = _cnn()
+    x = torch.rand(3, 1, 8, 8, dtype=torch.float64)
+    box = Box.from_linf(x, 0.05)
+    trace = ibp_trace(model, box)
+    for pre in trace.pre_activations[:2]:
+        assert pre.lower.is_contiguous(memory_format=torch.channels_last)
+        assert not pre.lower.is_contiguous()
+    lower, upper = box.lower, box.upper
+    for layer in model:
+        if isinstance(layer, nn.ReLU):
+            lower, upper = lower.relu(), upper.relu()
+            continue
+        if isinstance(layer, nn.Flatten):
+            lower, upper = layer(lower), layer(upper)
+            continue
+        if isinstance(layer, nn.Linear | nn.Conv2d):
+            weight = layer.weight
+            positive, negative = weight.clamp(min=0), weight.clamp(max=0)
+            run = (lambda w, z, b: torch.nn.functional.linear(z, w, b)) if isinstance(
+                layer, nn.Linear) else (lambda w, z, b, m=layer: torch.nn.functional.conv2d(
+                    z, w, b, m.stride, m.padding))
+            lower, upper = (run(positive, lower, layer.bias) + run(negative, upper, None),
+                            run(positive, upper, layer.bias) + run(negative, lower, None))
+            continue
+        # Normalize and eval-mode BatchNorm: per-channel affine maps with positive scale here.
+        lower, upper = layer(lower), layer(upper)
+    torch.testing.assert_close(trace.output.lower, lower, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(trace.output.upper, upper, rtol=1e-9, atol=1e-9)

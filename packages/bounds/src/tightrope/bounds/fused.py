@@ -1,20 +1,22 @@
-"""Fused kernels for the elementwise steps of the backward pass (opt-in, ``torch.compile``).
+"""Fused kernels for the elementwise steps of bound propagation (opt-in, ``torch.compile``).
 
 The ReLU step of a backward pass (``relu_step``) reads and writes the whole coefficient tensor
 ``(B, K, *S)`` several times in eager PyTorch: a clamp, two products, a sum for the constant,
 and as many again in its gradient. On CNN7 that traffic was a third of a CROWN-IBP training
 step on a 2-core CPU. Compiled by ``torch.compile`` (inductor), the step and its gradient each
-read the coefficients once.
+read the coefficients once. IBP's interval ReLU (``relu_interval``) is four passes over the
+centre and radius in eager PyTorch (seven with gradients, and as many in their backward) and
+one compiled (one more for the gradient).
 
 Compilation costs seconds per kernel variant (cached on disk by inductor for later
 processes), so it is off unless :func:`compile_kernels` turns it on (the command-line tools
 do), and even then a variant runs eagerly until it has processed ``after_elements``
-coefficients, about as many seconds of eager work as its compilation takes: short runs and
-small networks never pay for it. Each variant (number of dimensions, dtype, device, grad mode
-and which inputs need gradients) is compiled once, with dynamic shapes, from its own copy of
-the function, so no variant evicts another from dynamo's per-function cache. If compiling
-fails (no C++ compiler, an unsupported platform), a warning says so once and every later call
-runs eagerly.
+elements, about as many seconds of eager work as its compilation takes: short runs and
+small networks never pay for it. Each variant (kernel, number of dimensions, dtype, device,
+grad mode and which inputs need gradients) is compiled once, with dynamic shapes, from its own
+copy of the function, so no variant evicts another from dynamo's per-function cache. If
+compiling fails (no C++ compiler, an unsupported platform), a warning says so once and every
+later call runs eagerly.
 """
 
 from __future__ import annotations
@@ -28,9 +30,16 @@ from torch import Tensor
 
 from tightrope.bounds.core import features_dot
 
-__all__ = ["compile_kernels", "kernels_compiled", "relu_step", "relu_step_eager"]
+__all__ = [
+    "compile_kernels",
+    "kernels_compiled",
+    "relu_interval",
+    "relu_interval_eager",
+    "relu_step",
+    "relu_step_eager",
+]
 
-Step = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]
+Kernel = Callable[..., tuple[Tensor, Tensor]]
 
 #: Default of ``compile_kernels(after_elements=...)``: on a 2-core CPU, about 10 s of eager
 #: ReLU steps with gradients, the order of one variant's compilation.
@@ -48,24 +57,24 @@ class _Settings:
 
 
 _settings = _Settings()
-_compiled: dict[tuple[object, ...], Step] = {}
+_compiled: dict[tuple[object, ...], Kernel] = {}
 _working: set[tuple[object, ...]] = set()
 _processed: dict[tuple[object, ...], int] = {}
 
 
 def compile_kernels(enabled: bool = True, *, after_elements: int = AFTER_ELEMENTS) -> bool:
-    """Run the backward pass's ReLU step as a compiled, fused kernel (``True``) or eagerly.
+    """Run the backward pass's ReLU step and IBP's interval ReLU as compiled, fused kernels
+    (``True``) or eagerly.
 
-    Affects every later bound computation of the process (``crown``, ``crown_ibp``,
-    ``alpha_crown``, ``linear_bounds``, beta-CROWN). The results are the same function of the
-    inputs up to float rounding (the compiled constant sums in another order). On CNN7
-    (batch 128, CPU) it takes a fifth off a CROWN-IBP training step.
+    Affects every later bound computation of the process (``ibp``, ``crown``, ``crown_ibp``, ``alpha_crown``, ``linear_bounds``, beta-CROWN). The results are
+    the same function of the inputs up to float rounding (the compiled constant sums in
+    another order). On CNN7 (batch 128, CPU) it takes a fifth off a CROWN-IBP training step.
 
     Args:
         enabled: compile (True) or always run eagerly (False).
-        after_elements: each kernel variant runs eagerly until the coefficient tensors it was
-            given add up to this many elements, then compiles (seconds, once per process and
-            variant); 0 compiles at first use.
+        after_elements: each kernel variant runs eagerly until the tensors it was given
+            (coefficients, or interval centres) add up to this many elements, then compiles
+            (seconds, once per process and variant); 0 compiles at first use.
 
     Returns:
         whether compiled kernels are now in use: False when turned off, when ``torch.compile``
@@ -80,7 +89,8 @@ def compile_kernels(enabled: bool = True, *, after_elements: int = AFTER_ELEMENT
 
 
 def kernels_compiled() -> bool:
-    """Whether :func:`relu_step` runs compiled kernels (see :func:`compile_kernels`)."""
+    """Whether :func:`relu_step` and :func:`relu_interval` run compiled kernels (see
+    :func:`compile_kernels`)."""
     return _settings.enabled and not _settings.failed and hasattr(torch, "compile")
 
 
@@ -118,40 +128,101 @@ def relu_step(
         # The kernels run on the memory order of A: (B, K, H, W, C), contiguous.
         A, lower_slope = A.permute(0, 1, 3, 4, 2), lower_slope.permute(0, 1, 3, 4, 2)
         upper_slope, intercept = upper_slope.permute(0, 2, 3, 1), intercept.permute(0, 2, 3, 1)
-        out, bias = _run(A, bias, lower_slope, upper_slope, intercept)
+        out, bias = _run(relu_step_eager, _relu_step_fusable,
+                         (A, bias, lower_slope, upper_slope, intercept))
         return out.permute(0, 1, 4, 2, 3), bias
-    return _run(A, bias, lower_slope, upper_slope, intercept)
+    return _run(relu_step_eager, _relu_step_fusable, (A, bias, lower_slope, upper_slope, intercept))
 
 
-def _run(
-    A: Tensor, bias: Tensor, lower_slope: Tensor, upper_slope: Tensor, intercept: Tensor
-) -> tuple[Tensor, Tensor]:
-    inputs = (A, bias, lower_slope, upper_slope, intercept)
+def relu_interval_eager(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """``relu`` of the interval ``center -/+ radius`` in centre/radius form.
+
+    Without gradients: with ``u = relu(c + r)`` the new radius is ``r`` where the neuron is
+    active (``c >= r``), ``u / 2`` where it is unstable and ``0`` where it is off:
+    ``min(u / 2, r)``; the new centre is ``u`` minus it (four passes). With gradients: the
+    half-sum and half-difference of ``relu(c + r)`` and ``relu(c - r)``, whose backward is two
+    cheap ReLU masks (that of ``minimum`` is not).
+    """
+    if torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad):
+        upper = (center + radius).relu_()  # fresh temporaries: in place is safe under autograd
+        lower = (center - radius).relu_()
+        radius = (upper - lower).mul_(0.5)
+        return lower + radius, radius
+    upper = (center + radius).relu_()
+    radius = torch.minimum(upper * 0.5, radius)
+    return upper - radius, radius
+
+
+def _relu_interval_fusable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    # relu_interval_eager without gradients, out of place (inductor fuses it into one pass).
+    upper = torch.relu(center + radius)
+    radius = torch.minimum(upper * 0.5, radius)
+    return upper - radius, radius
+
+
+def _relu_interval_differentiable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    # relu_interval_eager with gradients, out of place: the same values and gradients, one
+    # fused pass forward and one backward.
+    upper = torch.relu(center + radius)
+    lower = torch.relu(center - radius)
+    radius = (upper - lower) * 0.5
+    return lower + radius, radius
+
+
+def relu_interval(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`relu_interval_eager` (IBP's ReLU step), compiled when :func:`compile_kernels` is
+    on; ``center`` and ``radius`` have the same shape."""
+    layout = _dense_order(center)
+    if (not kernels_compiled() or layout is None or center.shape != radius.shape
+            or radius.stride() != center.stride()):
+        return relu_interval_eager(center, radius)
+    grad = torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad)
+    fusable = _relu_interval_differentiable if grad else _relu_interval_fusable
+    # One pass over the memory of both tensors, whatever their layout (channels-last too).
+    shape = [center.shape[d] for d in layout]
+    flat_center = center.permute(layout).reshape(-1)
+    flat_radius = radius.permute(layout).reshape(-1)
+    out_center, out_radius = _run(relu_interval_eager, fusable, (flat_center, flat_radius))
+    back = [layout.index(d) for d in range(center.dim())]
+    return out_center.view(shape).permute(back), out_radius.view(shape).permute(back)
+
+
+def _dense_order(tensor: Tensor) -> list[int] | None:
+    """The dimension order in which ``tensor`` is contiguous (outermost first), or ``None`` when
+    it is not a dense, non-overlapping block of memory."""
+    strides = tensor.stride()
+    order = sorted(range(tensor.dim()), key=lambda d: -strides[d])
+    return order if tensor.permute(order).is_contiguous() else None
+
+
+def _run(eager: Kernel, fusable: Kernel, inputs: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    """``fusable(*inputs)`` compiled for this variant of the inputs, or ``eager(*inputs)`` until
+    the variant has seen enough elements (or when compiling failed)."""
     key = (
-        A.dim(), A.dtype, A.device.type, torch.is_grad_enabled(),
-        tuple(t.requires_grad for t in inputs),
+        fusable.__name__, inputs[0].dim(), inputs[0].dtype, inputs[0].device.type,
+        torch.is_grad_enabled(), tuple(t.requires_grad for t in inputs),
     )
     kernel = _compiled.get(key)
     if kernel is None:
         processed = _processed.get(key, 0)
         if processed < _settings.after:
-            _processed[key] = processed + A.numel()
-            return relu_step_eager(*inputs)
+            _processed[key] = processed + inputs[0].numel()
+            return eager(*inputs)
         # A fresh code object per variant: dynamo keeps its compiled graphs on the code object
         # and stops compiling one function after a few variants.
-        code = _relu_step_fusable.__code__.replace(co_name=f"relu_step_{len(_compiled)}")
-        function = types.FunctionType(code, _relu_step_fusable.__globals__)
+        code = fusable.__code__.replace(co_name=f"{fusable.__name__[1:]}_{len(_compiled)}")
+        function = types.FunctionType(code, fusable.__globals__)
         kernel = _compiled[key] = torch.compile(function, dynamic=True)
     if key in _working:
         return kernel(*inputs)
     try:
         result = kernel(*inputs)
     except Exception as error:
-        result = relu_step_eager(*inputs)  # bad inputs raise their own error here
+        result = eager(*inputs)  # bad inputs raise their own error here
         _settings.failed = True
         warnings.warn(
-            f"tightrope.bounds: compiling the fused ReLU step failed ({type(error).__name__}: "
-            f"{error}); bound computations run eagerly from now on",
+            f"tightrope.bounds: compiling a fused kernel ({fusable.__name__[1:]}) failed "
+            f"({type(error).__name__}: {error}); bound computations run eagerly from now on",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from tightrope.bounds.backward import backward_lower
 from tightrope.bounds.core import Box
+from tightrope.bounds.fused import relu_interval
 from tightrope.bounds.network import Affine, Network
 from tightrope.bounds.problem import prepare
 
@@ -66,7 +67,7 @@ def propagate_center_radius(
             center, radius = op.apply(center), op.apply_abs(radius)
             continue
         if pre_activations is None:
-            center, radius = _relu_interval(center, radius)
+            center, radius = relu_interval(center, radius)
             continue
         lower, upper = center - radius, center + radius
         known = pre_activations.get(index)
@@ -78,26 +79,19 @@ def propagate_center_radius(
     return center, radius
 
 
-def _relu_interval(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
-    """``relu`` of the interval ``center -/+ radius`` in centre/radius form."""
-    if torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad):
-        # Seven passes whose backward is two cheap ReLU masks (that of ``minimum`` below is not).
-        upper = (center + radius).relu_()  # fresh temporaries: in place is safe under autograd
-        lower = (center - radius).relu_()
-        radius = (upper - lower).mul_(0.5)
-        return lower + radius, radius
-    # With u = relu(c + r), the new radius is r where the neuron is active (c >= r), u / 2 where
-    # it is unstable and 0 where it is off: min(u / 2, r); the new centre is u minus it.
-    upper = (center + radius).relu_()
-    radius = torch.minimum(upper * 0.5, radius)
-    return upper - radius, radius
-
-
 def _to_channels_last(images: Tensor) -> Tensor:
     """Images in channels-last layout, where oneDNN's convolutions run 10-20% faster on CPU;
-    every later op keeps the layout, and values and shapes are unchanged."""
+    every later op keeps the layout, and values and shapes are unchanged.
+
+    A contiguous single-channel batch already has channels-last memory order, but its strides
+    do not say so and convolutions would keep the slower layout for every later layer; it
+    gets the channels-last strides as a view (no copy).
+    """
     if images.dim() != 4 or images.device.type != "cpu":
         return images
+    _, channels, height, width = images.shape
+    if channels == 1 and images.is_contiguous():
+        return images.as_strided(images.shape, (height * width, 1, width, 1))
     return images.contiguous(memory_format=torch.channels_last)
 
 

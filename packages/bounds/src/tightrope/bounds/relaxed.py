@@ -18,7 +18,8 @@ from torch import Tensor, nn
 
 from tightrope.bounds.backward import lower_bound
 from tightrope.bounds.core import Box
-from tightrope.bounds.interval import _relu_interval, tail_bounds
+from tightrope.bounds.fused import relu_interval
+from tightrope.bounds.interval import tail_bounds
 from tightrope.bounds.linear import (
     Intermediate,
     PreActivations,
@@ -108,7 +109,7 @@ class Relaxed:
         without a second interval pass (CROWN-IBP training mixes the two bounds)."""
         if self.relu_ops:
             box = self.pre.boxes[self.relu_ops[-1]]
-            center, radius = _relu_interval(box.center, box.radius)
+            center, radius = relu_interval(box.center, box.radius)
             start = self.relu_ops[-1] + 1
         else:
             center, radius, start = self.problem.box.center, self.problem.box.radius, 0
