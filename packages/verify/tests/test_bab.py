@@ -9,6 +9,8 @@ A few dozen properties run in the normal suite, a few hundred under ``-m slow``.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import pytest
 import torch
 from torch import nn
@@ -18,6 +20,7 @@ from tightrope.verify import (
     BabConfig,
     Branching,
     InputSplit,
+    LayerOrder,
     SearchOrder,
     Stage,
     VerifierConfig,
@@ -25,6 +28,7 @@ from tightrope.verify import (
     robustness_spec,
     verify,
 )
+from tightrope.verify.branching import LayerIndex, shallow_first
 from tightrope.verify.domains import DomainBatch, DomainQueue
 
 DTYPE = torch.float64
@@ -108,10 +112,53 @@ def test_bab_agrees_with_milp_on_hundreds(split: InputSplit) -> None:
     assert answers["bab"] >= 20, answers
 
 
-def test_deeper_nets_agree_with_milp() -> None:
-    answers = check_agreement(range(200, 206), bab_only(input_split=InputSplit.NEVER),
-                              width=10, depth=3)
+@pytest.mark.parametrize("layer_order", [LayerOrder.AUTO, LayerOrder.SCORE])
+def test_deeper_nets_agree_with_milp(layer_order: LayerOrder) -> None:
+    answers = check_agreement(
+        range(200, 206), bab_only(input_split=InputSplit.NEVER, layer_order=layer_order),
+        width=10, depth=3)
     assert answers["verified"] + answers["falsified"] == 6
+
+
+def test_shallow_first_on_two_layer_nets_agrees_with_milp() -> None:
+    config = bab_only(input_split=InputSplit.NEVER, layer_order=LayerOrder.SHALLOW_FIRST)
+    answers = check_agreement(range(12), config)
+    assert answers["verified"], answers
+    assert answers["falsified"], answers
+    assert answers["bab"] >= 3, answers
+
+
+@pytest.mark.slow
+def test_shallow_first_agrees_with_milp_on_a_hundred_deeper_nets() -> None:
+    answers = check_agreement(range(3000, 3100), bab_only(input_split=InputSplit.NEVER),
+                              width=10, depth=3)
+    assert answers["bab"] >= 5, answers
+
+
+class _ThreeLayers:
+    """A stand-in for a lowered network with ReLU layers of 2, 3 and 2 neurons."""
+
+    relu_indices = (1, 3, 5)
+    shapes: ClassVar[dict[int, tuple[int, ...]]] = {1: (2,), 3: (3,), 5: (2,)}
+
+
+def test_shallow_first_keeps_only_the_shallowest_splittable_layer() -> None:
+    layers = LayerIndex(_ThreeLayers())  # type: ignore[arg-type]
+    inf = float("inf")
+    scores = torch.tensor([
+        [0.5, -inf, 0.1, 9.0, -inf, 7.0, 1.0],   # layer 0 splittable
+        [-inf, -inf, -inf, 2.0, 0.0, 3.0, -inf],  # layer 0 done: layer 1 only
+        [-inf, -inf, -inf, -inf, -inf, -inf, 4.0],  # only the last layer left
+        [-inf] * 7,                                # nothing to split
+    ])
+    found = shallow_first(scores, layers)
+    expected = torch.tensor([
+        [0.5, -inf, -inf, -inf, -inf, -inf, -inf],
+        [-inf, -inf, -inf, 2.0, 0.0, -inf, -inf],
+        [-inf, -inf, -inf, -inf, -inf, -inf, 4.0],
+        [-inf] * 7,
+    ])
+    assert torch.equal(found, expected)
 
 
 def test_queue_pops_lowest_then_deepest() -> None:

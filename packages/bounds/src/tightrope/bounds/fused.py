@@ -66,9 +66,10 @@ def compile_kernels(enabled: bool = True, *, after_elements: int = AFTER_ELEMENT
     """Run the backward pass's ReLU step and IBP's interval ReLU as compiled, fused kernels
     (``True``) or eagerly.
 
-    Affects every later bound computation of the process (``ibp``, ``crown``, ``crown_ibp``, ``alpha_crown``, ``linear_bounds``, beta-CROWN). The results are
-    the same function of the inputs up to float rounding (the compiled constant sums in
-    another order). On CNN7 (batch 128, CPU) it takes a fifth off a CROWN-IBP training step.
+    Affects every later bound computation of the process (``ibp``, ``crown``, ``crown_ibp``,
+    ``alpha_crown``, ``linear_bounds``, beta-CROWN). The results are the same function of the
+    inputs up to float rounding (the compiled constant sums in another order). On CNN7
+    (batch 128, CPU) it takes a fifth off a CROWN-IBP training step.
 
     Args:
         enabled: compile (True) or always run eagerly (False).

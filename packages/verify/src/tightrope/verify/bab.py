@@ -35,8 +35,14 @@ from tightrope.bounds import (
     refine_pre_activations,
 )
 from tightrope.verify.attack import spec_pgd
-from tightrope.verify.branching import LayerIndex, branching_scores, fsb_choice, split_at
-from tightrope.verify.config import BabConfig, Branching, SearchOrder
+from tightrope.verify.branching import (
+    LayerIndex,
+    branching_scores,
+    fsb_choice,
+    shallow_first,
+    split_at,
+)
+from tightrope.verify.config import BabConfig, Branching, LayerOrder, SearchOrder
 from tightrope.verify.domains import DomainBatch, DomainQueue
 from tightrope.verify.problem import CompiledRegion, clip_inside, violation
 from tightrope.verify.spec import VerifyStatus
@@ -47,6 +53,9 @@ __all__ = ["BabOutcome", "relu_bab"]
 ITERATION_SHARE = 0.05
 #: Smallest number of parents per iteration.
 MIN_BATCH = 4
+
+#: ``LayerOrder.AUTO`` splits shallowest-first on networks with at least this many ReLU layers.
+DEEP_LAYERS = 3
 
 #: Memory the queue may hold before best-first search turns depth-first.
 QUEUE_BYTES = 3 << 30
@@ -110,6 +119,8 @@ def relu_bab(
     active = torch.zeros(region.n_sets, dtype=torch.bool, device=rows.device)
     active[target] = True
     layers = LayerIndex(net)
+    shallow = config.layer_order is LayerOrder.SHALLOW_FIRST or (
+        config.layer_order is LayerOrder.AUTO and len(layers.ops) >= DEEP_LAYERS)
     signs0 = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=rows.device)
               for i, b in pre.items()}
 
@@ -131,6 +142,8 @@ def relu_bab(
         row = lower.argmax(dim=1)
         scores = branching_scores(pre_d, signs, found.relu_coefficients, found.alphas, row,
                                   layers)
+        if shallow:
+            scores = shallow_first(scores, layers)
         betas = found.betas if found.betas else {
             i: torch.zeros_like(a) for i, a in found.alphas.items()}
         return DomainBatch(pre=pre_d, signs=signs, alphas=found.alphas, betas=betas,

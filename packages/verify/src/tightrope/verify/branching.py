@@ -22,7 +22,7 @@ from torch import Tensor
 from tightrope.bounds import Box, Network, empty_subdomains, split_lower_bound
 from tightrope.verify.domains import DomainBatch
 
-__all__ = ["LayerIndex", "branching_scores", "fsb_choice", "split_at"]
+__all__ = ["LayerIndex", "branching_scores", "fsb_choice", "shallow_first", "split_at"]
 
 
 class LayerIndex:
@@ -34,6 +34,8 @@ class LayerIndex:
         self.starts = torch.tensor([0, *sizes[:-1]]).cumsum(0)
         self.sizes = sizes
         self.total = sum(sizes)
+        #: ``(N,)``: the layer position of every flat neuron.
+        self.layer_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
 
     def locate(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """``(layer position, neuron within the layer)`` of flat indices ``flat: (N,)``."""
@@ -76,6 +78,21 @@ def branching_scores(
         score = score + 1e-6 * width
         parts.append(torch.where(unstable, score, torch.full_like(score, float("-inf"))))
     return torch.cat(parts, dim=1)
+
+
+def shallow_first(scores: Tensor, layers: LayerIndex) -> Tensor:
+    """``scores`` (``(D, N)``, ``-inf`` where a neuron cannot be split) with every neuron
+    outside each subdomain's shallowest ReLU layer that still has a splittable neuron set to
+    ``-inf`` (see :class:`~tightrope.verify.config.LayerOrder`)."""
+    if len(layers.ops) < 2:
+        return scores
+    layer_of = layers.layer_of.to(scores.device)
+    per_layer = torch.zeros((scores.shape[0], len(layers.ops)), dtype=scores.dtype,
+                            device=scores.device)
+    per_layer.index_add_(1, layer_of, torch.isfinite(scores).to(scores.dtype))
+    # The shallowest layer with a splittable neuron (0 where there is none: nothing changes).
+    first = (per_layer > 0).to(torch.int8).argmax(dim=1, keepdim=True)
+    return scores.masked_fill(layer_of != first, float("-inf"))
 
 
 def split_at(
