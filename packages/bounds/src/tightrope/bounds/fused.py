@@ -173,9 +173,10 @@ def _relu_interval_differentiable(center: Tensor, radius: Tensor) -> tuple[Tenso
 def relu_interval(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
     """:func:`relu_interval_eager` (IBP's ReLU step), compiled when :func:`compile_kernels` is
     on; ``center`` and ``radius`` have the same shape."""
+    if not kernels_compiled():
+        return relu_interval_eager(center, radius)
     layout = _dense_order(center)
-    if (not kernels_compiled() or layout is None or center.shape != radius.shape
-            or radius.stride() != center.stride()):
+    if layout is None or center.shape != radius.shape or radius.stride() != center.stride():
         return relu_interval_eager(center, radius)
     grad = torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad)
     fusable = _relu_interval_differentiable if grad else _relu_interval_fusable
