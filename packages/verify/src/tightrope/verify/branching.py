@@ -39,9 +39,8 @@ class LayerIndex:
 
     def locate(self, flat: Tensor) -> tuple[Tensor, Tensor]:
         """``(layer position, neuron within the layer)`` of flat indices ``flat: (N,)``."""
-        starts = self.starts.to(flat.device)
-        layer = torch.searchsorted(starts, flat, right=True) - 1
-        return layer, flat - starts[layer]
+        layer = self.layer_of.to(flat.device)[flat]
+        return layer, flat - self.starts.to(flat.device)[layer]
 
 
 def branching_scores(
