@@ -9,6 +9,7 @@ A few dozen properties run in the normal suite, a few hundred under ``-m slow``.
 
 from __future__ import annotations
 
+import time
 from typing import ClassVar
 
 import pytest
@@ -205,6 +206,68 @@ def test_no_milp_when_switched_off() -> None:
         verdict = verify(model, robustness_spec(x, label, eps, 3), timeout=60.0, config=config)
         assert verdict.stage is not Stage.MILP
         assert (verdict.status is VerifyStatus.VERIFIED) == truth(model, x, label, eps), seed
+
+
+def test_automatic_settings_follow_the_network_depth() -> None:
+    auto = BabConfig()
+    assert [auto.fsb_width(n) for n in (1, 2, 3, 6)] == [32, 32, 16, 16]
+    assert [auto.milp_share(n) for n in (1, 2, 3, 6)] == [0.2, 0.2, 1.0, 1.0]
+    assert [auto.layers_to_split(n) for n in (2, 3)] == [LayerOrder.SCORE,
+                                                         LayerOrder.SHALLOW_FIRST]
+    assert BabConfig(deep_layers=5).fsb_width(4) == 32
+    given = BabConfig(fsb_candidates=7, milp_after=0.5, layer_order=LayerOrder.SCORE)
+    assert [given.fsb_width(n) for n in (2, 3)] == [7, 7]
+    assert [given.milp_share(n) for n in (2, 3)] == [0.5, 0.5]
+    assert given.layers_to_split(6) is LayerOrder.SCORE
+    with pytest.raises(ValueError, match="deep_layers"):
+        BabConfig(deep_layers=0)
+    with pytest.raises(ValueError, match="fsb_candidates"):
+        BabConfig(fsb_candidates=0)
+
+
+@pytest.mark.parametrize("deep_layers", [2, 3])
+def test_the_search_and_the_milp_switch_use_the_depth_settings(
+    deep_layers: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a two-layer net, ``deep_layers=2`` makes it deep: FSB gets the deep width and no
+    unsafe set goes to the MILP; with ``deep_layers=3`` it keeps the shallow ones."""
+    import tightrope.verify.bab as bab_module
+    import tightrope.verify.cascade as cascade_module
+
+    widths: list[int] = []
+    choose = bab_module.fsb_choice
+
+    def spy(*args: object) -> torch.Tensor:
+        widths.append(args[5])  # type: ignore[arg-type]
+        return choose(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bab_module, "fsb_choice", spy)
+    stages = []
+    config = bab_only(input_split=InputSplit.NEVER, deep_layers=deep_layers)
+    for seed in range(300, 312):
+        model, x, label, eps = case(seed)
+        verdict = verify(model, robustness_spec(x, label, eps, 3), timeout=60.0, config=config)
+        assert (verdict.status is VerifyStatus.VERIFIED) == truth(model, x, label, eps), seed
+        stages.append(verdict.stage)
+    assert widths, "branch-and-bound never branched"
+    assert set(widths) == {16 if deep_layers == 2 else 32}
+    # Branch-and-bound gets no deadline short of the whole timeout on a deep network.
+    deadlines: list[float] = []
+    search = cascade_module.relu_bab
+
+    def timed(*args: object, **kwargs: object) -> object:
+        deadlines.append(kwargs["deadline"] - time.monotonic())  # type: ignore[operator]
+        return search(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(cascade_module, "relu_bab", timed)
+    model, x, label, eps = case(next(s for s, stage in zip(range(300, 312), stages, strict=True)
+                                     if stage is Stage.BAB))
+    verify(model, robustness_spec(x, label, eps, 3), timeout=60.0, config=config)
+    assert deadlines
+    if deep_layers == 2:
+        assert min(deadlines) > 50.0
+    else:
+        assert max(deadlines) < 0.2 * 60.0 + 1.0
 
 
 def test_fsb_picks_the_candidate_with_the_best_worse_child_in_any_chunking(

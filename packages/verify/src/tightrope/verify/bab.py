@@ -54,9 +54,6 @@ ITERATION_SHARE = 0.05
 #: Smallest number of parents per iteration.
 MIN_BATCH = 4
 
-#: ``LayerOrder.AUTO`` splits shallowest-first on networks with at least this many ReLU layers.
-DEEP_LAYERS = 3
-
 #: Memory the queue may hold before best-first search turns depth-first.
 QUEUE_BYTES = 3 << 30
 
@@ -119,8 +116,8 @@ def relu_bab(
     active = torch.zeros(region.n_sets, dtype=torch.bool, device=rows.device)
     active[target] = True
     layers = LayerIndex(net)
-    shallow = config.layer_order is LayerOrder.SHALLOW_FIRST or (
-        config.layer_order is LayerOrder.AUTO and len(layers.ops) >= DEEP_LAYERS)
+    shallow = config.layers_to_split(len(layers.ops)) is LayerOrder.SHALLOW_FIRST
+    width = config.fsb_width(len(layers.ops))
     signs0 = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=rows.device)
               for i, b in pre.items()}
 
@@ -189,7 +186,7 @@ def relu_bab(
             if not len(parents):
                 continue
         if config.branching is Branching.FSB:
-            flat = fsb_choice(net, box, rows, offsets, parents, config.fsb_candidates, layers)
+            flat = fsb_choice(net, box, rows, offsets, parents, width, layers)
         else:
             flat = parents.scores.argmax(dim=1)
         count = len(parents)

@@ -208,7 +208,8 @@ def verify(
             bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
         )
         net, boxes = lowered[number]
-        exact_fallback = (not use_input and bab.milp_after < 1.0
+        milp_after = bab.milp_share(len(net.relu_indices))
+        exact_fallback = (not use_input and milp_after < 1.0
                           and milp_eligible(net, boxes, bab.milp_max_unstable))
         deferred: list[int] = []
         for target in targets:
@@ -216,7 +217,7 @@ def verify(
                 return ending(VerifyStatus.TIMEOUT, Stage.BAB, total_domains)
             deadline = clock.deadline
             if exact_fallback:
-                deadline = time.monotonic() + bab.milp_after * (clock.deadline - time.monotonic())
+                deadline = time.monotonic() + milp_after * (clock.deadline - time.monotonic())
             outcome: BabOutcome
             if use_input:
                 outcome = input_bab(model, net, region, target, checked, config=bab,

@@ -48,7 +48,7 @@ class LayerOrder(enum.Enum):
     30 instances and ``SHALLOW_FIRST`` 28.
     """
 
-    #: ``SHALLOW_FIRST`` on networks with at least three ReLU layers, ``SCORE`` otherwise.
+    #: ``SHALLOW_FIRST`` on deep networks (``BabConfig.deep_layers``), ``SCORE`` otherwise.
     AUTO = "auto"
     #: Any layer, by score alone.
     SCORE = "score"
@@ -74,6 +74,13 @@ class InputSplit(enum.Enum):
     NEVER = "never"
 
 
+#: ``BabConfig.fsb_candidates=None`` on shallow and on deep networks.
+SHALLOW_FSB_CANDIDATES = 32
+DEEP_FSB_CANDIDATES = 16
+#: ``BabConfig.milp_after=None`` on shallow networks (deep ones never switch).
+SHALLOW_MILP_AFTER = 0.2
+
+
 @dataclass(frozen=True, slots=True)
 class BabConfig:
     """Branch-and-bound settings (Bunel et al. 2020; Wang et al. 2021).
@@ -82,11 +89,16 @@ class BabConfig:
         batch_size: subdomains taken from the queue per bound call (each yields two children).
         branching: ReLU branching heuristic.
         fsb_candidates: candidates per subdomain that FSB evaluates (the best-scored
-            neurons over all layers; each costs two children in one batched pass).
-            Wide filters pay: on mnistfc 256x2 ``prop_1_0.03``, 32 candidates decided in
-            about 15 s what 4 left open after 300 s.
+            neurons among those the layer order allows; each costs two children in one
+            batched pass). ``None``: 32 on shallow networks, 16 on deep ones. Wide filters
+            pay: on mnistfc 256x2 ``prop_1_0.03``, 32 candidates decided in about 15 s what
+            4 left open after 300 s; on 256x4, where each candidate's pass crosses twice the
+            layers, 16 verified ``prop_10_0.05`` in 186-224 s and 32 did not in 300 s.
         layer_order: which layers the branching heuristic chooses from (see
             :class:`LayerOrder`).
+        deep_layers: networks with at least this many ReLU layers count as deep for the
+            ``None``/``AUTO`` settings (:meth:`fsb_width`, :meth:`milp_share`,
+            :meth:`layers_to_split`).
         order: search order; best-first falls back to depth-first above ``max_domains``.
         max_domains: memory cap on queued subdomains.
         steps: alpha/beta ascent steps per bound call on new subdomains.
@@ -102,15 +114,19 @@ class BabConfig:
             branch-and-bound gets for it; the sets it leaves undecided then get one MILP
             each over the root's alpha-CROWN pre-activation bounds
             (``tightrope.bounds.milp_search``, the set's rows as constraints), solved
-            concurrently in the time that remains. ``1.0``: never switch.
+            concurrently in the time that remains. ``1.0``: never switch. ``None``: 0.2 on
+            shallow networks, 1.0 on deep ones (on mnistfc 256x4, HiGHS finished none of the
+            MILPs tried, with 164 and 182 binaries, in the time left; branch-and-bound
+            verified ``prop_10_0.05`` when it kept all the time).
         milp_max_unstable: the switch is made only when the root has at most this many
             unstable ReLUs (one binary each) and SciPy is installed.
     """
 
     batch_size: int = 256
     branching: Branching = Branching.FSB
-    fsb_candidates: int = 32
+    fsb_candidates: int | None = None
     layer_order: LayerOrder = LayerOrder.AUTO
+    deep_layers: int = 3
     order: SearchOrder = SearchOrder.BEST_FIRST
     max_domains: int = 200_000
     steps: int = 10
@@ -120,13 +136,13 @@ class BabConfig:
     input_split: InputSplit = InputSplit.AUTO
     input_split_max_dim: int = 16
     attack_every: int = 10
-    milp_after: float = 0.2
+    milp_after: float | None = None
     milp_max_unstable: int = 400
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.fsb_candidates < 1:
+        if self.fsb_candidates is not None and self.fsb_candidates < 1:
             raise ValueError(f"fsb_candidates must be >= 1, got {self.fsb_candidates}")
         if self.max_domains < 2 * self.batch_size:
             raise ValueError(
@@ -135,12 +151,37 @@ class BabConfig:
             )
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
-        if not 0.0 < self.milp_after <= 1.0:
+        if self.milp_after is not None and not 0.0 < self.milp_after <= 1.0:
             raise ValueError(f"milp_after must lie in (0, 1], got {self.milp_after}")
+        if self.deep_layers < 1:
+            raise ValueError(f"deep_layers must be >= 1, got {self.deep_layers}")
         if self.milp_max_unstable < 0:
             raise ValueError(f"milp_max_unstable must be >= 0, got {self.milp_max_unstable}")
         if self.input_split_max_dim < 0:
             raise ValueError(f"input_split_max_dim must be >= 0, got {self.input_split_max_dim}")
+
+    def is_deep(self, relu_layers: int) -> bool:
+        """Whether a network with ``relu_layers`` ReLU layers gets the deep-network choices
+        of the ``None``/``AUTO`` settings."""
+        return relu_layers >= self.deep_layers
+
+    def fsb_width(self, relu_layers: int) -> int:
+        """``fsb_candidates`` for a network with ``relu_layers`` ReLU layers."""
+        if self.fsb_candidates is not None:
+            return self.fsb_candidates
+        return DEEP_FSB_CANDIDATES if self.is_deep(relu_layers) else SHALLOW_FSB_CANDIDATES
+
+    def milp_share(self, relu_layers: int) -> float:
+        """``milp_after`` for a network with ``relu_layers`` ReLU layers."""
+        if self.milp_after is not None:
+            return self.milp_after
+        return 1.0 if self.is_deep(relu_layers) else SHALLOW_MILP_AFTER
+
+    def layers_to_split(self, relu_layers: int) -> LayerOrder:
+        """``layer_order`` for a network with ``relu_layers`` ReLU layers (never ``AUTO``)."""
+        if self.layer_order is not LayerOrder.AUTO:
+            return self.layer_order
+        return LayerOrder.SHALLOW_FIRST if self.is_deep(relu_layers) else LayerOrder.SCORE
 
 
 @dataclass(frozen=True, slots=True)
