@@ -47,7 +47,7 @@ from tightrope.verify.domains import DomainBatch, DomainQueue
 from tightrope.verify.problem import CompiledRegion, clip_inside, violation
 from tightrope.verify.spec import VerifyStatus
 
-__all__ = ["BabOutcome", "relu_bab"]
+__all__ = ["BabOutcome", "refine_after_splits", "relu_bab"]
 
 #: Largest share of the remaining time one branch-and-bound iteration should take.
 ITERATION_SHARE = 0.05
@@ -196,7 +196,7 @@ def relu_bab(
                            -torch.ones(count, dtype=torch.long, device=flat.device)])
         pre_c, signs_c = split_at(children, flat.repeat(2), phase, layers)
         if config.refine_intermediate and len(layers.ops) > 1:
-            pre_c = _refine_by_layer(net, box, pre_c, signs_c, layers.locate(flat)[0].repeat(2),
+            pre_c = refine_after_splits(net, box, pre_c, signs_c, layers.locate(flat)[0].repeat(2),
                                      len(layers.ops))
         empty = empty_subdomains(pre_c)
         found = bound(pre_c, signs_c, children.alphas, children.betas, config.steps,
@@ -228,7 +228,7 @@ def relu_bab(
     return BabOutcome(VerifyStatus.VERIFIED, domains=bounded)
 
 
-def _refine_by_layer(
+def refine_after_splits(
     net: Network, box: Box, pre: dict[int, Box], signs: dict[int, Tensor], split_layer: Tensor,
     layer_count: int,
 ) -> dict[int, Box]:

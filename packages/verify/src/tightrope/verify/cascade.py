@@ -38,6 +38,7 @@ from tightrope.verify.config import InputSplit, Mode, VerifierConfig
 from tightrope.verify.input_bab import input_bab
 from tightrope.verify.milp import milp_eligible, milp_exclude, milp_verify
 from tightrope.verify.problem import CompiledRegion, compile_region, confirm, float64_model
+from tightrope.verify.refine import SplitRefinement, refine_by_splitting
 from tightrope.verify.result import Stage, Verdict
 from tightrope.verify.spec import Specification, VerifyStatus
 
@@ -165,18 +166,9 @@ def verify(
                                                  lr_alpha=config.alpha_lr,
                                                  deadline=clock.deadline)
                 lowered[number] = (net, boxes)
-            rows = region.rows_of(open_sets[number])
-            C = region.rows[rows].reshape(1, -1, *net.output_shape)
-            signs = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=like.device)
-                     for i, b in boxes.items()}
-            found = optimise_split_bound(net, region.box, C, boxes, signs, steps=steps,
-                                         lr_alpha=config.alpha_lr, deadline=clock.deadline)
-            full = torch.full((region.rows.shape[0],), float("-inf"), dtype=like.dtype,
-                              device=like.device)
-            full[rows] = found.lower[0].detach() - region.offsets[rows]
-            _exclude(region, open_sets[number], full, config.margin)
-            set_bounds[number] = full.new_full((region.n_sets,), float("-inf")).scatter_reduce(
-                0, region.owner, full, reduce="amax")
+            set_bounds[number] = _bound_open_sets(net, region, boxes, open_sets[number], steps,
+                                                  config.alpha_lr, clock.deadline,
+                                                  config.margin)
         last_stage = stage
         if not any(bool(o.any()) for o in open_sets):
             return ending(VerifyStatus.VERIFIED, last_stage)
@@ -208,7 +200,25 @@ def verify(
             bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
         )
         net, boxes = lowered[number]
-        milp_after = bab.milp_share(len(net.relu_indices))
+        depth = len(net.relu_indices)
+        refine = bab.split_refine
+        if not use_input and refine > 0 and depth > 2:
+            # Tighter hidden-layer bounds first (per-neuron branch-and-bound), then alpha-CROWN
+            # through them on the sets still open.
+            report = SplitRefinement()
+            boxes = refine_by_splitting(
+                net, region.box, boxes, range(1, depth - 1),
+                time.monotonic() + refine * (clock.deadline - time.monotonic()),
+                steps=bab.steps, lr_alpha=bab.lr_alpha, lr_beta=bab.lr_beta, report=report)
+            total_domains += report.domains
+            boxes = optimise_pre_activations(net, region.box, boxes, steps=config.alpha_steps,
+                                             lr_alpha=config.alpha_lr, deadline=clock.deadline)
+            lowered[number] = (net, boxes)
+            set_bounds[number] = _bound_open_sets(net, region, boxes, open_sets[number],
+                                                  config.alpha_steps, config.alpha_lr,
+                                                  clock.deadline, config.margin)
+            targets = [t for t in targets if bool(open_sets[number][t])]
+        milp_after = bab.milp_share(depth)
         exact_fallback = (not use_input and milp_after < 1.0
                           and milp_eligible(net, boxes, bab.milp_max_unstable))
         deferred: list[int] = []
@@ -253,6 +263,26 @@ def verify(
     if unknown:
         return ending(VerifyStatus.UNKNOWN, Stage.BAB, total_domains)
     return ending(VerifyStatus.VERIFIED, Stage.MILP if used_milp else Stage.BAB, total_domains)
+
+
+def _bound_open_sets(
+    net: Network, region: CompiledRegion, boxes: dict[int, Box], open_sets: Tensor, steps: int,
+    lr_alpha: float, deadline: float, margin: float,
+) -> Tensor:
+    """alpha-CROWN (``steps`` ascent steps; CROWN with 0) on the rows of the ``open_sets``
+    of ``region`` over the pre-activation ``boxes``; closes (in place) the sets it proves and
+    returns ``(n_sets,)``: each set's best row bound (``-inf`` for sets not bounded)."""
+    rows = region.rows_of(open_sets)
+    C = region.rows[rows].reshape(1, -1, *net.output_shape)
+    signs = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=b.lower.device)
+             for i, b in boxes.items()}
+    found = optimise_split_bound(net, region.box, C, boxes, signs, steps=steps,
+                                 lr_alpha=lr_alpha, deadline=deadline)
+    full = region.offsets.new_full((region.rows.shape[0],), float("-inf"))
+    full[rows] = found.lower[0].detach() - region.offsets[rows]
+    _exclude(region, open_sets, full, margin)
+    return full.new_full((region.n_sets,), float("-inf")).scatter_reduce(
+        0, region.owner, full, reduce="amax")
 
 
 def _bab_progress(
