@@ -214,10 +214,13 @@ def test_automatic_settings_follow_the_network_depth() -> None:
     assert [auto.milp_share(n) for n in (1, 2, 3, 6)] == [0.2, 0.2, 1.0, 1.0]
     assert [auto.layers_to_split(n) for n in (2, 3)] == [LayerOrder.SCORE,
                                                          LayerOrder.SHALLOW_FIRST]
+    assert [auto.refine_share(n) for n in (2, 3, 6)] == [0.0, 0.3, 0.3]
     assert BabConfig(deep_layers=5).fsb_width(4) == 32
-    given = BabConfig(fsb_candidates=7, milp_after=0.5, layer_order=LayerOrder.SCORE)
+    given = BabConfig(fsb_candidates=7, milp_after=0.5, layer_order=LayerOrder.SCORE,
+                      split_refine=0.0)
     assert [given.fsb_width(n) for n in (2, 3)] == [7, 7]
     assert [given.milp_share(n) for n in (2, 3)] == [0.5, 0.5]
+    assert given.refine_share(6) == 0.0
     assert given.layers_to_split(6) is LayerOrder.SCORE
     with pytest.raises(ValueError, match="deep_layers"):
         BabConfig(deep_layers=0)

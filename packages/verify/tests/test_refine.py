@@ -84,12 +84,13 @@ def box_of(seed: int, inputs: int = 4) -> Box:
     return Box.from_linf(x, eps)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_refined_bounds_hold_every_sampled_point(seed: int) -> None:
+@pytest.mark.parametrize(("seed", "candidates"), [(s, 16 if s % 2 else 1) for s in range(6)])
+def test_refined_bounds_hold_every_sampled_point(seed: int, candidates: int) -> None:
     model, box = mlp(seed, depth=4), box_of(seed)
     net, pre = alpha_bounds(model, box)
     report = SplitRefinement()
     refined = refine_by_splitting(net, box, pre, range(1, 4), time.monotonic() + 1.5,
+                                  candidates=candidates, leaves_per_search=3 - 2 * (seed % 2),
                                   report=report)
     assert report.domains > 0
     points = sample(box, 10_000, torch.Generator().manual_seed(seed))
@@ -151,6 +152,8 @@ def test_refinement_argument_checks() -> None:
         refine_by_splitting(net, two, pre, [1], math.inf)
     with pytest.raises(ValueError, match="leaves_per_search"):
         refine_by_splitting(net, box, pre, [1], math.inf, leaves_per_search=0)
+    with pytest.raises(ValueError, match="candidates"):
+        refine_by_splitting(net, box, pre, [1], math.inf, candidates=0)
     with pytest.raises(ValueError, match="split_refine"):
         BabConfig(split_refine=1.0)
 

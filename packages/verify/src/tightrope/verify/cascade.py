@@ -9,6 +9,9 @@ bound's minimiser proposes is re-checked with a float64 forward pass and
 Stages: PGD (Madry et al. 2018) -> IBP (Gowal et al. 2018) -> CROWN (Zhang et al. 2018) ->
 alpha-CROWN (Xu et al. 2021) -> PGD with many restarts -> branch-and-bound with beta-CROWN
 bounds (Wang et al. 2021) per open unsafe set, or input splitting for low-dimensional inputs.
+On deep networks (``BabConfig.split_refine``, ``BabConfig.deep_layers``) branch-and-bound
+starts by tightening the hidden layers' pre-activation bounds neuron by neuron
+(:mod:`tightrope.verify.refine`) and bounding the open sets again with alpha-CROWN.
 On networks with few unstable ReLUs, an unsafe set that branch-and-bound has not decided in its
 share of the time (``BabConfig.milp_after``) goes to an exact MILP (Tjeng et al. 2019) over the
 alpha-CROWN pre-activation bounds, with the set's rows as constraints; such sets are solved
@@ -201,7 +204,7 @@ def verify(
         )
         net, boxes = lowered[number]
         depth = len(net.relu_indices)
-        refine = bab.split_refine
+        refine = bab.refine_share(depth)
         if not use_input and refine > 0 and depth > 2:
             # Tighter hidden-layer bounds first (per-neuron branch-and-bound), then alpha-CROWN
             # through them on the sets still open.
