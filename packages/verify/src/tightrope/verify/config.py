@@ -128,9 +128,10 @@ class BabConfig:
             (:func:`tightrope.verify.refine.refine_by_splitting`); alpha-CROWN then bounds the
             open unsafe sets again before the search. ``0``: never. ``None``: 0.3 on deep
             networks, 0 on shallow ones (a network with two ReLU layers has no layer between
-            them). On mnistfc 256x4 it took ``prop_10_0.05`` from 188 s to 68 s and decided
-            ``prop_8_0.05`` (a timeout before) in 97 s; on 256x6 it decided ``prop_12_0.03``
-            in 71 s, where the search alone timed out.
+            them). On mnistfc 256x4 it took ``prop_10_0.05`` from 188 s to 64-68 s and
+            decided ``prop_8_0.05`` (a timeout before) in 97 s in one of two runs; on 256x6 it
+            decided ``prop_12_0.03`` and ``prop_0_0.03`` in 71 and 93 s, where the search
+            alone timed out.
     """
 
     batch_size: int = 256
