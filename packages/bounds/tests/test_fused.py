@@ -275,6 +275,29 @@ def test_compiled_interval_relu_equals_eager_in_values_gradients_and_layout(
 
 
 @pytest.mark.usefixtures("compiled")
+def test_compiled_interval_relu_has_the_eager_second_derivatives() -> None:
+    # create_graph=True (e.g. a gradient penalty): the backward of the compiled interval ReLU
+    # runs the eager formula, differentiable in the incoming gradients.
+    shape = (3, 4, 5, 5)
+    results = []
+    for step in (fused.relu_interval_eager, fused.relu_interval):
+        leaves = [t.clone().requires_grad_(True)
+                  for t in _interval(shape, torch.float64, True)]
+        weights = torch.randn((2, *shape), dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(5), requires_grad=True)
+        center, radius = step(*leaves)
+        grads = torch.autograd.grad((center * weights[0] + radius * weights[1]).sum(), leaves,
+                                    create_graph=True)
+        penalty = sum((g * g).sum() for g in grads)
+        assert isinstance(penalty, Tensor)
+        (second,) = torch.autograd.grad(penalty, [weights])
+        results.append([*(g.detach() for g in grads), second])
+    for eager, compiled_value in zip(results[0], results[1], strict=True):
+        torch.testing.assert_close(compiled_value, eager, rtol=1e-12, atol=1e-12)
+    assert results[1][-1].abs().sum() > 0, "the penalty depends on the weights"
+
+
+@pytest.mark.usefixtures("compiled")
 def test_interval_relu_of_mismatched_layouts_runs_eagerly() -> None:
     center, radius = _interval((2, 3, 4, 4), torch.float32, False)
     radius = radius.contiguous(memory_format=torch.channels_last)

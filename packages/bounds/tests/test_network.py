@@ -80,11 +80,13 @@ def test_linear_fast_transpose_matches_vjp() -> None:
     torch.testing.assert_close(op.fast_transpose(rows), transpose(op.apply, rows, (6,)))
 
 
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
 @pytest.mark.parametrize("out_features", [3, 700])
 def test_linear_apply_abs_is_the_absolute_weights(
-    out_features: int, monkeypatch: pytest.MonkeyPatch
+    out_features: int, grad: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # 700 rows of 3000 inputs make |W| form in blocks (of 349 rows, then 2).
+    # Without gradients, 700 rows of 3000 inputs make |W| form in blocks (of 349 rows, then
+    # 2); with gradients |W| is formed whole.
     monkeypatch.setattr("tightrope.bounds.network._ABS_BLOCK_ELEMENTS", 3000 * 349)
     generator = torch.Generator().manual_seed(2)
     linear = nn.Linear(3000, out_features).to(DTYPE)
@@ -92,7 +94,14 @@ def test_linear_apply_abs_is_the_absolute_weights(
     op = network.ops[0]
     assert isinstance(op, Affine)
     radius = torch.rand(4, 3000, dtype=DTYPE, generator=generator)
-    torch.testing.assert_close(op.apply_abs(radius), radius @ linear.weight.detach().abs().T)
+    with torch.set_grad_enabled(grad):
+        found = op.apply_abs(radius)
+    assert found.requires_grad == grad
+    torch.testing.assert_close(found, radius @ linear.weight.detach().abs().T)
+    if grad:
+        (weight_grad,) = torch.autograd.grad(found.sum(), [linear.weight])
+        expected = linear.weight.detach().sign() * radius.sum(dim=0)
+        torch.testing.assert_close(weight_grad, expected)
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -6,7 +6,7 @@ and as many again in its gradient. On CNN7 that traffic was a third of a CROWN-I
 step on a 2-core CPU. Compiled by ``torch.compile`` (inductor), the step and its gradient each
 read the coefficients once. IBP's interval ReLU (``relu_interval``) is four passes over the
 centre and radius in eager PyTorch (seven with gradients, and as many in their backward) and
-one compiled (one more for the gradient).
+one compiled (one more for the gradient, which recomputes the ReLU masks from the saved inputs).
 
 Compilation costs seconds per kernel variant (cached on disk by inductor for later
 processes), so it is off unless :func:`compile_kernels` turns it on (the command-line tools
@@ -24,6 +24,7 @@ from __future__ import annotations
 import types
 import warnings
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -162,12 +163,51 @@ def _relu_interval_fusable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tens
 
 
 def _relu_interval_differentiable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
-    # relu_interval_eager with gradients, out of place: the same values and gradients, one
-    # fused pass forward and one backward.
+    # relu_interval_eager's values with gradients, out of place (one fused pass); compiled
+    # without gradients as the forward of _IntervalRelu.
     upper = torch.relu(center + radius)
     lower = torch.relu(center - radius)
     radius = (upper - lower) * 0.5
     return lower + radius, radius
+
+
+def _relu_interval_backward(
+    center: Tensor, radius: Tensor, grad_center: Tensor, grad_radius: Tensor
+) -> tuple[Tensor, Tensor]:
+    # The gradients of _relu_interval_differentiable in (center, radius), from its inputs:
+    # half the sum of the output gradients reaches relu(c + r), half their difference
+    # relu(c - r), each where its argument is positive (torch's ReLU gradient at 0 is 0).
+    through_upper = torch.where(center + radius > 0, (grad_center + grad_radius) * 0.5, 0.0)
+    through_lower = torch.where(center - radius > 0, (grad_center - grad_radius) * 0.5, 0.0)
+    return through_upper + through_lower, through_upper - through_lower
+
+
+class _IntervalRelu(torch.autograd.Function):
+    """The interval ReLU with gradients as two compiled passes: the forward saves its inputs and
+    the backward recomputes the ReLU masks from them.
+
+    Compiling the differentiable function whole makes autograd's partitioner save the two
+    masks as boolean tensors, and inductor's boolean stores ran about ten times slower than
+    the rest of the kernel on a 2-core AVX2 CPU (torch 2.13): the interval ReLU then cost more
+    than eager PyTorch. Saving the inputs keeps as much memory as eager PyTorch does (two
+    tensors of the ReLU's size).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(center, radius)
+        return _run(_relu_interval_differentiable, _relu_interval_differentiable,
+                    (center.detach(), radius.detach()))
+
+    @staticmethod
+    def backward(ctx: Any, grad_center: Tensor, grad_radius: Tensor) -> tuple[Tensor, Tensor]:
+        center, radius = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the eager formula, differentiable in the incoming gradients.
+            return _relu_interval_backward(center, radius, grad_center, grad_radius)
+        return _run(_relu_interval_backward, _relu_interval_backward,
+                    (center.detach(), radius.detach(), grad_center.contiguous(),
+                     grad_radius.contiguous()))
 
 
 def relu_interval(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
@@ -179,12 +219,18 @@ def relu_interval(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
     if layout is None or center.shape != radius.shape or radius.stride() != center.stride():
         return relu_interval_eager(center, radius)
     grad = torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad)
-    fusable = _relu_interval_differentiable if grad else _relu_interval_fusable
     # One pass over the memory of both tensors, whatever their layout (channels-last too).
     shape = [center.shape[d] for d in layout]
     flat_center = center.permute(layout).reshape(-1)
     flat_radius = radius.permute(layout).reshape(-1)
-    out_center, out_radius = _run(relu_interval_eager, fusable, (flat_center, flat_radius))
+    if grad:
+        out_center, out_radius = _IntervalRelu.apply(  # type: ignore[no-untyped-call]
+            flat_center, flat_radius
+        )
+    else:
+        out_center, out_radius = _run(
+            relu_interval_eager, _relu_interval_fusable, (flat_center, flat_radius)
+        )
     back = [layout.index(d) for d in range(center.dim())]
     return out_center.view(shape).permute(back), out_radius.view(shape).permute(back)
 

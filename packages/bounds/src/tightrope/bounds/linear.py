@@ -318,16 +318,22 @@ def _output_bounds(problem: Problem, pre: PreActivations, upper: bool) -> Box:
     net, spec = problem.net, _output_spec(problem)
     end = len(net.ops)
     rows = spec.shape[1] * (2 if upper else 1)
+    size = _sample_group_size(net, problem.batch, rows, problem.box.lower.device)
+    # Every per-sample tensor is split once into the groups (see ReluRelaxation.split).
+    lowers, uppers, specs = (
+        torch.split(t, size) for t in (problem.box.lower, problem.box.upper, spec)
+    )
+    relaxations = {i: r.split(size) for i, r in pre.relaxations.items()}
     found = []
-    for samples in _sample_chunks(net, problem.batch, rows, problem.box.lower.device):
-        box = Box(problem.box.lower[samples], problem.box.upper[samples])
-        relaxations = {i: r.select(samples) for i, r in pre.relaxations.items()}
+    for group, (lower, upper_end, rows_spec) in enumerate(zip(lowers, uppers, specs, strict=True)):
+        box = Box(lower, upper_end)
+        group_relaxations = {i: parts[group] for i, parts in relaxations.items()}
         if upper:
-            found.append(both_sides(net, end, spec[samples], box, relaxations))
+            found.append(both_sides(net, end, rows_spec, box, group_relaxations))
         else:
-            A_in, bias = backward_lower(net, end, spec[samples], relaxations)
-            lower = concretize_lower(A_in, bias, box)
-            found.append(Box(lower, torch.full_like(lower, float("inf"))))
+            A_in, bias = backward_lower(net, end, rows_spec, group_relaxations)
+            bound = concretize_lower(A_in, bias, box)
+            found.append(Box(bound, torch.full_like(bound, float("inf"))))
     if len(found) == 1:
         return _reshape_result(problem, found[0])
     bounds = Box(torch.cat([b.lower for b in found]), torch.cat([b.upper for b in found]))
@@ -342,14 +348,13 @@ def _output_bounds(problem: Problem, pre: PreActivations, upper: bool) -> Box:
 OUTPUT_CHUNK_ELEMENTS = 1 << 23
 
 
-def _sample_chunks(net: Network, batch: int, rows: int, device: torch.device) -> list[slice]:
-    """Groups of samples whose output-pass coefficients stay under ``OUTPUT_CHUNK_ELEMENTS``
-    (on CPU; one group elsewhere)."""
+def _sample_group_size(net: Network, batch: int, rows: int, device: torch.device) -> int:
+    """Samples per group of the output pass, so that its coefficients stay under
+    ``OUTPUT_CHUNK_ELEMENTS`` (on CPU; the whole batch elsewhere)."""
     if device.type != "cpu":
-        return [slice(None)]
+        return max(1, batch)
     widest = max(_numel(shape) for shape in net.shapes)
-    step = max(1, OUTPUT_CHUNK_ELEMENTS // max(1, rows * widest))
-    return [slice(begin, begin + step) for begin in range(0, batch, step)]
+    return max(1, OUTPUT_CHUNK_ELEMENTS // max(1, rows * widest))
 
 
 def linear_bounds(

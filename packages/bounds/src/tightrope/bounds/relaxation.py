@@ -48,12 +48,15 @@ class ReluRelaxation:
     upper_intercept: Tensor
     unstable: Tensor
 
-    def select(self, samples: slice) -> ReluRelaxation:
-        """The relaxation of some samples of the batch (views, no copies)."""
-        return ReluRelaxation(
-            self.lower_slope[samples], self.upper_slope[samples],
-            self.upper_intercept[samples], self.unstable[samples],
-        )
+    def split(self, size: int) -> tuple[ReluRelaxation, ...]:
+        """The relaxations of consecutive groups of ``size`` samples (views, no copies).
+
+        Each tensor is split once, so under autograd the gradients of all groups meet in one
+        concatenation (slicing per group would give every group a full-size zero gradient).
+        """
+        parts = [torch.split(t, size) for t in (self.lower_slope, self.upper_slope,
+                                                 self.upper_intercept, self.unstable)]
+        return tuple(ReluRelaxation(*group) for group in zip(*parts, strict=True))
 
 
 def relu_relaxation(
