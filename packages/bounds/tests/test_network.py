@@ -154,17 +154,30 @@ def test_batch_norm_without_previous_weights_is_kept() -> None:
     assert network.shapes == ((2, 4, 4), (2, 4, 4), (2, 4, 4), (2, 2, 2))
 
 
+TAIL_MODELS = {
+    # The trailing affine block starts on flat features.
+    "flat": lambda: nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 6), nn.ReLU(), nn.Linear(6, 10),
+    ),
+    # It starts on channels-last images (Flatten, Linear), read in their memory order.
+    "image": lambda: nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(3, 5, 3, padding=1),
+        nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 10),
+    ),
+}
+
+
+@pytest.mark.parametrize("tail", sorted(TAIL_MODELS))
 @pytest.mark.parametrize("classes_used", [1, 3, 10])
-def test_ibp_with_shared_specifications_matches_per_sample(classes_used: int) -> None:
-    """IBP applies each distinct margin specification to the whole batch at once; the result
-    must equal bounding every sample on its own."""
+def test_ibp_with_shared_specifications_matches_per_sample(classes_used: int, tail: str) -> None:
+    """IBP applies each distinct margin specification to its group of samples at once; the
+    result must equal bounding every sample on its own."""
     from tightrope.bounds import Box, ibp, margin_spec
 
     generator = torch.Generator().manual_seed(3)
-    model = nn.Sequential(
-        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
-        nn.Linear(3 * 4 * 4, 6), nn.ReLU(), nn.Linear(6, 10),
-    ).to(DTYPE).eval()
+    torch.manual_seed(0)
+    model = TAIL_MODELS[tail]().to(DTYPE).eval()
     x = torch.rand(24, 1, 8, 8, dtype=DTYPE, generator=generator)
     labels = torch.randint(0, classes_used, (24,), generator=generator)
     box = Box.from_linf(x, 0.05)

@@ -170,29 +170,32 @@ def tail_bounds(
     affine block.
 
     ``C f`` is one affine map ``A z + b`` of the block's input ``z`` (``A = C L``), bounded by
-    ``A c + b -/+ |A| r``, where ``A c + b = C f(c)`` is the block's forward pass. Margin
-    specifications repeat across a batch (one ``C`` per label), so
-    ``A`` is built once per distinct ``C`` and applied to every sample with two matrix products;
-    the per-sample ``(B, K, n)`` tensor is only formed when the specifications are all distinct.
+    ``A c + b -/+ |A| r``. Margin specifications repeat across a batch (one ``C`` per label), so
+    ``A`` is built once per distinct ``C``; on CPU the samples are grouped by specification and
+    each group takes two small matrix products (``A c`` and ``|A| r``), reading the centre and
+    radius in their own memory order (a channels-last tensor is not copied to be flattened).
+    Elsewhere the centre is the block's plain forward pass (``C f(c)`` costs less than
+    ``(C L) c`` applied to every sample) and the per-sample ``(B, K, n)`` tensor is only formed
+    when the specifications are all distinct.
     """
     batch, rows = C.shape[0], C.shape[1]
+    distinct, which = _distinct_specs(C)
+    A, bias = backward_lower(
+        net, len(net.ops), distinct.view(distinct.shape[0], rows, *net.output_shape), {},
+        start=tail_start,
+    )
+    if distinct.shape[0] < batch and radius.device.type == "cpu":
+        A, center, radius = _memory_order(A, center, radius)
+        return _grouped_bounds(A, bias, center, radius, which)
     radius = radius.flatten(1)
-    # The centre is the block's plain forward pass: C f(c) costs less than (C L) c.
     out = center
     for op in net.ops[tail_start:]:
         assert isinstance(op, Affine)
         out = op.apply(out)
     mid = torch.bmm(C, out.reshape(batch, -1, 1)).squeeze(-1)
-    distinct, which = _distinct_specs(C)
-    A, _ = backward_lower(
-        net, len(net.ops), distinct.view(distinct.shape[0], rows, *net.output_shape), {},
-        start=tail_start,
-    )
     A = A.flatten(2)
     if distinct.shape[0] == batch:
         spread = torch.bmm(A.abs(), radius.unsqueeze(-1)).squeeze(-1)
-    elif radius.device.type == "cpu":
-        spread = _grouped_spread(A.abs(), radius, which)
     else:
         # (B, n) @ (n, U K) -> (B, U, K), then each sample picks its own specification.
         pick = which.view(batch, 1, 1).expand(batch, 1, rows)
@@ -201,17 +204,47 @@ def tail_bounds(
     return Box(mid - spread, mid + spread)
 
 
-def _grouped_spread(magnitudes: Tensor, radius: Tensor, which: Tensor) -> Tensor:
-    """``(B, K)``: ``|A_{which[b]}| r_b`` with the samples grouped by specification, one matrix
-    product per group (a U-th of the arithmetic of applying every specification to every
-    sample, which pays on CPU where the products dominate)."""
-    order = torch.argsort(which)
-    counts = torch.bincount(which, minlength=magnitudes.shape[0]).tolist()
-    groups = torch.split(radius.index_select(0, order), counts)
-    parts = [group @ magnitudes[u].T for u, group in enumerate(groups) if counts[u]]
-    spread = torch.empty((radius.shape[0], magnitudes.shape[1]), dtype=radius.dtype,
-                         device=radius.device)
-    return spread.index_copy(0, order, torch.cat(parts))
+def _memory_order(A: Tensor, center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``A: (U, K, n)``, ``center, radius: (B, n)``: the features flattened in the memory order
+    of a channels-last ``center`` (a view of it; ``A``, small, is permuted to match), else in
+    the logical order."""
+    if (center.dim() == 4 and not center.is_contiguous()
+            and center.permute(0, 2, 3, 1).is_contiguous()):
+        center, radius = center.permute(0, 2, 3, 1), radius.permute(0, 2, 3, 1)
+        A = A.permute(0, 1, 3, 4, 2)
+    return A.flatten(2), center.flatten(1), radius.flatten(1)
+
+
+def _grouped_bounds(A: Tensor, bias: Tensor, center: Tensor, radius: Tensor,
+                    which: Tensor) -> Box:
+    """``A_{which[b]} c_b + bias_{which[b]} -/+ |A_{which[b]}| r_b`` for ``A: (U, K, n)``,
+    ``bias: (U, K)``, ``center, radius: (B, n)``.
+
+    The samples are gathered by specification into ``U`` groups padded to the largest one
+    (padding repeats a sample; its results are dropped), and two batched matrix products serve
+    every group: a U-th of the arithmetic of applying every specification to every sample,
+    without the per-call cost of one small product per group.
+    """
+    groups, rows = A.shape[0], A.shape[1]
+    order = torch.argsort(which, stable=True)
+    counts = torch.bincount(which, minlength=groups)
+    width = int(counts.max())
+    starts = torch.cumsum(counts, 0) - counts
+    # slots[u, i]: the i-th sample of group u (the group's last sample past its end).
+    offsets = torch.arange(width, device=which.device)
+    slots = order[starts.unsqueeze(1) + torch.minimum(offsets, counts.unsqueeze(1) - 1)]
+    flat_slots = slots.flatten()
+    centers = center.index_select(0, flat_slots).view(groups, width, -1)
+    radii = radius.index_select(0, flat_slots).view(groups, width, -1)
+    mid = torch.bmm(A, centers.transpose(1, 2)) + bias.unsqueeze(-1)
+    spread = torch.bmm(A.abs(), radii.transpose(1, 2))
+    # Sample b sits in column rank[b] of its group's block.
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(which.shape[0], device=which.device) - starts[which[order]]
+    position = which * width + rank
+    mid = mid.transpose(1, 2).reshape(groups * width, rows).index_select(0, position)
+    spread = spread.transpose(1, 2).reshape(groups * width, rows).index_select(0, position)
+    return Box(mid - spread, mid + spread)
 
 
 #: Above this many distinct specifications, applying each to every sample costs more than
