@@ -169,8 +169,10 @@ TAIL_MODELS = {
 
 
 @pytest.mark.parametrize("tail", sorted(TAIL_MODELS))
-@pytest.mark.parametrize("classes_used", [1, 3, 10])
-def test_ibp_with_shared_specifications_matches_per_sample(classes_used: int, tail: str) -> None:
+@pytest.mark.parametrize("classes_used", [1, 3, 10, "skewed"])
+def test_ibp_with_shared_specifications_matches_per_sample(
+    classes_used: int | str, tail: str
+) -> None:
     """IBP applies each distinct margin specification to its group of samples at once; the
     result must equal bounding every sample on its own."""
     from tightrope.bounds import Box, ibp, margin_spec
@@ -179,7 +181,10 @@ def test_ibp_with_shared_specifications_matches_per_sample(classes_used: int, ta
     torch.manual_seed(0)
     model = TAIL_MODELS[tail]().to(DTYPE).eval()
     x = torch.rand(24, 1, 8, 8, dtype=DTYPE, generator=generator)
-    labels = torch.randint(0, classes_used, (24,), generator=generator)
+    if classes_used == "skewed":  # one label for most samples: its group spans chunks
+        labels = torch.tensor([3] * 17 + [0, 1, 2, 4, 5, 6, 7])
+    else:
+        labels = torch.randint(0, int(classes_used), (24,), generator=generator)
     box = Box.from_linf(x, 0.05)
     spec = margin_spec(labels, 10, dtype=DTYPE)
     batched = ibp(model, box, spec)

@@ -171,9 +171,10 @@ def tail_bounds(
 
     ``C f`` is one affine map ``A z + b`` of the block's input ``z`` (``A = C L``), bounded by
     ``A c + b -/+ |A| r``. Margin specifications repeat across a batch (one ``C`` per label), so
-    ``A`` is built once per distinct ``C``; on CPU the samples are grouped by specification and
-    each group takes two small matrix products (``A c`` and ``|A| r``), reading the centre and
-    radius in their own memory order (a channels-last tensor is not copied to be flattened).
+    ``A`` is built once per distinct ``C``; on CPU the samples are grouped by specification for
+    two batched matrix products (``A c`` and ``|A| r``, see ``_grouped_bounds``), reading the
+    centre and radius in their own memory order (a channels-last tensor is not copied to be
+    flattened).
     Elsewhere the centre is the block's plain forward pass (``C f(c)`` costs less than
     ``(C L) c`` applied to every sample) and the per-sample ``(B, K, n)`` tensor is only formed
     when the specifications are all distinct.
@@ -220,30 +221,45 @@ def _grouped_bounds(A: Tensor, bias: Tensor, center: Tensor, radius: Tensor,
     """``A_{which[b]} c_b + bias_{which[b]} -/+ |A_{which[b]}| r_b`` for ``A: (U, K, n)``,
     ``bias: (U, K)``, ``center, radius: (B, n)``.
 
-    The samples are gathered by specification into ``U`` groups padded to the largest one
-    (padding repeats a sample; its results are dropped), and two batched matrix products serve
-    every group: a U-th of the arithmetic of applying every specification to every sample,
-    without the per-call cost of one small product per group.
+    The samples are gathered by specification into equal chunks, padded by repeating a sample
+    whose results are dropped, and two batched matrix products serve every chunk: a U-th of
+    the arithmetic of applying every specification to every sample, without the per-call cost
+    of one small product per group. A chunk holds a whole group (the largest) when that pads
+    the batch to at most twice its rows, as with balanced labels; otherwise ``ceil(B / U)``
+    samples, a large group taking several, which also keeps the rows under about twice the
+    batch however skewed the labels are.
     """
     groups, rows = A.shape[0], A.shape[1]
+    batch, device = which.shape[0], which.device
     order = torch.argsort(which, stable=True)
     counts = torch.bincount(which, minlength=groups)
-    width = int(counts.max())
     starts = torch.cumsum(counts, 0) - counts
-    # slots[u, i]: the i-th sample of group u (the group's last sample past its end).
-    offsets = torch.arange(width, device=which.device)
-    slots = order[starts.unsqueeze(1) + torch.minimum(offsets, counts.unsqueeze(1) - 1)]
-    flat_slots = slots.flatten()
-    centers = center.index_select(0, flat_slots).view(groups, width, -1)
-    radii = radius.index_select(0, flat_slots).view(groups, width, -1)
+    # Sample b is the rank[b]-th of its group in sorted order.
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(batch, device=device) - starts[which[order]]
+    largest = int(counts.max())
+    width = largest if groups * largest <= 2 * batch else -(-batch // groups)
+    if width == largest:  # one chunk per group
+        first, last = starts, starts + counts - 1
+        position = which * width + rank
+    else:
+        chunks = (counts + width - 1) // width
+        first_chunk = torch.cumsum(chunks, 0) - chunks
+        chunk_group = torch.repeat_interleave(torch.arange(groups, device=device), chunks)
+        within = torch.arange(chunk_group.shape[0], device=device) - first_chunk[chunk_group]
+        first = starts[chunk_group] + within * width
+        last = starts[chunk_group] + counts[chunk_group] - 1
+        position = (first_chunk[which] + rank // width) * width + rank % width
+        A, bias = A.index_select(0, chunk_group), bias.index_select(0, chunk_group)
+    # slots[c, i]: the i-th sample of chunk c (its group's last sample past the group's end).
+    offsets = torch.arange(width, device=device)
+    slots = order[torch.minimum(first.unsqueeze(1) + offsets, last.unsqueeze(1))].flatten()
+    centers = center.index_select(0, slots).view(-1, width, center.shape[1])
+    radii = radius.index_select(0, slots).view(-1, width, radius.shape[1])
     mid = torch.bmm(A, centers.transpose(1, 2)) + bias.unsqueeze(-1)
     spread = torch.bmm(A.abs(), radii.transpose(1, 2))
-    # Sample b sits in column rank[b] of its group's block.
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(which.shape[0], device=which.device) - starts[which[order]]
-    position = which * width + rank
-    mid = mid.transpose(1, 2).reshape(groups * width, rows).index_select(0, position)
-    spread = spread.transpose(1, 2).reshape(groups * width, rows).index_select(0, position)
+    mid = mid.transpose(1, 2).reshape(-1, rows).index_select(0, position)
+    spread = spread.transpose(1, 2).reshape(-1, rows).index_select(0, position)
     return Box(mid - spread, mid + spread)
 
 
