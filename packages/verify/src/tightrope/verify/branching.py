@@ -130,7 +130,7 @@ def fsb_choice(
     net: Network,
     box: Box,
     rows: Tensor,
-    offsets: Tensor,
+    offsets: Tensor | None,
     domains: DomainBatch,
     candidates: int,
     layers: LayerIndex,
@@ -139,7 +139,10 @@ def fsb_choice(
 
     Args:
         box: the input box ``(1, *S_in)``.
-        rows: ``(K, *S_out)`` specification rows; ``offsets: (K,)``.
+        rows: ``(K, *S_out)`` specification rows shared by every subdomain, or
+            ``(D, K, *S_out)``, each subdomain's own.
+        offsets: ``(K,)`` thresholds subtracted from the rows' bounds (None: zero); a child's
+            value is the largest row bound minus offset, as in the search.
         domains: the parents, with their scores and multipliers.
         candidates: how many top-scoring neurons each parent tries; each costs two children
             bounded in one batched pass, in chunks of parents whose children stay under
@@ -150,13 +153,14 @@ def fsb_choice(
     top = torch.topk(domains.scores, k, dim=1)
     if k == 1:
         return top.indices[:, 0]
+    shared = rows.dim() == len(net.output_shape) + 1
     # Per child: pre-activation bounds, signs, slopes and multipliers of every ReLU neuron
     # (per row where they carry one) and the backward pass's coefficients.
     element = domains.scores.element_size()
-    per_child = layers.total * element * (3 + 3 * rows.shape[0]) + 1
+    per_child = layers.total * element * (3 + 3 * rows.shape[-1 - len(net.output_shape)]) + 1
     chunk = max(1, FSB_CHUNK_BYTES // (2 * k * per_child))
     worse_child = torch.cat([
-        _worse_children(net, box, rows, offsets,
+        _worse_children(net, box, rows if shared else rows[start:start + chunk], offsets,
                         domains.select(torch.arange(start, min(start + chunk, count),
                                                     device=top.indices.device)),
                         top.indices[start:start + chunk], layers)
@@ -170,22 +174,28 @@ def fsb_choice(
 
 
 def _worse_children(
-    net: Network, box: Box, rows: Tensor, offsets: Tensor, domains: DomainBatch,
+    net: Network, box: Box, rows: Tensor, offsets: Tensor | None, domains: DomainBatch,
     choices: Tensor, layers: LayerIndex,
 ) -> Tensor:
     """``(D, k)``: for each parent and candidate neuron ``choices: (D, k)``, the lower of its two
-    children's bounds (with the parent's multipliers; ``inf`` for an empty child)."""
+    children's values (with the parent's multipliers; ``inf`` for an empty child); ``rows`` as
+    in :func:`fsb_choice`, per parent for these ``D`` parents."""
     count, k = choices.shape
     # Children ordered (parent, candidate, phase).
     flat = choices.repeat_interleave(2, dim=1).flatten()
     phase = torch.tensor([1, -1], device=flat.device).repeat(count * k)
-    repeated = domains.select(torch.arange(count, device=flat.device).repeat_interleave(2 * k))
+    parent = torch.arange(count, device=flat.device).repeat_interleave(2 * k)
+    repeated = domains.select(parent)
     pre, signs = split_at(repeated, flat, phase, layers)
-    C = rows.unsqueeze(0).expand(len(repeated), *rows.shape)
+    if rows.dim() == len(net.output_shape) + 1:
+        C = rows.unsqueeze(0).expand(len(repeated), *rows.shape)
+    else:
+        C = rows[parent]
     with torch.no_grad():
         found = split_lower_bound(
             net, box, C, pre, signs, repeated.alphas, repeated.betas
         )
-    value = (found.lower - offsets).max(dim=1).values
+    lower = found.lower if offsets is None else found.lower - offsets
+    value = lower.max(dim=1).values
     value = torch.where(empty_subdomains(pre), torch.full_like(value, float("inf")), value)
     return value.view(count, k, 2).min(dim=2).values

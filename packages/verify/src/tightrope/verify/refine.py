@@ -37,11 +37,10 @@ from tightrope.bounds import (
     Network,
     empty_subdomains,
     optimise_split_bound,
-    split_lower_bound,
 )
 from tightrope.bounds.beta import SplitBound
 from tightrope.verify.bab import refine_after_splits
-from tightrope.verify.branching import LayerIndex, branching_scores, split_at
+from tightrope.verify.branching import LayerIndex, branching_scores, fsb_choice, split_at
 from tightrope.verify.domains import DomainBatch
 
 __all__ = ["SplitRefinement", "refine_by_splitting"]
@@ -206,8 +205,9 @@ def _refine_layer(
         leaves, owner = leaves.select(keep), owner[keep]
 
         if candidates > 1:
-            flat = _filtered_choice(prefix, box, rows[parent_owner], parents, candidates,
-                                    layers)
+            # Filtered smart branching on each parent's own objective row.
+            flat = fsb_choice(prefix, box, rows[parent_owner], None, parents, candidates,
+                              layers)
         else:
             flat = parents.scores.argmax(dim=1)
         both = torch.arange(len(parents), device=flat.device).repeat(2)
@@ -260,25 +260,3 @@ def _lowest_per_search(value: Tensor, owner: Tensor, searches: int, per_search: 
     rank[grouped] = torch.arange(grouped.numel(), device=value.device) - starts[ranked[grouped]]
     picked = order[(rank < per_search) & torch.isfinite(value[order])]
     return picked
-
-
-def _filtered_choice(net: Network, box: Box, rows: Tensor, parents: DomainBatch, candidates: int,
-                     layers: LayerIndex) -> Tensor:
-    """``(D,)``: per parent, among its ``candidates`` best-scored neurons, the one whose worse
-    child bounds highest with the parent's multipliers (filtered smart branching, De Palma et
-    al. 2021); ``rows: (D, 1, *S)`` is each parent's own objective."""
-    count = len(parents)
-    k = min(candidates, parents.scores.shape[1])
-    top = torch.topk(parents.scores, k, dim=1)
-    flat = top.indices.repeat_interleave(2, dim=1).flatten()
-    phase = torch.tensor([1, -1], device=flat.device).repeat(count * k)
-    spread = torch.arange(count, device=flat.device).repeat_interleave(2 * k)
-    repeated = parents.select(spread)
-    bounds, signs = split_at(repeated, flat, phase, layers)
-    with torch.no_grad():
-        found = split_lower_bound(net, box, rows[spread], bounds, signs, repeated.alphas,
-                                  repeated.betas)
-    value = found.lower[:, 0].masked_fill(empty_subdomains(bounds), float("inf"))
-    worse = value.view(count, k, 2).min(dim=2).values
-    worse = worse.masked_fill(~torch.isfinite(top.values), float("-inf"))
-    return top.indices.gather(1, worse.argmax(dim=1, keepdim=True)).squeeze(1)
