@@ -23,41 +23,19 @@ import argparse
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _models import cnn7
+from _steps import loss_step
 
 from tightrope.bounds import compile_kernels, keep_freed_memory
-from tightrope.losses import METHODS, ibp_initialize
+from tightrope.losses import METHODS
 
-EPS = 2 / 255
 #: Targets of the losses issue, as ratios to the IBP step (standard: IBP <= 3x standard).
 TARGETS = {"cc_ibp": 2.0, "mtl_ibp": 2.0, "exp_ibp": 2.0, "sabr": 2.5, "crown_ibp": 3.0}
-
-
-def _step(name: str, batch: int) -> Callable[[], None]:
-    torch.manual_seed(0)
-    model = cnn7().train()
-    ibp_initialize(model, torch.Generator().manual_seed(0))
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.rand(batch, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (batch,), generator=generator)
-    loss = METHODS[name].default(torch.Generator().manual_seed(2))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        out = loss(model, x, y, EPS)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
-
-    return step
 
 
 def main() -> None:
@@ -83,7 +61,7 @@ def main() -> None:
     keep_freed_memory()
     compile_kernels(not args.eager, after_elements=0)
 
-    steps = {name: _step(name, args.batch) for name in names}
+    steps = {name: loss_step(name, args.batch) for name in names}
     for step in steps.values():  # warm-up: compilation, allocator
         step()
     times: dict[str, list[float]] = {name: [] for name in names}

@@ -14,36 +14,19 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
-from _models import cnn7
+from _steps import loss_step
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from tightrope.losses import METHODS, ibp_initialize
+from tightrope.losses import METHODS
 
 BATCH = int(os.environ.get("TIGHTROPE_BENCH_LOSS_BATCH", "128"))
-EPS = 2 / 255
 ROUNDS = int(os.environ.get("TIGHTROPE_BENCH_LOSS_ROUNDS", "3"))
 NAMES = [name for name in sorted(METHODS) if name != "wong_kolter"]
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_loss_step(benchmark: BenchmarkFixture, name: str) -> None:
-    torch.manual_seed(0)
-    model = cnn7().train()
-    ibp_initialize(model, torch.Generator().manual_seed(0))
-    optimizer = torch.optim.Adam(model.parameters(), lr=5e-4)
-    generator = torch.Generator().manual_seed(1)
-    x = torch.rand(BATCH, 3, 32, 32, generator=generator)
-    y = torch.randint(0, 10, (BATCH,), generator=generator)
-    loss = METHODS[name].default(torch.Generator().manual_seed(2))
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        out = loss(model, x, y, EPS)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-        optimizer.step()
-
+    step = loss_step(name, BATCH)
     benchmark.group = "loss-step-cnn7"
     benchmark.extra_info["baseline"] = name == "standard"
     benchmark.extra_info["reference"] = name == "ibp"
