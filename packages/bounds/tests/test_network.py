@@ -55,6 +55,56 @@ def test_conv_fast_transpose_matches_vjp(case: tuple) -> None:  # type: ignore[t
     torch.testing.assert_close(transpose_rows(op, rows, network.shapes[0]), expected)
 
 
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv_concretize_matches_the_transposed_rows(case: tuple) -> None:  # type: ignore[type-arg]
+    """A convolution's ``concretize`` rule (strided, few input channels: bounded in phase
+    layout) equals Hölder's inequality on its transposed rows."""
+    c_in, c_out, kernel, stride, padding, dilation, height, width = case
+    generator = torch.Generator().manual_seed(1)
+    conv = nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation).to(DTYPE)
+    network = lower(nn.Sequential(conv), torch.rand(1, c_in, height, width, dtype=DTYPE))
+    op = network.ops[0]
+    assert isinstance(op, Affine)
+    phased = isinstance(stride, int) and stride > 1 and c_in <= 8 and dilation == 1
+    assert (op.concretize is not None) == phased
+    if op.concretize is None:
+        return
+    rows = torch.randn(3, 4, *network.shapes[1], dtype=DTYPE, generator=generator)
+    center = torch.randn(3, c_in, height, width, dtype=DTYPE, generator=generator)
+    radius = torch.rand(3, c_in, height, width, dtype=DTYPE, generator=generator)
+    A = transpose(op.apply, rows.flatten(0, 1), network.shapes[0]).view(3, 4, -1)
+    expected = (A @ center.flatten(1).unsqueeze(-1) - A.abs() @ radius.flatten(1).unsqueeze(-1))
+    torch.testing.assert_close(op.concretize(rows, center, radius), expected.squeeze(-1))
+
+
+@pytest.mark.parametrize("with_normalize", [False, True])
+def test_input_lower_bound_equals_the_backward_pass_to_the_input(with_normalize: bool) -> None:
+    """The output pass's last steps (the box carried through a leading ``Normalize``, a strided
+    first convolution bounded in phase layout) give the bound of the plain backward pass to the
+    input followed by Hölder's inequality."""
+    from tightrope.bounds import Box, margin_spec
+    from tightrope.bounds.backward import backward_lower, input_lower_bound
+    from tightrope.bounds.core import concretize_lower
+    from tightrope.bounds.linear import pre_activation_bounds
+
+    generator = torch.Generator().manual_seed(2)
+    torch.manual_seed(2)
+    layers: list[nn.Module] = [Normalize([0.3, 0.6], [0.2, 0.5])] if with_normalize else []
+    model = nn.Sequential(
+        *layers, nn.Conv2d(2, 4, 5, 2, 2), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.Conv2d(4, 6, 4, 2, 1), nn.ReLU(), nn.Flatten(), nn.Linear(6 * 4 * 4, 10),
+    ).to(DTYPE).eval()
+    _randomise_batch_norm(model, generator)
+    x = torch.rand(5, 2, 15, 15, dtype=DTYPE, generator=generator)
+    box = Box.from_linf(x, 0.05)
+    network = lower(model, x)
+    C = margin_spec(torch.arange(5) % 10, 10, dtype=DTYPE)
+    pre = pre_activation_bounds(network, box, "crown")
+    found = input_lower_bound(network, len(network.ops), C, box, pre.relaxations)
+    A_in, bias = backward_lower(network, len(network.ops), C, pre.relaxations)
+    torch.testing.assert_close(found, concretize_lower(A_in, bias, box))
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_elementwise_fast_transposes_match_vjp(train: bool) -> None:
     generator = torch.Generator().manual_seed(5)

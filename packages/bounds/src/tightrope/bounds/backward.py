@@ -16,10 +16,10 @@ from torch import Tensor
 
 from tightrope.bounds.core import Box, concretize_lower, features_dot
 from tightrope.bounds.fused import relu_step
-from tightrope.bounds.network import Affine, Network, transpose_rows
+from tightrope.bounds.network import Affine, Network, Relu, transpose_rows
 from tightrope.bounds.relaxation import ReluRelaxation
 
-__all__ = ["backward_lower", "lower_bound", "relu_step"]
+__all__ = ["backward_lower", "input_lower_bound", "lower_bound", "relu_step"]
 
 
 def backward_lower(
@@ -88,8 +88,46 @@ def lower_bound(
     start: int = 0,
 ) -> Tensor:
     """``min A z_end`` over ``z_start`` in ``box``, through the relaxations: ``(B, K)``."""
+    if start == 0:
+        return input_lower_bound(net, end, A, box, relaxations, lower_slopes)
     A_in, bias = backward_lower(net, end, A, relaxations, lower_slopes, start)
     return concretize_lower(A_in, bias, box)
+
+
+def input_lower_bound(
+    net: Network,
+    end: int,
+    A: Tensor,
+    box: Box,
+    relaxations: Mapping[int, ReluRelaxation],
+    lower_slopes: Mapping[int, Tensor] | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """``min A z_end + bias`` over the network's input ``box``: ``(B, K)``.
+
+    :func:`backward_lower` to the input and Hölder's inequality, except that the leading ops
+    that never mix coordinates (a ``Normalize``) carry the box forward instead of the rows back
+    (interval arithmetic is exact through them, and the box is K times smaller), and a first
+    mixing op with a ``concretize`` rule bounds its rows over its input box itself.
+    """
+    first = 0
+    while first < end and _elementwise(net.ops[first]):
+        first += 1
+    center, radius = box.center, box.radius
+    for op in net.ops[:first]:
+        assert isinstance(op, Affine)
+        center, radius = op.apply(center), op.apply_abs(radius)
+    mixing = net.ops[first] if first < end else None
+    if isinstance(mixing, Affine) and mixing.concretize is not None:
+        A_out, bias = backward_lower(net, end, A, relaxations, lower_slopes, first + 1, bias)
+        bias = bias + features_dot(A_out, net.offset(first))
+        return mixing.concretize(A_out, center, radius) + bias
+    A_in, bias = backward_lower(net, end, A, relaxations, lower_slopes, first, bias)
+    return features_dot(A_in, center) - features_dot(A_in.abs(), radius) + bias
+
+
+def _elementwise(op: Affine | Relu) -> bool:
+    return isinstance(op, Affine) and not op.mixing
 
 
 def both_sides(net: Network, end: int, C: Tensor, box: Box,
@@ -102,9 +140,10 @@ def both_sides(net: Network, end: int, C: Tensor, box: Box,
     rows = C.shape[1]
     split = max((i + 1 for i in net.relu_indices if start <= i < end), default=start)
     A, bias = backward_lower(net, end, C, {}, start=split)
-    A_in, bias = backward_lower(
-        net, split, torch.cat([A, -A], dim=1), relaxations, start=start,
-        bias=torch.cat([bias, -bias], dim=1),
-    )
-    bounds = concretize_lower(A_in, bias, box)
+    doubled, bias = torch.cat([A, -A], dim=1), torch.cat([bias, -bias], dim=1)
+    if start == 0:
+        bounds = input_lower_bound(net, split, doubled, box, relaxations, bias=bias)
+    else:
+        A_in, bias = backward_lower(net, split, doubled, relaxations, start=start, bias=bias)
+        bounds = concretize_lower(A_in, bias, box)
     return Box(bounds[:, :rows], -bounds[:, rows:])

@@ -20,7 +20,7 @@ from typing import Literal, TypeAlias
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds.backward import backward_lower, both_sides, relu_step
+from tightrope.bounds.backward import backward_lower, both_sides, input_lower_bound, relu_step
 from tightrope.bounds.core import Box, LinearBounds, concretize_lower, features_dot
 from tightrope.bounds.interval import interval_pre_activations, propagate_interval
 from tightrope.bounds.network import Affine, Network, Relu
@@ -121,10 +121,8 @@ def _tighten(
         order = torch.argsort(local.to(torch.int8), dim=1, descending=True, stable=True)
         order = order[:, :most]
         A, bias = table[0][order], table_bias[0][order]
-        A_in, bias = backward_lower(
-            net, split, torch.cat([A, -A], dim=1), relaxations, bias=torch.cat([bias, -bias], 1)
-        )
-        found = concretize_lower(A_in, bias, box)
+        found = input_lower_bound(net, split, torch.cat([A, -A], dim=1), box, relaxations,
+                                  bias=torch.cat([bias, -bias], 1))
         new_lower, new_upper = _merge(
             new_lower, new_upper, found, neurons[order], local.gather(1, order)
         )
@@ -331,8 +329,7 @@ def _output_bounds(problem: Problem, pre: PreActivations, upper: bool) -> Box:
         if upper:
             found.append(both_sides(net, end, rows_spec, box, group_relaxations))
         else:
-            A_in, bias = backward_lower(net, end, rows_spec, group_relaxations)
-            bound = concretize_lower(A_in, bias, box)
+            bound = input_lower_bound(net, end, rows_spec, box, group_relaxations)
             found.append(Box(bound, torch.full_like(bound, float("inf"))))
     if len(found) == 1:
         return _reshape_result(problem, found[0])
