@@ -308,3 +308,43 @@ def test_interval_relu_of_mismatched_layouts_runs_eagerly() -> None:
     assert len(fused._compiled) == before
     torch.testing.assert_close(found[0], expected[0], rtol=0, atol=0)
     torch.testing.assert_close(found[1], expected[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("compiled_kernels", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize(("channels_last", "grad", "dtype"), [
+    (False, False, torch.float32), (True, False, torch.float32), (False, True, torch.float64),
+])
+def test_interval_relu_to_channels_last_writes_that_layout(
+    compiled_kernels: bool, channels_last: bool, grad: bool, dtype: torch.dtype
+) -> None:
+    # IBP's first ReLU after a single-channel convolution in NCHW: the values of the interval
+    # ReLU, written channels-last (gradients pass through unchanged).
+    shape = (3, 4, 5, 6)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    try:
+        compile_kernels(compiled_kernels, after_elements=0)
+        results = []
+        for step in (fused.relu_interval_eager, fused.relu_interval_channels_last):
+            leaves = [t.clone().requires_grad_(grad)
+                      for t in _interval(shape, dtype, channels_last)]
+            with torch.set_grad_enabled(grad):
+                center, radius = step(*leaves)
+            found = [center.detach(), radius.detach()]
+            if grad:
+                weights = torch.randn((2, *shape), dtype=dtype,
+                                      generator=torch.Generator().manual_seed(3))
+                found += torch.autograd.grad((center * weights[0] + radius * weights[1]).sum(),
+                                             leaves)
+            results.append(found)
+        assert center.shape == radius.shape == shape
+        assert center.is_contiguous(memory_format=torch.channels_last)
+        assert radius.is_contiguous(memory_format=torch.channels_last)
+        for eager, found_value in zip(results[0], results[1], strict=True):
+            torch.testing.assert_close(found_value, eager, **tol)
+    finally:
+        compile_kernels(False)
+    # Anything but images keeps relu_interval's behaviour.
+    center, radius = _interval((5, 13), torch.float32, False)
+    with torch.no_grad():
+        flat = fused.relu_interval_channels_last(center, radius)
+    torch.testing.assert_close(flat[0], fused.relu_interval_eager(center, radius)[0])

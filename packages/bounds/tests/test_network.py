@@ -40,6 +40,41 @@ CONV_CASES = [
 ]
 
 
+SHAPE_CASES = [
+    *[
+        (nn.Conv2d(c_in, c_out, kernel, stride, padding, dilation), (c_in, height, width))
+        for c_in, c_out, kernel, stride, padding, dilation, height, width in CONV_CASES
+    ],
+    (nn.Linear(6, 4), (6,)),
+    (nn.Linear(6, 4), (3, 6)),
+    (nn.Flatten(), (2, 3, 4)),
+    (nn.Flatten(2), (2, 3, 4)),
+    (nn.Flatten(1, 2), (2, 3, 4)),
+    (nn.Flatten(-2), (2, 3, 4)),
+    (nn.Identity(), (2, 3)),
+    (nn.Dropout(), (5,)),
+    (nn.BatchNorm1d(5), (5,)),
+    (nn.BatchNorm2d(2), (2, 3, 3)),
+    (Normalize([0.1, 0.2], [0.5, 2.0]), (2, 3, 3)),
+    (nn.AvgPool2d(2), (2, 5, 4)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(SHAPE_CASES)))
+def test_declared_output_shapes_match_the_forward_pass(case: int) -> None:
+    # Lowering an empty batch takes the shapes the rules declare; a batch of data runs the
+    # forward pass: both give the layer's true output shape.
+    module, shape = SHAPE_CASES[case]
+    module = module.to(DTYPE).eval()
+    x = torch.rand(3, *shape, dtype=DTYPE)
+    true_shape = tuple(module(x).shape[1:])
+    from_data, from_shapes = lower(module, x), lower(module, x[:0])
+    assert from_data.shapes == from_shapes.shapes == (shape, true_shape)
+    op = from_shapes.ops[0]
+    assert isinstance(op, Affine)
+    assert op.out_shape in (None, true_shape)
+
+
 @pytest.mark.parametrize("case", CONV_CASES)
 def test_conv_fast_transpose_matches_vjp(case: tuple) -> None:  # type: ignore[type-arg]
     c_in, c_out, kernel, stride, padding, dilation, height, width = case
@@ -215,6 +250,11 @@ TAIL_MODELS = {
         nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(3, 5, 3, padding=1),
         nn.BatchNorm2d(5), nn.ReLU(), nn.Flatten(), nn.Linear(5 * 4 * 4, 10),
     ),
+    # Several affine layers after the last ReLU, BatchNorm with its own shift among them.
+    "deep": lambda: nn.Sequential(
+        nn.Conv2d(1, 3, 3, stride=2, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+        nn.Linear(3 * 2 * 2, 7), nn.BatchNorm1d(7), nn.Linear(7, 10),
+    ),
 }
 
 
@@ -230,6 +270,7 @@ def test_ibp_with_shared_specifications_matches_per_sample(
     generator = torch.Generator().manual_seed(3)
     torch.manual_seed(0)
     model = TAIL_MODELS[tail]().to(DTYPE).eval()
+    _randomise_batch_norm(model, generator)
     x = torch.rand(24, 1, 8, 8, dtype=DTYPE, generator=generator)
     if classes_used == "skewed":  # one label for most samples: its group spans chunks
         labels = torch.tensor([3] * 17 + [0, 1, 2, 4, 5, 6, 7])

@@ -35,6 +35,7 @@ __all__ = [
     "compile_kernels",
     "kernels_compiled",
     "relu_interval",
+    "relu_interval_channels_last",
     "relu_interval_eager",
     "relu_step",
     "relu_step_eager",
@@ -162,6 +163,21 @@ def _relu_interval_fusable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tens
     return upper - radius, radius
 
 
+def _relu_interval_channels_last_eager(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    center, radius = relu_interval_eager(center, radius)
+    return (center.contiguous(memory_format=torch.channels_last),
+            radius.contiguous(memory_format=torch.channels_last))
+
+
+def _relu_interval_channels_last_fusable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    # _relu_interval_fusable writing its results channels-last: in the fused kernel the
+    # change of layout costs nothing measurable.
+    upper = torch.relu(center + radius)
+    radius = torch.minimum(upper * 0.5, radius)
+    return ((upper - radius).contiguous(memory_format=torch.channels_last),
+            radius.contiguous(memory_format=torch.channels_last))
+
+
 def _relu_interval_differentiable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
     # relu_interval_eager's values with gradients, out of place (one fused pass); compiled
     # without gradients as the forward of _IntervalRelu.
@@ -233,6 +249,22 @@ def relu_interval(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
         )
     back = [layout.index(d) for d in range(center.dim())]
     return out_center.view(shape).permute(back), out_radius.view(shape).permute(back)
+
+
+def relu_interval_channels_last(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`relu_interval` of images ``(B, C, H, W)``, the results in channels-last layout
+    whatever the inputs' layout: compiled and without gradients, the fused kernel changes the
+    layout as it writes; otherwise a copy does. Other tensors go to :func:`relu_interval`."""
+    if center.dim() != 4:
+        return relu_interval(center, radius)
+    if torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad):
+        center, radius = relu_interval(center, radius)
+        return (center.contiguous(memory_format=torch.channels_last),
+                radius.contiguous(memory_format=torch.channels_last))
+    if not kernels_compiled():
+        return _relu_interval_channels_last_eager(center, radius)
+    return _run(_relu_interval_channels_last_eager, _relu_interval_channels_last_fusable,
+                (center, radius))
 
 
 def _dense_order(tensor: Tensor) -> list[int] | None:

@@ -88,6 +88,10 @@ class Affine:
     #: the map is the network's first mixing one, for maps whose transpose is cheaper to bound
     #: in another layout than to form (strided convolutions with few input channels).
     concretize: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    #: Optional per-sample output shape for the input the rule was given. Lowering an empty
+    #: reference batch (no BatchNorm on batch statistics) then skips this map's shape-finding
+    #: forward pass; tests check it against that pass for every rule.
+    out_shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +180,11 @@ def _leaves(module: nn.Module, prefix: str) -> Iterator[tuple[str, nn.Module]]:
         yield prefix or type(module).__name__, module
 
 
+def leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers of ``model`` in order with their paths, nested ``nn.Sequential`` flattened."""
+    return list(_leaves(model, ""))
+
+
 def lower(model: nn.Module, reference: Tensor) -> Network:
     """Lower ``model`` (an ``nn.Sequential`` tree of supported layers) to a :class:`Network`.
 
@@ -188,10 +197,14 @@ def lower(model: nn.Module, reference: Tensor) -> Network:
     Raises:
         TypeError: listing every unsupported layer of the model at once.
     """
-    leaves = list(_leaves(model, ""))
+    return lower_leaves(leaves(model), reference)
+
+
+def lower_leaves(layers: list[tuple[str, nn.Module]], reference: Tensor) -> Network:
+    """:func:`lower` on the model's :func:`leaves`."""
     unsupported = [
         f"{path} ({type(m).__name__}{_why_unsupported(m)})"
-        for path, m in leaves
+        for path, m in layers
         if not _supports(m)
     ]
     if unsupported:
@@ -205,10 +218,19 @@ def lower(model: nn.Module, reference: Tensor) -> Network:
     ops: list[Op] = []
     shapes = [tuple(reference.shape[1:])]
     x = reference
-    for path, module in leaves:
+    # Without data, only the shapes travel: a map that declares its output shape needs no
+    # forward pass on the empty batch.
+    empty = reference.shape[0] == 0
+
+    def forward(affine: Affine, x: Tensor) -> Tensor:
+        if empty and affine.out_shape is not None:
+            return x.new_empty((0, *affine.out_shape))
+        return affine.apply(x)
+
+    for path, module in layers:
         if _behaves_as(module, nn.ReLU):
             ops.append(Relu(name=path))
-            x = torch.relu(x)
+            x = x if empty else torch.relu(x)
             shapes.append(shapes[-1])
             continue
         affine = _rule_for(module)(module, x)
@@ -223,18 +245,18 @@ def lower(model: nn.Module, reference: Tensor) -> Network:
             scale, shift = affine.channel_affine
             folded = previous.absorb(scale, shift)
             ops[-1] = replace(folded, name=f"{previous.name} + {path} ({affine.name})")
-            x = affine.apply(x)
+            x = forward(affine, x)
             shapes[-1] = tuple(x.shape[1:])
         else:
             ops.append(replace(affine, name=f"{path} ({affine.name})"))
-            x = affine.apply(x)
+            x = forward(affine, x)
             shapes.append(tuple(x.shape[1:]))
     return Network(ops=tuple(ops), shapes=tuple(shapes), like=reference.new_empty(0))
 
 
 def needs_batch_reference(model: nn.Module) -> bool:
     """Whether lowering ``model`` depends on the whole batch (BatchNorm using batch statistics)."""
-    return any(_uses_batch_stats(m) for _, m in _leaves(model, ""))
+    return any(uses_batch_statistics(m) for _, m in _leaves(model, ""))
 
 
 def _find_rule(module: nn.Module) -> AffineRule | None:
@@ -308,7 +330,8 @@ def _identity_rule(module: nn.Module, reference: Tensor) -> Affine:
     # Dropout is the identity at inference; bounds describe the inference-time network.
     name = type(module).__name__
     return Affine(
-        _identity, _identity, name, mixing=False, fast_transpose=_identity, channelwise=True
+        _identity, _identity, name, mixing=False, fast_transpose=_identity, channelwise=True,
+        out_shape=tuple(reference.shape[1:]),
     )
 
 
@@ -325,7 +348,9 @@ def _flatten_rule(module: nn.Flatten, reference: Tensor) -> Affine:
     def unflatten(rows: Tensor) -> Tensor:
         return rows.reshape(rows.shape[0], *in_shape)
 
-    return Affine(flatten, flatten, "Flatten", mixing=False, fast_transpose=unflatten)
+    out_shape = tuple(flatten(reference[:0]).shape[1:])
+    return Affine(flatten, flatten, "Flatten", mixing=False, fast_transpose=unflatten,
+                  out_shape=out_shape)
 
 
 #: Elements of ``|W|`` formed at once by a Linear layer's ``apply_abs`` on CPU (4 MB in
@@ -335,10 +360,10 @@ _ABS_BLOCK_ELEMENTS = 1 << 20
 
 @affine_rule(nn.Linear)
 def _linear_rule(module: nn.Linear, reference: Tensor) -> Affine:
-    return _linear(module.weight, module.bias)
+    return _linear(module.weight, module.bias, tuple(reference.shape[1:]))
 
 
-def _linear(weight: Tensor, bias: Tensor | None) -> Affine:
+def _linear(weight: Tensor, bias: Tensor | None, in_shape: tuple[int, ...]) -> Affine:
     def apply(z: Tensor) -> Tensor:
         return F.linear(z, weight, bias)
 
@@ -360,7 +385,8 @@ def _linear(weight: Tensor, bias: Tensor | None) -> Affine:
 
     # No BatchNorm folding here: a Linear layer's weights (e.g. 32768 x 512 in CNN7) outnumber
     # its outputs, so scaling the outputs is cheaper than scaling the weights on every call.
-    return Affine(apply, apply_abs, "Linear", fast_transpose=fast_transpose)
+    return Affine(apply, apply_abs, "Linear", fast_transpose=fast_transpose,
+                  out_shape=(*in_shape[:-1], weight.shape[0]))
 
 
 @affine_rule(nn.Conv2d)
@@ -445,6 +471,7 @@ def _conv2d(
     return Affine(
         apply, apply_abs, "Conv2d", fast_transpose=fast_transpose, absorb=absorb,
         window_transpose=window_transpose, concretize=concretize if phased else None,
+        out_shape=(weight.shape[0], out_hw[0], out_hw[1]),
     )
 
 
@@ -520,11 +547,13 @@ def _normalize_rule(module: Normalize, reference: Tensor) -> Affine:
         return r / module.std.view(1, -1, *([1] * (r.dim() - 2))).to(r.dtype)
 
     return Affine(
-        module, apply_abs, "Normalize", mixing=False, fast_transpose=apply_abs, channelwise=True
+        module, apply_abs, "Normalize", mixing=False, fast_transpose=apply_abs, channelwise=True,
+        out_shape=tuple(reference.shape[1:]),
     )
 
 
-def _uses_batch_stats(module: nn.Module) -> bool:
+def uses_batch_statistics(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm layer that normalises with the batch's statistics."""
     return isinstance(module, nn.modules.batchnorm._BatchNorm) and (
         module.training or module.running_mean is None
     )
@@ -536,7 +565,7 @@ def _batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, reference: Tensor)
     statistics): the statistics of ``reference``, the batch of the clean forward pass, as a
     training forward pass would use them (biased variance); running statistics stay untouched."""
     reduce_dims = [0, *range(2, reference.dim())]
-    if _uses_batch_stats(module):
+    if uses_batch_statistics(module):
         if reference.numel() // reference.shape[1] < 2:
             raise ValueError("BatchNorm in train mode needs more than one value per channel "
                              "for its batch statistics; bound a batch, or put the model in "
@@ -574,4 +603,5 @@ def _batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, reference: Tensor)
         fast_transpose=fast_transpose,
         channelwise=reference.dim() == 4,
         channel_affine=(scale, shift) if reference.dim() in (2, 4) else None,
+        out_shape=tuple(reference.shape[1:]),
     )

@@ -7,18 +7,22 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from tightrope.bounds.core import Box
-from tightrope.bounds.network import Network, lower, needs_batch_reference
+from tightrope.bounds.network import Network, leaves, lower_leaves, uses_batch_statistics
 
 __all__ = ["Problem", "prepare"]
 
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """A lowered network, its input box and the specification ``C: (B, K, n_out)`` (or None)."""
+    """A lowered network, its input box and the specification ``C: (B, K, n_out)`` (or None).
+
+    ``radius`` is ``box.radius``, computed once by the argument check.
+    """
 
     net: Network
     box: Box
     spec: Tensor | None
+    radius: Tensor
 
     @property
     def batch(self) -> int:
@@ -37,22 +41,17 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
         raise ValueError(f"box bounds need a batch dimension: (B, *S), got {tuple(box.shape)}")
     if not box.lower.is_floating_point():
         raise TypeError(f"box bounds must be floating point, got {box.lower.dtype}")
-    # One subtraction and one reduction; NaN anywhere makes the minimum NaN and fails too.
-    if box.lower.numel() and not bool((box.upper - box.lower).min() >= 0):
+    # The radius is needed anyway; NaN anywhere makes its minimum NaN and fails the check too.
+    radius = box.radius
+    if radius.numel() and not bool(radius.min() >= 0):
         raise ValueError("box has lower > upper or NaN somewhere; build it from finite "
                          "values with lower <= upper (Box.from_linf does)")
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and (
-            tensor.dtype != box.lower.dtype or tensor.device != box.lower.device
-        ):
-            raise TypeError(
-                f"model tensor {name} is {tensor.dtype} on {tensor.device} but the box is "
-                f"{box.lower.dtype} on {box.lower.device}; move the model or the box with .to()"
-            )
+    _check_tensors(model, box.lower)
     # The clean forward pass fixes shapes; BatchNorm on batch statistics needs the whole batch,
     # anything else only the shapes, which an empty batch gives without arithmetic.
-    reference = box.center if needs_batch_reference(model) else box.lower[:0]
-    net = lower(model, reference)
+    layers = leaves(model)
+    batch_statistics = any(uses_batch_statistics(m) for _, m in layers)
+    net = lower_leaves(layers, box.center if batch_statistics else box.lower[:0])
     n_out = 1
     for size in net.output_shape:
         n_out *= size
@@ -66,5 +65,30 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
                 f"or (K, {n_out}), got {tuple(C.shape)}"
             )
         spec = C.to(dtype=box.lower.dtype, device=box.lower.device)
-    return Problem(net=net, box=box, spec=spec)
+    return Problem(net=net, box=box, spec=spec, radius=radius)
+
+
+def _check_tensors(model: nn.Module, like: Tensor) -> None:
+    """Raise when a floating-point parameter or buffer of ``model`` differs from ``like`` in
+    dtype or device (read from the modules' own tables: named_parameters costs more than the
+    check itself on small networks)."""
+    dtype, device = like.dtype, like.device
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for tensor in table.values():
+                if tensor is not None and tensor.is_floating_point() and (
+                    tensor.dtype != dtype or tensor.device != device
+                ):
+                    _raise_mismatch(model, like)
+
+
+def _raise_mismatch(model: nn.Module, like: Tensor) -> None:
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and (
+            tensor.dtype != like.dtype or tensor.device != like.device
+        ):
+            raise TypeError(
+                f"model tensor {name} is {tensor.dtype} on {tensor.device} but the box is "
+                f"{like.dtype} on {like.device}; move the model or the box with .to()"
+            )
 
