@@ -236,6 +236,21 @@ def _interval(
     return center, radius
 
 
+def _interval_step(
+    step: object, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool, grad: bool
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """``step`` on the inputs of :func:`_interval`: the output centre and radius, and their
+    values with (when ``grad``) the gradients of a fixed weighted sum in both inputs."""
+    leaves = [t.clone().requires_grad_(grad) for t in _interval(shape, dtype, channels_last)]
+    with torch.set_grad_enabled(grad):
+        center, radius = step(*leaves)  # type: ignore[operator]
+    found = [center.detach(), radius.detach()]
+    if grad:
+        weights = torch.randn((2, *shape), dtype=dtype, generator=torch.Generator().manual_seed(3))
+        found += torch.autograd.grad((center * weights[0] + radius * weights[1]).sum(), leaves)
+    return center, radius, found
+
+
 # shape, dtype, channels-last, with gradients. Each variant compiles for seconds on first use.
 INTERVAL_VARIANTS = [
     ((4, 6, 5, 5), torch.float32, True, False),
@@ -253,18 +268,11 @@ def test_compiled_interval_relu_equals_eager_in_values_gradients_and_layout(
     tol = {"rtol": 1e-6, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
     results = []
     for step in (fused.relu_interval_eager, fused.relu_interval):
-        leaves = [t.clone().requires_grad_(grad) for t in _interval(shape, dtype, channels_last)]
-        with torch.set_grad_enabled(grad):
-            center, radius = step(*leaves)
+        center, radius, found = _interval_step(step, shape, dtype, channels_last, grad)
         assert center.shape == shape
         assert radius.shape == shape
-        assert center.stride() == leaves[0].stride(), "the layout is kept"
-        found = [center.detach(), radius.detach()]
-        if grad:
-            weights = torch.randn((2, *shape), dtype=dtype,
-                                  generator=torch.Generator().manual_seed(3))
-            found += torch.autograd.grad((center * weights[0] + radius * weights[1]).sum(),
-                                         leaves)
+        assert center.stride() == _interval(shape, dtype, channels_last)[0].stride(), (
+            "the layout is kept")
         results.append(found)
     for eager, compiled_value in zip(results[0], results[1], strict=True):
         torch.testing.assert_close(compiled_value, eager, **tol)
@@ -325,16 +333,7 @@ def test_interval_relu_to_channels_last_writes_that_layout(
         compile_kernels(compiled_kernels, after_elements=0)
         results = []
         for step in (fused.relu_interval_eager, fused.relu_interval_channels_last):
-            leaves = [t.clone().requires_grad_(grad)
-                      for t in _interval(shape, dtype, channels_last)]
-            with torch.set_grad_enabled(grad):
-                center, radius = step(*leaves)
-            found = [center.detach(), radius.detach()]
-            if grad:
-                weights = torch.randn((2, *shape), dtype=dtype,
-                                      generator=torch.Generator().manual_seed(3))
-                found += torch.autograd.grad((center * weights[0] + radius * weights[1]).sum(),
-                                             leaves)
+            center, radius, found = _interval_step(step, shape, dtype, channels_last, grad)
             results.append(found)
         assert center.shape == radius.shape == shape
         assert center.is_contiguous(memory_format=torch.channels_last)

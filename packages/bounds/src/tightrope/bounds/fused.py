@@ -163,19 +163,19 @@ def _relu_interval_fusable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tens
     return upper - radius, radius
 
 
-def _relu_interval_channels_last_eager(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
-    center, radius = relu_interval_eager(center, radius)
+def _channels_last_pair(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
     return (center.contiguous(memory_format=torch.channels_last),
             radius.contiguous(memory_format=torch.channels_last))
+
+
+def _relu_interval_channels_last_eager(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    return _channels_last_pair(*relu_interval_eager(center, radius))
 
 
 def _relu_interval_channels_last_fusable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
     # _relu_interval_fusable writing its results channels-last: in the fused kernel the
     # change of layout costs nothing measurable.
-    upper = torch.relu(center + radius)
-    radius = torch.minimum(upper * 0.5, radius)
-    return ((upper - radius).contiguous(memory_format=torch.channels_last),
-            radius.contiguous(memory_format=torch.channels_last))
+    return _channels_last_pair(*_relu_interval_fusable(center, radius))
 
 
 def _relu_interval_differentiable(center: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
@@ -258,9 +258,7 @@ def relu_interval_channels_last(center: Tensor, radius: Tensor) -> tuple[Tensor,
     if center.dim() != 4:
         return relu_interval(center, radius)
     if torch.is_grad_enabled() and (center.requires_grad or radius.requires_grad):
-        center, radius = relu_interval(center, radius)
-        return (center.contiguous(memory_format=torch.channels_last),
-                radius.contiguous(memory_format=torch.channels_last))
+        return _channels_last_pair(*relu_interval(center, radius))
     if not kernels_compiled():
         return _relu_interval_channels_last_eager(center, radius)
     return _run(_relu_interval_channels_last_eager, _relu_interval_channels_last_fusable,

@@ -254,11 +254,6 @@ def lower_leaves(layers: list[tuple[str, nn.Module]], reference: Tensor) -> Netw
     return Network(ops=tuple(ops), shapes=tuple(shapes), like=reference.new_empty(0))
 
 
-def needs_batch_reference(model: nn.Module) -> bool:
-    """Whether lowering ``model`` depends on the whole batch (BatchNorm using batch statistics)."""
-    return any(uses_batch_statistics(m) for _, m in _leaves(model, ""))
-
-
 def _find_rule(module: nn.Module) -> AffineRule | None:
     for klass in type(module).__mro__:
         if klass in _AFFINE_RULES:
