@@ -11,12 +11,10 @@ For every case (random eval-mode CNN3/CNN7 from ``_models.py``, eps 0.01 clipped
 margin rows) the script times, under ``torch.no_grad``, one plain forward pass and each method
 of both libraries: tightrope's ``ibp`` / ``crown_ibp`` / ``crown`` against auto_LiRPA's
 ``compute_bounds`` with ``IBP`` / ``CROWN-IBP`` / ``CROWN`` (lower and upper bounds on both
-sides). The two libraries alternate inside every round so that machine noise hits both alike,
-and the forward pass runs in the same rotation: each method's "x fwd" divides by the forward
-pass of its own rounds. A call right after one of auto_LiRPA's runs up to a third slower than
-the same call repeated on its own (Python-heavy code and small kernels most; measured on
-2026-12-04), so a forward pass timed alone would flatter every ratio's denominator. The
-"forward" row is the forward pass timed on its own.
+sides). The two libraries alternate inside every round so that machine noise hits both alike;
+each is called twice in a row and timed the second time, in its steady state (see
+``interleaved``). The forward pass runs in the same rotation: each method's "x fwd" divides by
+the forward pass of its own rounds. The "forward" row is the forward pass timed on its own.
 auto_LiRPA's ``BoundedModule`` is built once per case, outside the timings; its construction
 time is printed separately. Each method then reports how the two results compare, whether both
 lower bounds lie below margins sampled inside the box, and whether auto_LiRPA's ReLU
@@ -102,8 +100,16 @@ def median_ms(times: list[float]) -> float:
 
 
 def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """One warm-up call each, then ``rounds`` rounds calling every run once (the order turning
-    by one each round); the median milliseconds of each."""
+    """One warm-up call each, then ``rounds`` rounds in which every run is called twice in a
+    row and timed the second time (the order turning by one each round); the median
+    milliseconds of each.
+
+    The untimed first call absorbs what the previous run left behind: right after one of
+    auto_LiRPA's calls, the next call of anything ran up to a third slower than in steady
+    state on 2026-12-04 (auto_LiRPA's CROWN-IBP faults in 0.5-1.2 M pages per call, and the
+    next call then faulted in more too), so timing the first call would charge one library for
+    the other's footprint.
+    """
     names = list(runs)
     for name in names:
         runs[name]()
@@ -111,6 +117,7 @@ def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str,
     for r in range(rounds):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
+            runs[name]()
             times[name].append(seconds(runs[name]))
     return {name: median_ms(t) for name, t in times.items()}
 
