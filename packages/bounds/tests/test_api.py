@@ -190,6 +190,12 @@ def test_dtype_mismatch_between_model_and_box_is_a_type_error(method: str) -> No
         ALL_METHODS[method](small_mlp().float(), box)
     with pytest.raises(TypeError, match=r"\.to\(\)"):
         ALL_METHODS[method](small_mlp(), Box(box.lower.float(), box.upper.float()))
+    # A buffer counts too (BatchNorm's running statistics), and the error names it.
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    model = model.to(box.lower.dtype).eval()
+    model[1].running_mean = model[1].running_mean.float()
+    with pytest.raises(TypeError, match=r"1\.running_mean is torch\.float32"):
+        ALL_METHODS[method](model, box)
 
 
 @pytest.mark.parametrize("method", sorted(ALL_METHODS))

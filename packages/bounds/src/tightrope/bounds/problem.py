@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn
 
 from torch import Tensor, nn
 
@@ -71,24 +72,23 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
 def _check_tensors(model: nn.Module, like: Tensor) -> None:
     """Raise when a floating-point parameter or buffer of ``model`` differs from ``like`` in
     dtype or device (read from the modules' own tables: named_parameters costs more than the
-    check itself on small networks)."""
-    dtype, device = like.dtype, like.device
+    check itself on small networks; it only runs to name the tensor in the error)."""
     for module in model.modules():
         for table in (module._parameters, module._buffers):
-            for tensor in table.values():
-                if tensor is not None and tensor.is_floating_point() and (
-                    tensor.dtype != dtype or tensor.device != device
-                ):
-                    _raise_mismatch(model, like)
+            if any(t is not None and _differs(t, like) for t in table.values()):
+                _raise_mismatch(model, like)
 
 
-def _raise_mismatch(model: nn.Module, like: Tensor) -> None:
+def _differs(tensor: Tensor, like: Tensor) -> bool:
+    return tensor.is_floating_point() and (tensor.dtype != like.dtype
+                                           or tensor.device != like.device)
+
+
+def _raise_mismatch(model: nn.Module, like: Tensor) -> NoReturn:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and (
-            tensor.dtype != like.dtype or tensor.device != like.device
-        ):
+        if _differs(tensor, like):
             raise TypeError(
                 f"model tensor {name} is {tensor.dtype} on {tensor.device} but the box is "
                 f"{like.dtype} on {like.device}; move the model or the box with .to()"
             )
-
+    raise AssertionError("a mismatched tensor of the model was not found by name")
