@@ -21,6 +21,7 @@ from tightrope.bounds import (
     kernels_compiled,
     margin_spec,
 )
+from tightrope.bounds.relaxation import LowerSlope, relu_relaxation
 
 
 @pytest.fixture
@@ -347,3 +348,130 @@ def test_interval_relu_to_channels_last_writes_that_layout(
     with torch.no_grad():
         flat = fused.relu_interval_channels_last(center, radius)
     torch.testing.assert_close(flat[0], fused.relu_interval_eager(center, radius)[0])
+
+
+def _reference_relaxation(lower: Tensor, upper: Tensor, policy: LowerSlope) -> tuple[Tensor, ...]:
+    # The relaxation written out with autograd through guarded `where`s: lower slope, chord,
+    # intercept, unstable mask.
+    unstable = (lower < 0) & (upper > 0)
+    active = (lower >= 0).to(lower.dtype)
+    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
+    chord = torch.where(unstable, upper / width, active)
+    intercept = torch.where(unstable, -chord * lower, torch.zeros_like(upper))
+    inner = {
+        LowerSlope.ADAPTIVE: (upper >= -lower).to(lower.dtype),
+        LowerSlope.ZERO: torch.zeros_like(upper),
+        LowerSlope.ONE: torch.ones_like(upper),
+        LowerSlope.PARALLEL: chord,
+    }[policy]
+    return torch.where(unstable, inner, active), chord, intercept, unstable
+
+
+def _bounds(
+    shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool
+) -> tuple[Tensor, Tensor]:
+    # Random bounds with every kind of neuron, and the edge cases l = u = 0, l = 0 < u,
+    # l < u = 0, l = u < 0, l = u > 0, u = -l.
+    generator = torch.Generator().manual_seed(sum(shape))
+    lower = torch.randn(shape, dtype=dtype, generator=generator)
+    upper = lower + 2 * torch.rand(shape, dtype=dtype, generator=generator)
+    flat_lower, flat_upper = lower.view(-1), upper.view(-1)
+    edges = [(0.0, 0.0), (0.0, 1.0), (-1.0, 0.0), (-1.0, -1.0), (1.0, 1.0), (-0.5, 0.5)]
+    for position, (low, high) in enumerate(edges):
+        flat_lower[position], flat_upper[position] = low, high
+    if channels_last:
+        lower = lower.contiguous(memory_format=torch.channels_last)
+        upper = upper.contiguous(memory_format=torch.channels_last)
+    return lower, upper
+
+
+RELAXATION_VARIANTS = [
+    ((3, 4, 5, 6), torch.float32, True),
+    pytest.param((3, 4, 5, 6), torch.float64, False, marks=pytest.mark.slow),
+    pytest.param((5, 13), torch.float64, False, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("compiled_kernels", [True, False], ids=["compiled", "eager"])
+@pytest.mark.parametrize(("shape", "dtype", "channels_last"), RELAXATION_VARIANTS)
+@pytest.mark.parametrize("policy", list(LowerSlope), ids=lambda p: p.value)
+def test_relaxation_equals_the_written_out_formula_in_values_gradients_and_layout(
+    compiled_kernels: bool, shape: tuple[int, ...], dtype: torch.dtype, channels_last: bool,
+    policy: LowerSlope,
+) -> None:
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    weights = torch.randn((3, *shape), dtype=dtype, generator=torch.Generator().manual_seed(3))
+    try:
+        compile_kernels(compiled_kernels, after_elements=0)
+        results = []
+        for relaxation in (_reference_relaxation, _relaxation_tuple):
+            leaves = [t.clone().requires_grad_(True) for t in _bounds(shape, dtype, channels_last)]
+            lines = relaxation(*leaves, policy)
+            with torch.no_grad():
+                no_grad = relaxation(*leaves, policy)
+            loss = sum((line * w).sum() for line, w in zip(lines[:3], weights, strict=True))
+            assert isinstance(loss, Tensor)
+            grads = torch.autograd.grad(loss, leaves)
+            results.append((lines, no_grad, grads))
+    finally:
+        fused._settings.failed = False
+        compile_kernels(False)
+    (expected, _, expected_grads), (found, found_no_grad, found_grads) = results
+    for value, value_no_grad, reference in zip(found, found_no_grad, expected, strict=True):
+        # The same arithmetic: equal bits, in the layout of the bounds.
+        assert torch.equal(value, reference)
+        assert torch.equal(value_no_grad, reference)
+        assert value.stride() == reference.stride()
+    assert found[3].dtype == torch.bool
+    for grad, reference in zip(found_grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, reference, **tol)
+    assert all(g.abs().sum() > 0 for g in found_grads), "unstable neurons pass gradients"
+
+
+def _relaxation_tuple(lower: Tensor, upper: Tensor, policy: LowerSlope) -> tuple[Tensor, ...]:
+    relaxation = relu_relaxation(Box(lower, upper), policy)
+    return (relaxation.lower_slope, relaxation.upper_slope, relaxation.upper_intercept,
+            relaxation.unstable)
+
+
+@pytest.mark.parametrize("policy", [LowerSlope.ADAPTIVE, LowerSlope.PARALLEL],
+                         ids=lambda p: p.value)
+def test_relaxation_gradients_match_finite_differences(policy: LowerSlope) -> None:
+    # The closed-form derivatives against central differences (bounds away from the kinks at
+    # 0 and at u = -l), first and second order.
+    generator = torch.Generator().manual_seed(11)
+    magnitude = 0.2 + torch.rand((2, 3, 4), dtype=torch.float64, generator=generator)
+    sign = torch.randint(0, 3, (2, 3, 4), generator=generator)  # 0: off, 1: unstable, 2: on
+    lower = torch.where(sign == 2, magnitude, -magnitude)
+    upper = torch.where(sign == 0, -magnitude / 4, lower.abs() * 1.5 + 0.1)
+    upper = torch.where(sign == 1, magnitude * 1.7, upper)
+
+    def lines(lower: Tensor, upper: Tensor) -> tuple[Tensor, ...]:
+        return _relaxation_tuple(lower, upper, policy)[:3]
+
+    inputs = (lower.requires_grad_(True), upper.requires_grad_(True))
+    assert torch.autograd.gradcheck(lines, inputs)
+    assert torch.autograd.gradgradcheck(lines, inputs)
+
+
+@pytest.mark.usefixtures("compiled")
+def test_relaxation_gradient_of_one_line_alone_and_of_gradients_in_another_layout() -> None:
+    # Only the chord used (no gradient reaches the intercept), and gradients laid out unlike
+    # the bounds (copied to their layout before the compiled backward).
+    lower, upper = _bounds((2, 3, 4, 5), torch.float32, True)
+    weights = torch.randn((2, 3, 4, 5), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for relaxation in (_reference_relaxation, _relaxation_tuple):
+        leaves = [lower.clone().requires_grad_(True), upper.clone().requires_grad_(True)]
+        chord = relaxation(*leaves, LowerSlope.ADAPTIVE)[1]
+        grads.append(torch.autograd.grad((chord * weights).sum(), leaves))
+    for found, expected in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_relaxation_rejects_an_unknown_policy() -> None:
+    lower, upper = _bounds((2, 3), torch.float32, False)
+    with pytest.raises(TypeError, match="LowerSlope"):
+        relu_relaxation(Box(lower, upper), "adaptive")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown lower-slope policy"):
+        fused.relu_relaxation(lower, upper, "steep")

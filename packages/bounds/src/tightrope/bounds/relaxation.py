@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from tightrope.bounds import fused
 from tightrope.bounds.core import Box
 
 __all__ = ["LowerSlope", "ReluRelaxation", "relu_relaxation"]
@@ -62,23 +63,12 @@ class ReluRelaxation:
 def relu_relaxation(
     pre_activation: Box, policy: LowerSlope = LowerSlope.ADAPTIVE
 ) -> ReluRelaxation:
-    """The relaxation of ``relu`` on ``pre_activation`` with lower slopes from ``policy``."""
-    lower, upper = pre_activation.lower, pre_activation.upper
-    active = lower >= 0
-    unstable = (lower < 0) & (upper > 0)
-    # Guard the division: the chord is used on unstable neurons only, where u - l > 0.
-    width = torch.where(unstable, upper - lower, torch.ones_like(upper))
-    chord = torch.where(unstable, upper / width, active.to(upper.dtype))
-    intercept = torch.where(unstable, -chord * lower, torch.zeros_like(upper))
-    if policy is LowerSlope.ADAPTIVE:
-        unstable_slope = (upper >= -lower).to(upper.dtype)
-    elif policy is LowerSlope.ZERO:
-        unstable_slope = torch.zeros_like(upper)
-    elif policy is LowerSlope.ONE:
-        unstable_slope = torch.ones_like(upper)
-    elif policy is LowerSlope.PARALLEL:
-        unstable_slope = chord
-    else:  # pragma: no cover - exhaustive over the enum
-        raise TypeError(f"unknown lower-slope policy {policy!r}")
-    lower_slope = torch.where(unstable, unstable_slope, active.to(upper.dtype))
-    return ReluRelaxation(lower_slope, chord, intercept, unstable)
+    """The relaxation of ``relu`` on ``pre_activation`` with lower slopes from ``policy``.
+
+    Differentiable in the bounds; one fused pass (and one for the gradient) when
+    :func:`~tightrope.bounds.compile_kernels` is on.
+    """
+    if not isinstance(policy, LowerSlope):
+        raise TypeError(f"policy must be a LowerSlope, got {policy!r}")
+    return ReluRelaxation(*fused.relu_relaxation(pre_activation.lower, pre_activation.upper,
+                                                 policy.value))
