@@ -15,11 +15,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tightrope.bounds import compile_kernels, keep_freed_memory
+from tightrope.bounds import compile_kernels, flush_denormals, keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 # As the command-line tools do: freed blocks are reused rather than unmapped and faulted back.
 keep_freed_memory()
+# As tightrope-train does (before any parallel operation): denormals are flushed to zero.
+flush_denormals()
 COMPILE = os.environ.get("TIGHTROPE_BENCH_COMPILE", "1") != "0"
 
 THREADS = int(os.environ.get("TIGHTROPE_BENCH_THREADS", "2"))

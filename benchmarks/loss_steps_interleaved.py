@@ -2,6 +2,7 @@
 
     python benchmarks/loss_steps_interleaved.py [--rounds 3] [--batch 128]
                                                 [--methods standard,ibp,crown_ibp] [--eager]
+                                                [--keep-denormals]
 
 The same steps as ``test_losses_step.py`` (CNN7 of Shi et al. 2021, CIFAR shape, BatchNorm in
 train mode, IBP initialisation, eps 2/255, each method with its paper defaults; loss, backward,
@@ -9,7 +10,8 @@ gradient clipping, Adam), but every round runs one step of every method in turn,
 drift of a shared machine over minutes hits all methods alike instead of whichever ran last;
 pytest-benchmark runs one method's rounds back to back. Each method trains its own copy of the
 model. One step per method before the rounds compiles the kernels (``compile_kernels``, as
-``tightrope-train`` does; ``--eager`` turns that off).
+``tightrope-train`` does; ``--eager`` turns that off). Denormals are flushed to zero as
+``tightrope-train`` does (``flush_denormals``; ``--keep-denormals`` keeps them).
 
 Prints the median step per method and its ratio to the standard and the IBP step, and the
 whole-run cost of CROWN-IBP relative to IBP over the published CIFAR-10 schedule (160 epochs:
@@ -31,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _steps import loss_step
 
-from tightrope.bounds import compile_kernels, keep_freed_memory
+from tightrope.bounds import compile_kernels, flush_denormals, keep_freed_memory
 from tightrope.losses import METHODS
 
 #: Targets of the losses issue, as ratios to the IBP step (standard: IBP <= 3x standard).
@@ -46,7 +48,11 @@ def main() -> None:
     parser.add_argument("--methods", default=None,
                         help="comma-separated method names (default: all but wong_kolter)")
     parser.add_argument("--eager", action="store_true", help="do not compile the kernels")
+    parser.add_argument("--keep-denormals", action="store_true",
+                        help="do not flush denormals to zero (tightrope-train flushes them)")
     args = parser.parse_args()
+    # First, before any parallel operation (worker threads inherit the setting).
+    flushed = False if args.keep_denormals else flush_denormals()
     names = (args.methods.split(",") if args.methods
              else [name for name in sorted(METHODS) if name != "wong_kolter"])
     unknown = [name for name in names if name not in METHODS]
@@ -76,7 +82,8 @@ def main() -> None:
     medians = {name: statistics.median(values) * 1e3 for name, values in times.items()}
     standard, ibp = medians["standard"], medians["ibp"]
     print(f"\nCNN7, batch {args.batch}, {args.threads} threads, median of {args.rounds} "
-          f"interleaved rounds ({'eager' if args.eager else 'compiled'} kernels)")
+          f"interleaved rounds ({'eager' if args.eager else 'compiled'} kernels, denormals "
+          f"{'flushed' if flushed else 'kept'})")
     print(f"{'method':<14}{'ms':>10}{'x standard':>12}{'x IBP':>8}  target")
     for name in sorted(names, key=lambda n: medians[n]):
         ratio = medians[name] / ibp

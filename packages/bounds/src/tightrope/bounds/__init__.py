@@ -58,7 +58,7 @@ from tightrope.bounds.oracles import (
 )
 from tightrope.bounds.relaxation import LowerSlope
 from tightrope.bounds.relaxed import Relaxed, relax
-from tightrope.bounds.runtime import keep_freed_memory
+from tightrope.bounds.runtime import flush_denormals, keep_freed_memory
 
 __all__ = [
     "Affine",
@@ -81,6 +81,7 @@ __all__ = [
     "crown",
     "crown_ibp",
     "empty_subdomains",
+    "flush_denormals",
     "ibp",
     "ibp_trace",
     "keep_freed_memory",

@@ -20,7 +20,7 @@ from typing import TextIO
 import torch
 
 from tightrope.apps.train.__about__ import __version__
-from tightrope.bounds import compile_kernels, keep_freed_memory
+from tightrope.bounds import compile_kernels, flush_denormals, keep_freed_memory
 from tightrope.train import (
     ConfigError,
     DatasetNotFoundError,
@@ -184,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = sys.stdout
     keep_freed_memory()
+    flush_denormals()  # before any parallel operation: worker threads inherit the setting
     if not args.no_compile:
         compile_kernels()
     if args.threads is not None:
