@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,24 @@ loss: {method: ibp}
 eps: {train: 0.05, ramp_epochs: 1}
 evaluation: {pgd_steps: 2}
 """
+
+
+@pytest.fixture(autouse=True)
+def _ieee_denormals() -> Iterator[None]:
+    # main() flushes denormals to zero in the calling thread; the rest of the session keeps
+    # IEEE arithmetic.
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_training_flushes_denormals_from_the_start(tmp_path: Path) -> None:
+    # Called first thing, before the config is read: even a rejected config has set it.
+    denormal = torch.tensor([1 << 20], dtype=torch.int32).view(torch.float32)  # 1.5e-39
+    assert (denormal * 1.0).item() != 0.0
+    config = tmp_path / "c.yaml"
+    config.write_text(CONFIG)
+    assert main(["--config", str(config), "--out", str(tmp_path / "runs"), "epochs=many"]) == 2
+    assert (denormal * 1.0).item() == 0.0
 
 
 def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
