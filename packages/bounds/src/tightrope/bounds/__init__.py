@@ -12,6 +12,9 @@ every ``x`` in an input box:
 * :mod:`tightrope.bounds.beta` — beta-CROWN bounds on branch-and-bound subdomains with ReLU
   split constraints (Wang et al. 2021), batched over subdomains;
 * :func:`relax` — ``crown``'s relaxation with the lower slopes left to the caller;
+* :func:`sound_interval`, :func:`dual_lower` — bounds with their own rigorous rounding error
+  subtracted, the only ones a verifier should close anything with (:mod:`.certificate`,
+  :mod:`.rounding`);
 * :func:`lp_bound`, :func:`milp_bound` — LP (triangle relaxation) and exact MILP oracles
   solved with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``).
 
@@ -36,6 +39,7 @@ from tightrope.bounds.beta import (
     refine_pre_activations,
     split_lower_bound,
 )
+from tightrope.bounds.certificate import dual_lower, sound_interval
 from tightrope.bounds.core import Box, LinearBounds, margin_spec
 from tightrope.bounds.fused import compile_kernels, kernels_compiled
 from tightrope.bounds.interval import IntervalTrace, ibp, ibp_trace
@@ -58,6 +62,7 @@ from tightrope.bounds.oracles import (
 )
 from tightrope.bounds.relaxation import LowerSlope
 from tightrope.bounds.relaxed import Relaxed, relax
+from tightrope.bounds.rounding import Rounding, rounding, sound_lower, unit_roundoff
 from tightrope.bounds.runtime import flush_denormals, keep_freed_memory
 
 __all__ = [
@@ -72,6 +77,7 @@ __all__ = [
     "Network",
     "Normalize",
     "Relaxed",
+    "Rounding",
     "SplitBound",
     "__version__",
     "affine_rule",
@@ -80,6 +86,7 @@ __all__ = [
     "compile_kernels",
     "crown",
     "crown_ibp",
+    "dual_lower",
     "empty_subdomains",
     "flush_denormals",
     "ibp",
@@ -98,6 +105,10 @@ __all__ = [
     "pre_activation_bounds",
     "refine_pre_activations",
     "relax",
+    "rounding",
+    "sound_interval",
+    "sound_lower",
     "split_lower_bound",
     "supported_layers",
+    "unit_roundoff",
 ]

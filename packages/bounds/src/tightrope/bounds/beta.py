@@ -59,6 +59,9 @@ class SplitBound:
             met by the backward pass (branching heuristics read them).
         alphas: per ReLU op, the lower slopes used, ``(D, K, *S_i)``.
         betas: per ReLU op, the split multipliers used, ``(D, K, *S_i)`` (zero off splits).
+        pre_coefficients: per ReLU op, ``(D, K, *S_i)``: the coefficients of the ReLU *inputs*
+            after the relaxation and split terms, the Lagrange multipliers that
+            :func:`tightrope.bounds.dual_lower` evaluates rigorously.
     """
 
     lower: Tensor
@@ -66,6 +69,7 @@ class SplitBound:
     relu_coefficients: dict[int, Tensor]
     alphas: dict[int, Tensor]
     betas: dict[int, Tensor]
+    pre_coefficients: dict[int, Tensor]
 
 
 def apply_splits(boxes: Mapping[int, Box], signs: Mapping[int, Tensor]) -> dict[int, Box]:
@@ -224,6 +228,7 @@ def split_lower_bound(
     relu_coefficients: dict[int, Tensor] = {}
     used_alphas: dict[int, Tensor] = {}
     used_betas: dict[int, Tensor] = {}
+    pre_coefficients: dict[int, Tensor] = {}
     for index in range(len(net.ops) - 1, -1, -1):
         op = net.ops[index]
         if isinstance(op, Affine):
@@ -247,8 +252,9 @@ def split_lower_bound(
             multiplier = betas[index].clamp(min=0.0) * (sign != 0).unsqueeze(1)
             used_betas[index] = multiplier
             A = A - multiplier * sign.unsqueeze(1).to(A.dtype)
+        pre_coefficients[index] = A
     lower = concretize_lower(A, bias, box)
-    return SplitBound(lower, A, relu_coefficients, used_alphas, used_betas)
+    return SplitBound(lower, A, relu_coefficients, used_alphas, used_betas, pre_coefficients)
 
 
 def optimise_split_bound(

@@ -95,7 +95,8 @@ class MilpMinimum:
     """The MILP's answer per specification row of one sample.
 
     Attributes:
-        bound: ``(K,)`` the solver's proven lower bound of the row's minimum (sound).
+        bound: ``(K,)`` the solver's proven lower bound of the row's minimum (``-inf`` when
+            the program's numbers leave :data:`TRUSTED_RANGE`).
         value: ``(K,)`` the best value found (``inf`` when no feasible point was found).
         minimiser: ``(K, *S_in)`` the input attaining ``value`` (NaN where none was found).
         solved: ``(K,)`` whether the search finished (then ``bound`` ~ ``value``).
@@ -130,6 +131,7 @@ def milp_minimum(
     run = _milp_runner(program, time_limit)
     n_input = int(box.lower[0].numel())
     rows = program.objectives.shape[0]
+    reliable = trusted(program)
     bound = torch.empty(rows, dtype=torch.float64)
     value = torch.full((rows,), math.inf, dtype=torch.float64)
     minimiser = torch.full((rows, n_input), math.nan, dtype=torch.float64)
@@ -140,12 +142,36 @@ def milp_minimum(
         dual = getattr(result, "mip_dual_bound", None)
         if dual is None or math.isnan(dual):
             dual = result.fun if result.status == 0 else -math.inf
-        bound[row] = float(dual) + offset
-        solved[row] = result.status == 0
+        bound[row] = float(dual) + offset if reliable else -math.inf
+        solved[row] = result.status == 0 and reliable
         if result.x is not None:
             value[row] = float(result.fun) + offset
             minimiser[row] = torch.as_tensor(result.x[:n_input], dtype=torch.float64)
     return MilpMinimum(bound, value, minimiser.view(rows, *box.lower.shape[1:]), solved)
+
+
+#: Nonzero magnitudes within which HiGHS's answers are trusted as proofs. Its tolerances are
+#: absolute (primal and dual feasibility 1e-7, MIP feasibility 1e-6) on a scaled program; with
+#: coefficients, bounds or right-hand sides far outside this range (a big-M of 1e24) scaling
+#: cannot keep the rounding of its LP solves below them, and it has reported "infeasible" for a
+#: feasible program. Outside the range no infeasibility or bound is read from it.
+TRUSTED_RANGE = (1e-6, 1e6)
+
+
+def trusted(program: Program, *extra: Tensor) -> bool:
+    """Whether every finite nonzero number of ``program`` (and of ``extra``) lies within
+    :data:`TRUSTED_RANGE` in absolute value, and none is NaN."""
+    low, high = TRUSTED_RANGE
+    parts = [program.objectives.flatten(), program.offsets, program.A_eq.values, program.b_eq,
+             program.A_ub.values, program.b_ub, program.lower, program.upper,
+             *(t.flatten().to(torch.float64) for t in extra)]
+    for part in parts:
+        if bool(torch.isnan(part).any()):
+            return False
+        size = part[torch.isfinite(part) & (part != 0)].abs()
+        if size.numel() and (float(size.min()) < low or float(size.max()) > high):
+            return False
+    return True
 
 
 def _one_sample_program(
@@ -244,6 +270,8 @@ class MilpSearch:
 
     Attributes:
         status: ``"infeasible"`` (HiGHS proved that no input of the box meets every row),
+            ``"untrusted"`` (HiGHS said infeasible, but the program's numbers leave
+            :data:`TRUSTED_RANGE`, so that is no proof),
             ``"feasible"`` (``point`` meets every row, up to the solver's tolerances) or
             ``"unknown"`` (stopped by the time limit first).
         point: ``(1, *S_in)`` float64 input found (``None`` unless feasible).
@@ -315,7 +343,7 @@ def milp_search(
                            bounds=optimize.Bounds(lower, upper), constraints=constraints,
                            options=options)
     if result.status == 2:
-        return MilpSearch("infeasible")
+        return MilpSearch("infeasible" if trusted(program, limits) else "untrusted")
     if result.x is not None and result.status in (0, 1):
         point = torch.as_tensor(result.x[: int(box.lower[0].numel())], dtype=torch.float64)
         return MilpSearch("feasible", point.view(1, *box.lower.shape[1:]), float(result.fun))

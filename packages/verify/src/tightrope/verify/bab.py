@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tightrope.bounds import (
     Box,
     Network,
+    Rounding,
     SplitBound,
     empty_subdomains,
     optimise_split_bound,
@@ -45,6 +46,7 @@ from tightrope.verify.branching import (
 from tightrope.verify.config import BabConfig, Branching, LayerOrder, SearchOrder
 from tightrope.verify.domains import DomainBatch, DomainQueue
 from tightrope.verify.problem import CompiledRegion, clip_inside, violation
+from tightrope.verify.sound import closing_bounds, widened
 from tightrope.verify.spec import VerifyStatus
 
 __all__ = ["BabOutcome", "refine_after_splits", "relu_bab"]
@@ -82,6 +84,7 @@ def minimisers(found: SplitBound, box: Box, row: Tensor) -> Tensor:
 def relu_bab(
     model: nn.Module,
     net: Network,
+    rounded: Rounding,
     region: CompiledRegion,
     target: int,
     pre: dict[int, Box],
@@ -100,11 +103,15 @@ def relu_bab(
     Args:
         model: the eval-mode network (for forward passes of candidates).
         net: ``model`` lowered.
+        rounded: the a priori rounding errors of ``net`` over the region's box (refined
+            pre-activation boxes are widened by them).
         region: the compiled region; only the rows of unsafe set ``target`` are bounded.
-        pre: root pre-activation bounds ``(1, *S_i)`` per ReLU op over the region's box.
+        pre: root pre-activation bounds ``(1, *S_i)`` per ReLU op over the region's box,
+            valid in exact arithmetic (widened).
         confirm: float64 re-check of candidates ``(N, *S_in)``; returns a confirmed
             counterexample and its output, or ``None``.
-        margin: a subdomain closes when a row's lower bound exceeds it.
+        margin: a subdomain closes when a row's sound lower bound (its rounding error
+            subtracted, :func:`~tightrope.verify.sound.closing_bounds`) exceeds it.
         root_steps, lr_alpha: alpha optimisation at the root.
         deadline: ``time.monotonic()`` value at which the search gives up (TIMEOUT).
         progress: optional callback ``(bounded subdomains, open subdomains, lowest bound)``.
@@ -131,7 +138,8 @@ def relu_bab(
 
     def package(pre_d: dict[int, Box], signs: dict[int, Tensor], found: SplitBound,
                 depth: Tensor, inherited: Tensor | None = None) -> DomainBatch:
-        lower = found.lower - offsets
+        C = rows.unsqueeze(0).expand(found.lower.shape[0], *rows.shape)
+        lower = closing_bounds(net, box, C, pre_d, found, offsets)
         if inherited is not None:
             # A child lies inside its parent, so the parent's bound holds on it too; the
             # child's own can come out lower (its new split enters with a zero multiplier).
@@ -196,8 +204,9 @@ def relu_bab(
                            -torch.ones(count, dtype=torch.long, device=flat.device)])
         pre_c, signs_c = split_at(children, flat.repeat(2), phase, layers)
         if config.refine_intermediate and len(layers.ops) > 1:
-            pre_c = refine_after_splits(net, box, pre_c, signs_c, layers.locate(flat)[0].repeat(2),
-                                     len(layers.ops))
+            pre_c = widened(rounded, refine_after_splits(
+                net, box, pre_c, signs_c, layers.locate(flat)[0].repeat(2), len(layers.ops)),
+                signs_c)
         empty = empty_subdomains(pre_c)
         found = bound(pre_c, signs_c, children.alphas, children.betas, config.steps,
                       config.lr_alpha)

@@ -29,11 +29,13 @@ from torch import Tensor, nn
 from tightrope.bounds import (
     Box,
     Network,
-    ibp,
+    Rounding,
     lower,
     optimise_pre_activations,
     optimise_split_bound,
     pre_activation_bounds,
+    rounding,
+    sound_interval,
 )
 from tightrope.verify.attack import spec_pgd
 from tightrope.verify.bab import BabOutcome, relu_bab
@@ -43,6 +45,7 @@ from tightrope.verify.milp import milp_eligible, milp_exclude, milp_verify
 from tightrope.verify.problem import CompiledRegion, compile_region, confirm, float64_model
 from tightrope.verify.refine import SplitRefinement, refine_by_splitting
 from tightrope.verify.result import Stage, Verdict
+from tightrope.verify.sound import bound_copy, closing_bounds, widened
 from tightrope.verify.spec import Specification, VerifyStatus
 
 __all__ = ["verify"]
@@ -82,9 +85,9 @@ def verify(
     """Decide whether ``spec`` holds for ``model`` (Wang et al. 2021's complete verification).
 
     Args:
-        model: an eval-mode ``nn.Sequential`` of layers ``tightrope.bounds`` supports; its
-            dtype and device are used for every bound (float32 bounds certify only above
-            ``config.margin``).
+        model: an eval-mode ``nn.Sequential`` of layers ``tightrope.bounds`` supports. Every
+            stage runs on a copy in ``config.dtype`` (float64 by default) on its device; a
+            bound closes anything only after its rigorous rounding error is subtracted.
         spec: the regions and unsafe sets (see :mod:`tightrope.verify.spec`).
         timeout: wall-clock seconds for the whole call.
         config: stages and branch-and-bound settings.
@@ -102,8 +105,10 @@ def verify(
     if model.training:
         raise ValueError("verify needs an eval-mode model: call model.eval() first")
     clock = _Clock(timeout)
+    _reference(model)
+    model = bound_copy(model, config.dtype)
     like = _reference(model)
-    model64 = float64_model(model)
+    model64 = model if like.dtype == torch.float64 else float64_model(model)
     regions = [compile_region(region, like) for region in spec.regions]
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -144,10 +149,13 @@ def verify(
         return ending(status, Stage.MILP)
 
     open_sets = [torch.ones(r.n_sets, dtype=torch.bool, device=like.device) for r in regions]
+    nets: dict[int, tuple[Network, Rounding]] = {}
     with torch.no_grad():
         for number, region in enumerate(regions):
-            bounds = ibp(model, region.box, region.rows.unsqueeze(0)).lower[0]
-            _exclude(region, open_sets[number], bounds - region.offsets, config.margin)
+            net = lower(model, region.box.center)
+            nets[number] = (net, rounding(net, region.box, rows=int(region.rows.shape[0])))
+            bounds = sound_interval(net, region.box, region.rows.unsqueeze(0), region.offsets)
+            _exclude(region, open_sets[number], bounds[0], config.margin)
     if not any(bool(o.any()) for o in open_sets):
         return ending(VerifyStatus.VERIFIED, Stage.IBP)
     lowered: dict[int, tuple[Network, dict[int, Box]]] = {}
@@ -159,15 +167,16 @@ def verify(
         for number, region in enumerate(regions):
             if not bool(open_sets[number].any()):
                 continue
+            net, rounded = nets[number]
             if number not in lowered:
                 with torch.no_grad():
-                    net = lower(model, region.box.center)
-                    lowered[number] = (net, dict(pre_activation_bounds(net, region.box).boxes))
+                    found_boxes = pre_activation_bounds(net, region.box).boxes
+                    lowered[number] = (net, widened(rounded, found_boxes))
             net, boxes = lowered[number]
             if stage is Stage.ALPHA_CROWN and config.optimise_intermediate:
-                boxes = optimise_pre_activations(net, region.box, boxes, steps=steps,
-                                                 lr_alpha=config.alpha_lr,
-                                                 deadline=clock.deadline)
+                boxes = widened(rounded, optimise_pre_activations(
+                    net, region.box, boxes, steps=steps, lr_alpha=config.alpha_lr,
+                    deadline=clock.deadline))
                 lowered[number] = (net, boxes)
             set_bounds[number] = _bound_open_sets(net, region, boxes, open_sets[number], steps,
                                                   config.alpha_lr, clock.deadline,
@@ -203,6 +212,7 @@ def verify(
             bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
         )
         net, boxes = lowered[number]
+        rounded = nets[number][1]
         depth = len(net.relu_indices)
         refine = bab.refine_share(depth)
         if not use_input and refine > 0 and depth > 2:
@@ -212,10 +222,12 @@ def verify(
             boxes = refine_by_splitting(
                 net, region.box, boxes, range(1, depth - 1),
                 time.monotonic() + refine * (clock.deadline - time.monotonic()),
-                steps=bab.steps, lr_alpha=bab.lr_alpha, lr_beta=bab.lr_beta, report=report)
+                steps=bab.steps, lr_alpha=bab.lr_alpha, lr_beta=bab.lr_beta, report=report,
+                rounded=rounded)
             total_domains += report.domains
-            boxes = optimise_pre_activations(net, region.box, boxes, steps=config.alpha_steps,
-                                             lr_alpha=config.alpha_lr, deadline=clock.deadline)
+            boxes = widened(rounded, optimise_pre_activations(
+                net, region.box, boxes, steps=config.alpha_steps, lr_alpha=config.alpha_lr,
+                deadline=clock.deadline))
             lowered[number] = (net, boxes)
             set_bounds[number] = _bound_open_sets(net, region, boxes, open_sets[number],
                                                   config.alpha_steps, config.alpha_lr,
@@ -233,12 +245,12 @@ def verify(
                 deadline = time.monotonic() + milp_after * (clock.deadline - time.monotonic())
             outcome: BabOutcome
             if use_input:
-                outcome = input_bab(model, net, region, target, checked, config=bab,
+                outcome = input_bab(model, net, rounded, region, target, checked, config=bab,
                                     margin=config.margin, deadline=clock.deadline,
                                     generator=generator)
             else:
                 outcome = relu_bab(
-                    model, net, region, target, boxes, checked, config=bab,
+                    model, net, rounded, region, target, boxes, checked, config=bab,
                     margin=config.margin, root_steps=config.alpha_steps,
                     lr_alpha=config.alpha_lr, deadline=deadline, generator=generator,
                     progress=None if progress is None else _bab_progress(progress, number,
@@ -282,7 +294,7 @@ def _bound_open_sets(
     found = optimise_split_bound(net, region.box, C, boxes, signs, steps=steps,
                                  lr_alpha=lr_alpha, deadline=deadline)
     full = region.offsets.new_full((region.rows.shape[0],), float("-inf"))
-    full[rows] = found.lower[0].detach() - region.offsets[rows]
+    full[rows] = closing_bounds(net, region.box, C, boxes, found, region.offsets[rows])[0]
     _exclude(region, open_sets, full, margin)
     return full.new_full((region.n_sets,), float("-inf")).scatter_reduce(
         0, region.owner, full, reduce="amax")
@@ -299,7 +311,8 @@ def _bab_progress(
 
 
 def _exclude(region: CompiledRegion, open_sets: Tensor, row_lower: Tensor, margin: float) -> None:
-    """Close (in place) the unsafe sets of which some row has ``row_lower: (R,)`` above margin."""
+    """Close (in place) the unsafe sets of which some row has ``row_lower: (R,)`` above margin
+    (sound values only: NaN never exceeds it)."""
     proven = row_lower > margin
     closed = torch.zeros_like(open_sets)
     closed = closed.scatter_reduce(0, region.owner, proven, reduce="amax")

@@ -10,8 +10,11 @@ Each stage runs batched over the samples still undecided (Wang et al. 2021's cas
 7. ``BAB``: :func:`tightrope.verify.verify` per sample with what is left of its time budget.
 
 Every counterexample is re-checked with a float64 forward pass and ``violated_by`` of the
-sample's :func:`robustness_spec`. The time of a batched stage is shared equally by the samples
-it processed; a sample's budget (``timeout_per_sample``) bounds its branch-and-bound.
+sample's :func:`robustness_spec` (attack points are first clipped into its float64 box). The
+bound stages run on a copy of the model in ``config.dtype`` (float64 by default) over that
+box and close a sample only with sound bounds (:mod:`tightrope.verify.sound`). The time of a
+batched stage is shared equally by the samples it processed; a sample's budget
+(``timeout_per_sample``) bounds its branch-and-bound.
 """
 
 from __future__ import annotations
@@ -25,12 +28,20 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.attacks import APGDConfig, Objective, PGDConfig, apgd, pgd
-from tightrope.bounds import Box, alpha_crown, crown, ibp, margin_spec
+from tightrope.bounds import (
+    lower,
+    margin_spec,
+    optimise_split_bound,
+    pre_activation_bounds,
+    rounding,
+    sound_interval,
+)
 from tightrope.verify.cascade import verify
 from tightrope.verify.config import VerifierConfig
-from tightrope.verify.problem import float64_model
+from tightrope.verify.problem import float64_model, rounded_box
 from tightrope.verify.result import Stage, Verdict
-from tightrope.verify.spec import VerifyStatus, robustness_spec
+from tightrope.verify.sound import bound_copy, closing_bounds, widened
+from tightrope.verify.spec import VerifyStatus, linf_box, robustness_spec
 
 __all__ = ["Certification", "certify"]
 
@@ -108,6 +119,7 @@ def certify(
     seconds = [0.0] * total
     decided: dict[int, Verdict] = {}
     model64 = float64_model(model)
+    bounded = bound_copy(model, config.dtype)
     with torch.no_grad():
         logits = model(x)
     num_classes = int(logits.shape[1])
@@ -119,8 +131,10 @@ def certify(
             seconds[i] += spent
 
     def falsify(i: int, point: Tensor, stage: Stage) -> bool:
+        box = specs[i].regions[0].box
+        point = torch.minimum(torch.maximum(point.to(box.lower), box.lower), box.upper)
         with torch.no_grad():
-            output = model64(point.to(torch.float64)).flatten(1)
+            output = model64(point).flatten(1)
         if specs[i].violated_by(point, output):
             decided[i] = Verdict(VerifyStatus.FALSIFIED, stage, seconds[i], point, output)
             return True
@@ -173,18 +187,23 @@ def certify(
             return
         start = time.monotonic()
         index = torch.tensor(todo, device=x.device)
-        box = Box.from_linf(x[index], eps)
-        C = margin_spec(y[index], num_classes, dtype=x.dtype)
+        like = next(t for t in bounded.parameters() if t.is_floating_point())
+        box = rounded_box(linf_box(x[index], eps), like)[0]
+        C = margin_spec(y[index], num_classes, dtype=like.dtype)
         with torch.no_grad():
-            if stage is Stage.IBP:
-                lower = ibp(model, box, C).lower
-            elif stage is Stage.CROWN:
-                lower = crown(model, box, C, upper=False).lower
-            else:
-                lower = alpha_crown(model, box, C, steps=config.alpha_steps,
-                                    lr=config.alpha_lr, upper=False).lower
+            net = lower(bounded, box.center)
+        if stage is Stage.IBP:
+            sound = sound_interval(net, box, C)
+        else:
+            with torch.no_grad():
+                boxes = widened(rounding(net, box, rows=int(C.shape[1])),
+                                pre_activation_bounds(net, box).boxes)
+            steps = 0 if stage is Stage.CROWN else config.alpha_steps
+            found = optimise_split_bound(net, box, C, boxes, {}, steps=steps,
+                                         lr_alpha=config.alpha_lr)
+            sound = closing_bounds(net, box, C, boxes, found)
         share(todo, start)
-        for position in ((lower > config.margin).all(dim=1)).nonzero().flatten().tolist():
+        for position in ((sound > config.margin).all(dim=1)).nonzero().flatten().tolist():
             i = todo[position]
             decided[i] = Verdict(VerifyStatus.VERIFIED, stage, seconds[i])
         report(stage)

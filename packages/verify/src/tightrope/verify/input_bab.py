@@ -17,10 +17,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, Network, optimise_split_bound, pre_activation_bounds
+from tightrope.bounds import Box, Network, Rounding, optimise_split_bound, pre_activation_bounds
 from tightrope.verify.bab import BabOutcome, minimisers
 from tightrope.verify.config import BabConfig
 from tightrope.verify.problem import CompiledRegion, clip_inside, violation
+from tightrope.verify.sound import closing_bounds, widened
 from tightrope.verify.spec import VerifyStatus
 
 __all__ = ["input_bab"]
@@ -32,6 +33,7 @@ INPUT_STEPS = 5
 def input_bab(
     model: nn.Module,
     net: Network,
+    rounded: Rounding,
     region: CompiledRegion,
     target: int,
     confirm: Callable[[Tensor], tuple[Tensor, Tensor] | None],
@@ -63,12 +65,13 @@ def input_bab(
             boxes = Box(lower[begin : begin + 2 * config.batch_size],
                         upper[begin : begin + 2 * config.batch_size])
             with torch.no_grad():
-                pre = pre_activation_bounds(net, boxes, "crown")
+                # The root box's rounding errors hold on every sub-box (smaller magnitudes).
+                pre = widened(rounded, pre_activation_bounds(net, boxes, "crown").boxes)
             C = rows.unsqueeze(0).expand(boxes.lower.shape[0], *rows.shape)
-            found = optimise_split_bound(net, boxes, C, dict(pre.boxes), {},
+            found = optimise_split_bound(net, boxes, C, pre, {},
                                          steps=INPUT_STEPS, lr_alpha=config.lr_alpha)
             bounded += boxes.lower.shape[0]
-            value, row = (found.lower - offsets).max(dim=1)
+            value, row = closing_bounds(net, boxes, C, pre, found, offsets).max(dim=1)
             candidates = torch.cat([minimisers(found, boxes, row), boxes.center])
             candidates = clip_inside(region, candidates)
             with torch.no_grad():

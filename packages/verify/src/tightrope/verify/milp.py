@@ -121,6 +121,8 @@ def milp_exclude(
             return BabOutcome(VerifyStatus.TIMEOUT)
         if found.status == "infeasible":
             return BabOutcome(VerifyStatus.VERIFIED)
+        if found.status == "untrusted":
+            return BabOutcome(VerifyStatus.UNKNOWN)
         if found.point is None:
             return BabOutcome(VerifyStatus.TIMEOUT)
         with torch.no_grad():

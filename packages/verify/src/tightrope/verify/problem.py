@@ -23,6 +23,7 @@ __all__ = [
     "compile_region",
     "confirm",
     "float64_model",
+    "rounded_box",
     "set_values",
     "violation",
 ]
@@ -62,19 +63,7 @@ def compile_region(region: Region, like: Tensor) -> CompiledRegion:
         rows.append(unsafe.A.to(like))
         offsets.append(unsafe.b.to(like))
         owner.append(torch.full((unsafe.A.shape[0],), number, dtype=torch.long))
-    lower, upper = region.box.lower, region.box.upper
-    low, high = lower.to(like), upper.to(like)
-    wide = lower.dtype.is_floating_point and torch.finfo(like.dtype).bits < torch.finfo(
-        lower.dtype).bits
-    if wide:
-        down = torch.full_like(low, float("-inf"))
-        up = torch.full_like(low, float("inf"))
-        outer = Box(torch.where(low.to(lower) > lower, torch.nextafter(low, down), low),
-                    torch.where(high.to(upper) < upper, torch.nextafter(high, up), high))
-        inner = Box(torch.where(low.to(lower) < lower, torch.nextafter(low, up), low),
-                    torch.where(high.to(upper) > upper, torch.nextafter(high, down), high))
-    else:
-        outer = inner = Box(low, high)
+    outer, inner = rounded_box(region.box, like)
     return CompiledRegion(
         box=outer,
         inner=inner,
@@ -83,6 +72,24 @@ def compile_region(region: Region, like: Tensor) -> CompiledRegion:
         owner=torch.cat(owner).to(like.device),
         n_sets=len(region.unsafe),
     )
+
+
+def rounded_box(box: Box, like: Tensor) -> tuple[Box, Box]:
+    """``box`` in the dtype and device of ``like``, rounded outwards (it contains ``box``) and
+    inwards (``box`` contains it); both are ``box`` itself when no precision is lost."""
+    lower, upper = box.lower, box.upper
+    low, high = lower.to(like), upper.to(like)
+    wide = lower.dtype.is_floating_point and torch.finfo(like.dtype).bits < torch.finfo(
+        lower.dtype).bits
+    if not wide:
+        return Box(low, high), Box(low, high)
+    down = torch.full_like(low, float("-inf"))
+    up = torch.full_like(low, float("inf"))
+    outer = Box(torch.where(low.to(lower) > lower, torch.nextafter(low, down), low),
+                torch.where(high.to(upper) < upper, torch.nextafter(high, up), high))
+    inner = Box(torch.where(low.to(lower) < lower, torch.nextafter(low, up), low),
+                torch.where(high.to(upper) > upper, torch.nextafter(high, down), high))
+    return outer, inner
 
 
 def clip_inside(region: CompiledRegion, points: Tensor) -> Tensor:

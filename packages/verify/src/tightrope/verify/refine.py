@@ -35,13 +35,16 @@ from torch import Tensor
 from tightrope.bounds import (
     Box,
     Network,
+    Rounding,
     empty_subdomains,
     optimise_split_bound,
+    rounding,
 )
 from tightrope.bounds.beta import SplitBound
 from tightrope.verify.bab import refine_after_splits
 from tightrope.verify.branching import LayerIndex, branching_scores, fsb_choice, split_at
 from tightrope.verify.domains import DomainBatch
+from tightrope.verify.sound import closing_bounds, widened
 
 __all__ = ["SplitRefinement", "refine_by_splitting"]
 
@@ -65,6 +68,7 @@ def refine_by_splitting(
     positions: Sequence[int],
     deadline: float,
     *,
+    rounded: Rounding | None = None,
     leaves_per_search: int = 1,
     candidates: int = 16,
     steps: int = 5,
@@ -92,6 +96,10 @@ def refine_by_splitting(
             neurons unstable with 1 candidate (4 leaves per search), 35 with 8 and 31 with 16.
         steps: alpha/beta ascent steps on new subdomains; ``root_steps`` on the first bound.
         report: filled in with what was done, when given.
+        rounded: the a priori rounding errors of ``net`` over ``box`` (computed when not
+            given): the searches' refined pre-activation boxes are widened by them, and every
+            leaf's bound is the sound dual bound (:func:`~tightrope.verify.sound.closing_bounds`),
+            so the result is valid in exact arithmetic.
 
     Returns:
         Bounds for every ReLU op: those of ``pre`` with the refined layers intersected with
@@ -104,6 +112,7 @@ def refine_by_splitting(
         raise ValueError(f"leaves_per_search must be >= 1, got {leaves_per_search}")
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
+    rounded = rounding(net, box) if rounded is None else rounded
     refined = {i: Box(b.lower.detach(), b.upper.detach()) for i, b in pre.items()}
     chosen = sorted({p for p in positions if 0 < p < len(net.relu_indices)})
     for number, position in enumerate(chosen):
@@ -113,7 +122,7 @@ def refine_by_splitting(
         layer_deadline = time.monotonic() + left / (len(chosen) - number)
         index = net.relu_indices[position]
         tightened, domains = _refine_layer(
-            net, box, refined, index, layer_deadline, leaves_per_search=leaves_per_search,
+            net, rounded, box, refined, index, layer_deadline, leaves_per_search=leaves_per_search,
             candidates=candidates, steps=steps, root_steps=root_steps, lr_alpha=lr_alpha,
             lr_beta=lr_beta,
         )
@@ -130,6 +139,7 @@ def _unstable(bounds: Box) -> int:
 
 def _refine_layer(
     net: Network,
+    rounded: Rounding,
     box: Box,
     pre: Mapping[int, Box],
     index: int,
@@ -161,8 +171,8 @@ def _refine_layer(
     rows = rows.view(searches, 1, *net.shapes[index])
 
     def package(bounds: dict[int, Box], signs: dict[int, Tensor], found: SplitBound,
-                depth: Tensor, inherited: Tensor | None) -> DomainBatch:
-        value = found.lower.detach()
+                depth: Tensor, inherited: Tensor | None, objective: Tensor) -> DomainBatch:
+        value = closing_bounds(prefix, box, objective, bounds, found)
         if inherited is not None:
             value = torch.maximum(value, inherited)  # a child lies inside its parent
         value = value.masked_fill(empty_subdomains(bounds).unsqueeze(1), float("inf"))
@@ -184,7 +194,7 @@ def _refine_layer(
         root = optimise_split_bound(prefix, box, rows, earlier, signs0, steps=root_steps,
                                     lr_alpha=lr_alpha, lr_beta=lr_beta, deadline=deadline)
     leaves = package(earlier, signs0, root, torch.zeros(searches, dtype=torch.long,
-                                                        device=lower.device), None)
+                                                        device=lower.device), None, rows)
     owner = torch.arange(searches, device=lower.device)
     bounded = searches
     while time.monotonic() < deadline and len(leaves) < MAX_LEAVES:
@@ -215,17 +225,21 @@ def _refine_layer(
         phase = torch.cat([torch.ones_like(flat), -torch.ones_like(flat)])
         bounds_c, signs_c = split_at(children, flat.repeat(2), phase, layers)
         if len(layers.ops) > 1:
-            bounds_c = refine_after_splits(prefix, box, bounds_c, signs_c,
-                                           layers.locate(flat)[0].repeat(2), len(layers.ops))
+            bounds_c = widened(rounded, refine_after_splits(
+                prefix, box, bounds_c, signs_c, layers.locate(flat)[0].repeat(2),
+                len(layers.ops)), signs_c)
         with torch.enable_grad():
             found = optimise_split_bound(
                 prefix, box, rows[parent_owner.repeat(2)], bounds_c, signs_c, children.alphas,
                 children.betas, steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta,
                 deadline=deadline,
             )
-        batch = package(bounds_c, signs_c, found, children.depth + 1, children.lower)
+        batch = package(bounds_c, signs_c, found, children.depth + 1, children.lower,
+                        rows[parent_owner.repeat(2)])
         bounded += len(batch)
-        kept = torch.isfinite(batch.lower[:, 0])  # empty children hold no point
+        # Empty children (+inf) hold no point; a child whose bound is -inf (NaN or overflow in
+        # its bound) stays, and keeps its search's bound at -inf.
+        kept = batch.lower[:, 0] != float("inf")
         leaves = DomainBatch.cat([leaves, batch.select(kept)])
         owner = torch.cat([owner, parent_owner.repeat(2)[kept]])
 

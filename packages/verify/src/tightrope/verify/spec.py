@@ -13,6 +13,7 @@ l_inf robustness of a classifier at ``(x, label)`` is the special case of one re
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ __all__ = [
     "Specification",
     "UnsafeSet",
     "VerifyStatus",
+    "linf_box",
     "robustness_spec",
 ]
 
@@ -101,8 +103,20 @@ class Specification:
         return False
 
 
+def linf_box(x: Tensor, eps: float) -> Box:
+    """The l_inf ball of radius ``eps`` around ``x: (N, *S)`` intersected with ``[0, 1]``, in
+    float64 and rounded outwards: it contains every real point within ``eps`` of ``x``."""
+    if not math.isfinite(eps) or eps < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    center = x.detach().to(torch.float64)
+    lower = torch.nextafter(center - eps, torch.full_like(center, -math.inf))
+    upper = torch.nextafter(center + eps, torch.full_like(center, math.inf))
+    return Box(lower.clamp(0.0, 1.0), upper.clamp(0.0, 1.0))
+
+
 def robustness_spec(x: Tensor, label: int, eps: float, num_classes: int) -> Specification:
-    """l_inf robustness of ``x: (1, *S)`` in ``[0, 1]`` with radius ``eps`` around ``label``."""
+    """l_inf robustness of ``x: (1, *S)`` in ``[0, 1]`` with radius ``eps`` around ``label``
+    (the box of :func:`linf_box`)."""
     if not 0 <= label < num_classes:
         raise ValueError(f"label must be in [0, {num_classes}), got {label}")
     eye = torch.eye(num_classes, dtype=x.dtype, device=x.device)
@@ -111,4 +125,4 @@ def robustness_spec(x: Tensor, label: int, eps: float, num_classes: int) -> Spec
         for j in range(num_classes)
         if j != label
     )
-    return Specification((Region(Box.from_linf(x, eps), unsafe),))
+    return Specification((Region(linf_box(x, eps), unsafe),))
