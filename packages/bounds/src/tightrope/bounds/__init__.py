@@ -33,6 +33,7 @@ from tightrope.bounds.alpha import alpha_crown
 from tightrope.bounds.beta import (
     SplitBound,
     apply_splits,
+    certified_split_bound,
     empty_subdomains,
     optimise_pre_activations,
     optimise_split_bound,
@@ -83,6 +84,7 @@ __all__ = [
     "affine_rule",
     "alpha_crown",
     "apply_splits",
+    "certified_split_bound",
     "compile_kernels",
     "crown",
     "crown_ibp",

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from tightrope.bounds.backward import relu_step
+from tightrope.bounds.certificate import dual_lower
 from tightrope.bounds.core import Box, concretize_lower, features_dot
 from tightrope.bounds.linear import _tighten
 from tightrope.bounds.network import Affine, Network, transpose_rows
@@ -39,6 +40,7 @@ from tightrope.bounds.relaxation import LowerSlope, ReluRelaxation, relu_relaxat
 __all__ = [
     "SplitBound",
     "apply_splits",
+    "certified_split_bound",
     "empty_subdomains",
     "optimise_pre_activations",
     "optimise_split_bound",
@@ -146,6 +148,7 @@ def optimise_pre_activations(
     steps: int = 20,
     lr_alpha: float = 0.1,
     deadline: float | None = None,
+    search: Network | None = None,
 ) -> dict[int, Box]:
     """Tighten pre-activation bounds layer by layer with optimised lower slopes.
 
@@ -162,6 +165,11 @@ def optimise_pre_activations(
         signs: optional split phases ``(D, *S_i)``; bounds are clamped to them.
         deadline: ``time.monotonic()`` value after which the ascent steps stop (the bounds
             found so far are kept; they are sound at every step).
+        search: when given, the ascent runs on this lowering of the same model (e.g. in
+            float32) and each layer's bounds are the rigorous dual bounds
+            (:func:`~tightrope.bounds.dual_lower`) in ``net``'s dtype at the multipliers found:
+            valid in exact arithmetic when ``boxes`` are. ``None``: plain alpha-CROWN in
+            ``net``'s dtype, sound up to its rounding.
     """
     signs = {} if signs is None else signs
     refined = apply_splits(boxes, signs)
@@ -182,13 +190,23 @@ def optimise_pre_activations(
         selector[:, rows + count, union] = -1.0
         earlier = {i: refined[i] for i in net.relu_indices if i < index}
         earlier_signs = {i: s for i, s in signs.items() if i < index}
-        found = optimise_split_bound(
-            prefix, box, selector.view(batch, 2 * count, *net.shapes[index]), earlier,
-            earlier_signs, steps=steps, lr_alpha=lr_alpha, deadline=deadline,
-        )
+        rows_c = selector.view(batch, 2 * count, *net.shapes[index])
+        if search is None:
+            found = optimise_split_bound(
+                prefix, box, rows_c, earlier, earlier_signs, steps=steps, lr_alpha=lr_alpha,
+                deadline=deadline,
+            )
+            value = found.lower.detach()
+        else:
+            search_prefix = Network(ops=search.ops[:index], shapes=search.shapes[: index + 1],
+                                    like=search.like)
+            _, value = certified_split_bound(
+                prefix, box, rows_c, earlier, earlier_signs, search=search_prefix,
+                steps=steps, lr_alpha=lr_alpha, deadline=deadline,
+            )
         new_lower, new_upper = lower.clone(), upper.clone()
-        new_lower[:, union] = torch.maximum(lower[:, union], found.lower[:, :count].detach())
-        new_upper[:, union] = torch.minimum(upper[:, union], -found.lower[:, count:].detach())
+        new_lower[:, union] = torch.maximum(lower[:, union], value[:, :count])
+        new_upper[:, union] = torch.minimum(upper[:, union], -value[:, count:])
         shape = current.lower.shape
         tightened = Box(new_lower.view(shape), new_upper.view(shape))
         refined[index] = apply_splits({index: tightened}, signs)[index]
@@ -341,6 +359,46 @@ def optimise_split_bound(
                 tensor.clamp_(min=0.0)
     with torch.no_grad():
         return split_lower_bound(net, box, C, boxes, signs, best_alpha, best_beta)
+
+
+def certified_split_bound(
+    net: Network,
+    box: Box,
+    C: Tensor,
+    boxes: Mapping[int, Box],
+    signs: Mapping[int, Tensor],
+    alphas: Mapping[int, Tensor] | None = None,
+    betas: Mapping[int, Tensor] | None = None,
+    *,
+    search: Network | None = None,
+    steps: int = 20,
+    lr_alpha: float = 0.1,
+    lr_beta: float = 0.05,
+    objective: Tensor | None = None,
+    deadline: float | None = None,
+    offsets: Tensor | None = None,
+) -> tuple[SplitBound, Tensor]:
+    """:func:`optimise_split_bound` on ``search`` (a lowering of the same model, e.g. in
+    float32; ``net`` itself when ``None``), then the rigorous dual bound at the multipliers it
+    found, in ``net``'s dtype (:func:`~tightrope.bounds.dual_lower`).
+
+    ``box``, ``C`` and ``boxes`` are in ``net``'s dtype, the boxes valid in exact arithmetic
+    (widened, :meth:`~tightrope.bounds.Rounding.widen`); ``alphas`` and ``betas`` in
+    ``search``'s. Returns the search's bound (its multipliers and coefficients, in ``search``'s
+    dtype) and the sound lower bounds ``(D, K)`` of ``C f(x) - offsets`` (``-inf`` wherever
+    NaN or overflow occurred).
+    """
+    search = net if search is None else search
+    dtype = search.like.dtype
+    found = optimise_split_bound(
+        search, Box(box.lower.to(dtype), box.upper.to(dtype)), C.to(dtype),
+        {i: Box(b.lower.to(dtype), b.upper.to(dtype)) for i, b in boxes.items()}, signs,
+        alphas, betas, steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta, objective=objective,
+        deadline=deadline,
+    )
+    exact = net.like.dtype
+    multipliers = {i: m.detach().to(exact) for i, m in found.pre_coefficients.items()}
+    return found, dual_lower(net, box, C, boxes, multipliers, offsets)
 
 
 class _Adam:

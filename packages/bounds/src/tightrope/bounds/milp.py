@@ -137,7 +137,13 @@ def milp_minimum(
     minimiser = torch.full((rows, n_input), math.nan, dtype=torch.float64)
     solved = torch.zeros(rows, dtype=torch.bool)
     for row in range(rows):
-        result = run(row)
+        try:
+            result = run(row)
+        except RuntimeError:
+            if reliable:
+                raise
+            bound[row] = -math.inf  # HiGHS failed on numbers outside its range: no bound
+            continue
         offset = float(program.offsets[row])
         dual = getattr(result, "mip_dual_bound", None)
         if dual is None or math.isnan(dual):
@@ -152,10 +158,12 @@ def milp_minimum(
 
 #: Nonzero magnitudes within which HiGHS's answers are trusted as proofs. Its tolerances are
 #: absolute (primal and dual feasibility 1e-7, MIP feasibility 1e-6) on a scaled program; with
-#: coefficients, bounds or right-hand sides far outside this range (a big-M of 1e24) scaling
-#: cannot keep the rounding of its LP solves below them, and it has reported "infeasible" for a
-#: feasible program. Outside the range no infeasibility or bound is read from it.
-TRUSTED_RANGE = (1e-6, 1e6)
+#: coefficients, bounds or right-hand sides far above this range (a big-M of 1e24) scaling
+#: cannot keep the rounding of its LP solves below them, and it has reported "infeasible" (or
+#: "unbounded") for a feasible program. Below 1e-9 it drops matrix entries silently
+#: (``small_matrix_value``), solving another program than ours. Outside the range no
+#: infeasibility or bound is read from it.
+TRUSTED_RANGE = (1e-9, 1e6)
 
 
 def trusted(program: Program, *extra: Tensor) -> bool:
@@ -270,8 +278,8 @@ class MilpSearch:
 
     Attributes:
         status: ``"infeasible"`` (HiGHS proved that no input of the box meets every row),
-            ``"untrusted"`` (HiGHS said infeasible, but the program's numbers leave
-            :data:`TRUSTED_RANGE`, so that is no proof),
+            ``"untrusted"`` (HiGHS said infeasible, or failed, on a program whose numbers leave
+            :data:`TRUSTED_RANGE`: no proof either way),
             ``"feasible"`` (``point`` meets every row, up to the solver's tolerances) or
             ``"unknown"`` (stopped by the time limit first).
         point: ``(1, *S_in)`` float64 input found (``None`` unless feasible).
@@ -342,12 +350,15 @@ def milp_search(
     result = optimize.milp(objective, integrality=integrality,
                            bounds=optimize.Bounds(lower, upper), constraints=constraints,
                            options=options)
+    reliable = trusted(program, limits - program.offsets)
     if result.status == 2:
-        return MilpSearch("infeasible" if trusted(program, limits) else "untrusted")
+        return MilpSearch("infeasible" if reliable else "untrusted")
     if result.x is not None and result.status in (0, 1):
         point = torch.as_tensor(result.x[: int(box.lower[0].numel())], dtype=torch.float64)
         return MilpSearch("feasible", point.view(1, *box.lower.shape[1:]), float(result.fun))
     if result.status == 1:
         return MilpSearch("unknown")
+    if not reliable:  # e.g. "unbounded" for a bounded program with coefficients of 1e24
+        return MilpSearch("untrusted")
     raise RuntimeError(f"milp_search: HiGHS failed on the MILP (status {result.status}: "
                        f"{result.message})")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -29,10 +29,9 @@ from torch import Tensor, nn
 from tightrope.bounds import (
     Box,
     Network,
-    Rounding,
     SplitBound,
+    certified_split_bound,
     empty_subdomains,
-    optimise_split_bound,
     refine_pre_activations,
 )
 from tightrope.verify.attack import spec_pgd
@@ -46,7 +45,7 @@ from tightrope.verify.branching import (
 from tightrope.verify.config import BabConfig, Branching, LayerOrder, SearchOrder
 from tightrope.verify.domains import DomainBatch, DomainQueue
 from tightrope.verify.problem import CompiledRegion, clip_inside, violation
-from tightrope.verify.sound import closing_bounds, widened
+from tightrope.verify.sound import Lowered, widened
 from tightrope.verify.spec import VerifyStatus
 
 __all__ = ["BabOutcome", "refine_after_splits", "relu_bab"]
@@ -83,9 +82,9 @@ def minimisers(found: SplitBound, box: Box, row: Tensor) -> Tensor:
 
 def relu_bab(
     model: nn.Module,
-    net: Network,
-    rounded: Rounding,
+    nets: Lowered,
     region: CompiledRegion,
+    search_region: CompiledRegion,
     target: int,
     pre: dict[int, Box],
     confirm: Confirm,
@@ -101,25 +100,28 @@ def relu_bab(
     """Show unsafe set ``target`` of ``region`` infeasible, or find a counterexample in it.
 
     Args:
-        model: the eval-mode network (for forward passes of candidates).
-        net: ``model`` lowered.
-        rounded: the a priori rounding errors of ``net`` over the region's box (refined
-            pre-activation boxes are widened by them).
-        region: the compiled region; only the rows of unsafe set ``target`` are bounded.
+        model: the eval-mode network in its own dtype (forward passes of candidates, attacks).
+        nets: the network lowered in the verifier's dtype (boxes, closing bounds) and in the
+            model's (the multiplier ascent and branching), with the exact one's a priori
+            rounding errors (refined pre-activation boxes are widened by them).
+        region: the compiled region in the verifier's dtype; only the rows of unsafe set
+            ``target`` are bounded. ``search_region``: the same in the model's dtype.
         pre: root pre-activation bounds ``(1, *S_i)`` per ReLU op over the region's box,
             valid in exact arithmetic (widened).
         confirm: float64 re-check of candidates ``(N, *S_in)``; returns a confirmed
             counterexample and its output, or ``None``.
-        margin: a subdomain closes when a row's sound lower bound (its rounding error
-            subtracted, :func:`~tightrope.verify.sound.closing_bounds`) exceeds it.
+        margin: a subdomain closes when a row's sound lower bound (the dual bound at the
+            search's multipliers, its rounding error subtracted) exceeds it.
         root_steps, lr_alpha: alpha optimisation at the root.
         deadline: ``time.monotonic()`` value at which the search gives up (TIMEOUT).
         progress: optional callback ``(bounded subdomains, open subdomains, lowest bound)``.
     """
-    box = region.box
+    net, search = nets.exact, nets.search
+    box, search_box = region.box, search_region.box
     mask = region.owner == target
     rows = region.rows[mask].reshape(-1, *net.output_shape)
     offsets = region.offsets[mask]
+    search_rows, search_offsets = nets.to_search(rows), nets.to_search(offsets)
     active = torch.zeros(region.n_sets, dtype=torch.bool, device=rows.device)
     active[target] = True
     layers = LayerIndex(net)
@@ -129,24 +131,22 @@ def relu_bab(
               for i, b in pre.items()}
 
     def bound(pre_d: dict[int, Box], signs: dict[int, Tensor], alphas: dict[int, Tensor] | None,
-              betas: dict[int, Tensor] | None, steps: int, lr: float) -> SplitBound:
+              betas: dict[int, Tensor] | None, steps: int, lr: float) -> tuple[SplitBound, Tensor]:
         C = rows.unsqueeze(0).expand(pre_d[layers.ops[0]].lower.shape[0], *rows.shape)
-        return optimise_split_bound(
-            net, box, C, pre_d, signs, alphas, betas, steps=steps, lr_alpha=lr,
-            lr_beta=config.lr_beta, deadline=deadline,
+        return certified_split_bound(
+            net, box, C, pre_d, signs, alphas, betas, search=search, steps=steps,
+            lr_alpha=lr, lr_beta=config.lr_beta, deadline=deadline, offsets=offsets,
         )
 
     def package(pre_d: dict[int, Box], signs: dict[int, Tensor], found: SplitBound,
-                depth: Tensor, inherited: Tensor | None = None) -> DomainBatch:
-        C = rows.unsqueeze(0).expand(found.lower.shape[0], *rows.shape)
-        lower = closing_bounds(net, box, C, pre_d, found, offsets)
+                lower: Tensor, depth: Tensor, inherited: Tensor | None = None) -> DomainBatch:
         if inherited is not None:
             # A child lies inside its parent, so the parent's bound holds on it too; the
             # child's own can come out lower (its new split enters with a zero multiplier).
             lower = torch.maximum(lower, inherited)
         row = lower.argmax(dim=1)
-        scores = branching_scores(pre_d, signs, found.relu_coefficients, found.alphas, row,
-                                  layers)
+        scores = branching_scores(nets.search_boxes(pre_d), signs, found.relu_coefficients,
+                                  found.alphas, row, layers)
         if shallow:
             scores = shallow_first(scores, layers)
         betas = found.betas if found.betas else {
@@ -154,18 +154,23 @@ def relu_bab(
         return DomainBatch(pre=pre_d, signs=signs, alphas=found.alphas, betas=betas,
                            lower=lower, scores=scores, depth=depth)
 
+    def for_search(domains: DomainBatch) -> DomainBatch:
+        return replace(domains, pre=nets.search_boxes(domains.pre))
+
     def check(found: SplitBound, lower: Tensor) -> tuple[Tensor, Tensor] | None:
-        candidates = clip_inside(region, minimisers(found, box, lower.argmax(dim=1)))
+        candidates = clip_inside(search_region,
+                                 minimisers(found, search_box, lower.argmax(dim=1)))
         with torch.no_grad():
-            values = violation(region, model(candidates), active)
+            values = violation(search_region, model(candidates), active)
         hits = candidates[values <= 0]
         return confirm(hits) if hits.shape[0] else None
 
     if not layers.ops:
         return BabOutcome(VerifyStatus.UNKNOWN)
-    root = bound(pre, signs0, None, None, root_steps, lr_alpha)
+    root, root_lower = bound(pre, signs0, None, None, root_steps, lr_alpha)
     bounded = 1
-    domains = package(pre, signs0, root, torch.zeros(1, dtype=torch.long, device=rows.device))
+    domains = package(pre, signs0, root, root_lower,
+                      torch.zeros(1, dtype=torch.long, device=rows.device))
     if float(domains.value.max()) > margin:
         return BabOutcome(VerifyStatus.VERIFIED, domains=bounded)
     hit = check(root, domains.lower)
@@ -194,7 +199,8 @@ def relu_bab(
             if not len(parents):
                 continue
         if config.branching is Branching.FSB:
-            flat = fsb_choice(net, box, rows, offsets, parents, width, layers)
+            flat = fsb_choice(search, search_box, search_rows, search_offsets,
+                              for_search(parents), width, layers)
         else:
             flat = parents.scores.argmax(dim=1)
         count = len(parents)
@@ -204,14 +210,14 @@ def relu_bab(
                            -torch.ones(count, dtype=torch.long, device=flat.device)])
         pre_c, signs_c = split_at(children, flat.repeat(2), phase, layers)
         if config.refine_intermediate and len(layers.ops) > 1:
-            pre_c = widened(rounded, refine_after_splits(
+            pre_c = widened(nets.rounding, refine_after_splits(
                 net, box, pre_c, signs_c, layers.locate(flat)[0].repeat(2), len(layers.ops)),
                 signs_c)
         empty = empty_subdomains(pre_c)
-        found = bound(pre_c, signs_c, children.alphas, children.betas, config.steps,
-                      config.lr_alpha)
+        found, found_lower = bound(pre_c, signs_c, children.alphas, children.betas,
+                                   config.steps, config.lr_alpha)
         bounded += len(children)
-        batch = package(pre_c, signs_c, found, children.depth + 1, children.lower)
+        batch = package(pre_c, signs_c, found, found_lower, children.depth + 1, children.lower)
         hit = check(found, batch.lower)
         if hit is not None:
             return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)
@@ -224,10 +230,12 @@ def relu_bab(
             progress(bounded, len(queue), queue.lowest())
         if config.attack_every and iteration % config.attack_every == 0 and len(queue):
             worst = queue.pop(min(len(queue), 8))
-            starts = minimisers_of(worst, net, box, rows, offsets)
+            starts = minimisers_of(for_search(worst), search, search_box, search_rows,
+                                   search_offsets)
             queue.push(worst)
-            candidates = spec_pgd(model, region, steps=20, restarts=0, generator=generator,
-                                  starts=starts, active=active, deadline=deadline)
+            candidates = spec_pgd(model, search_region, steps=20, restarts=0,
+                                  generator=generator, starts=starts, active=active,
+                                  deadline=deadline)
             if candidates.shape[0]:
                 hit = confirm(candidates)
                 if hit is not None:

@@ -28,13 +28,9 @@ from torch import Tensor, nn
 
 from tightrope.bounds import (
     Box,
-    Network,
-    Rounding,
-    lower,
+    certified_split_bound,
     optimise_pre_activations,
-    optimise_split_bound,
     pre_activation_bounds,
-    rounding,
     sound_interval,
 )
 from tightrope.verify.attack import spec_pgd
@@ -45,7 +41,7 @@ from tightrope.verify.milp import milp_eligible, milp_exclude, milp_verify
 from tightrope.verify.problem import CompiledRegion, compile_region, confirm, float64_model
 from tightrope.verify.refine import SplitRefinement, refine_by_splitting
 from tightrope.verify.result import Stage, Verdict
-from tightrope.verify.sound import bound_copy, closing_bounds, widened
+from tightrope.verify.sound import Lowered, bound_copy, check_finite, lowered, widened
 from tightrope.verify.spec import Specification, VerifyStatus
 
 __all__ = ["verify"]
@@ -106,10 +102,14 @@ def verify(
         raise ValueError("verify needs an eval-mode model: call model.eval() first")
     clock = _Clock(timeout)
     _reference(model)
-    model = bound_copy(model, config.dtype)
-    like = _reference(model)
-    model64 = model if like.dtype == torch.float64 else float64_model(model)
+    check_finite(model)
+    exact_model = bound_copy(model, config.dtype)
+    like = _reference(exact_model)
+    model64 = exact_model if like.dtype == torch.float64 else float64_model(model)
     regions = [compile_region(region, like) for region in spec.regions]
+    search_like = _reference(model)
+    search_regions = regions if search_like.dtype == like.dtype else [
+        compile_region(region, search_like) for region in spec.regions]
     generator = torch.Generator().manual_seed(config.seed)
 
     def checked(candidates: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -135,30 +135,30 @@ def verify(
         return None
 
     with torch.no_grad():
-        for region in regions:
+        for region in search_regions:
             hit = checked(spec_pgd(model, region, steps=config.attack_steps,
                                    restarts=config.attack_restarts, generator=generator,
                                    deadline=clock.deadline))
             if hit is not None:
                 return falsified(hit, Stage.ATTACK)
     if config.mode is Mode.MILP:
-        status, hit = milp_verify(model, spec, regions, checked, clock.deadline,
+        status, hit = milp_verify(exact_model, spec, regions, checked, clock.deadline,
                                   config.milp_time_limit, config.margin)
         if hit is not None:
             return falsified(hit, Stage.MILP)
         return ending(status, Stage.MILP)
 
     open_sets = [torch.ones(r.n_sets, dtype=torch.bool, device=like.device) for r in regions]
-    nets: dict[int, tuple[Network, Rounding]] = {}
+    nets: dict[int, Lowered] = {}
     with torch.no_grad():
         for number, region in enumerate(regions):
-            net = lower(model, region.box.center)
-            nets[number] = (net, rounding(net, region.box, rows=int(region.rows.shape[0])))
-            bounds = sound_interval(net, region.box, region.rows.unsqueeze(0), region.offsets)
+            nets[number] = lowered(exact_model, model, region.box, int(region.rows.shape[0]))
+            bounds = sound_interval(nets[number].exact, region.box, region.rows.unsqueeze(0),
+                                    region.offsets)
             _exclude(region, open_sets[number], bounds[0], config.margin)
     if not any(bool(o.any()) for o in open_sets):
         return ending(VerifyStatus.VERIFIED, Stage.IBP)
-    lowered: dict[int, tuple[Network, dict[int, Box]]] = {}
+    boxes_of: dict[int, dict[int, Box]] = {}
     set_bounds: dict[int, Tensor] = {}
     last_stage = Stage.IBP
     for stage, steps in ((Stage.CROWN, 0), (Stage.ALPHA_CROWN, config.alpha_steps)):
@@ -167,19 +167,19 @@ def verify(
         for number, region in enumerate(regions):
             if not bool(open_sets[number].any()):
                 continue
-            net, rounded = nets[number]
-            if number not in lowered:
+            found = nets[number]
+            if number not in boxes_of:
                 with torch.no_grad():
-                    found_boxes = pre_activation_bounds(net, region.box).boxes
-                    lowered[number] = (net, widened(rounded, found_boxes))
-            net, boxes = lowered[number]
+                    crown_boxes = pre_activation_bounds(found.exact, region.box).boxes
+                    boxes_of[number] = widened(found.rounding, crown_boxes)
+            boxes = boxes_of[number]
             if stage is Stage.ALPHA_CROWN and config.optimise_intermediate:
-                boxes = widened(rounded, optimise_pre_activations(
-                    net, region.box, boxes, steps=steps, lr_alpha=config.alpha_lr,
-                    deadline=clock.deadline))
-                lowered[number] = (net, boxes)
-            set_bounds[number] = _bound_open_sets(net, region, boxes, open_sets[number], steps,
-                                                  config.alpha_lr, clock.deadline,
+                boxes = optimise_pre_activations(
+                    found.exact, region.box, boxes, steps=steps, lr_alpha=config.alpha_lr,
+                    deadline=clock.deadline, search=found.search)
+                boxes_of[number] = boxes
+            set_bounds[number] = _bound_open_sets(found, region, boxes, open_sets[number],
+                                                  steps, config.alpha_lr, clock.deadline,
                                                   config.margin)
         last_stage = stage
         if not any(bool(o.any()) for o in open_sets):
@@ -188,7 +188,7 @@ def verify(
             return ending(VerifyStatus.TIMEOUT, last_stage)
 
     with torch.no_grad():
-        for number, region in enumerate(regions):
+        for number, region in enumerate(search_regions):
             hit = checked(spec_pgd(model, region, steps=config.strong_attack_steps,
                                    restarts=config.strong_attack_restarts, generator=generator,
                                    active=open_sets[number], targeted=True,
@@ -211,8 +211,8 @@ def verify(
         use_input = bab.input_split is InputSplit.ALWAYS or (
             bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
         )
-        net, boxes = lowered[number]
-        rounded = nets[number][1]
+        found = nets[number]
+        net, search_region, boxes = found.exact, search_regions[number], boxes_of[number]
         depth = len(net.relu_indices)
         refine = bab.refine_share(depth)
         if not use_input and refine > 0 and depth > 2:
@@ -223,13 +223,13 @@ def verify(
                 net, region.box, boxes, range(1, depth - 1),
                 time.monotonic() + refine * (clock.deadline - time.monotonic()),
                 steps=bab.steps, lr_alpha=bab.lr_alpha, lr_beta=bab.lr_beta, report=report,
-                rounded=rounded)
+                nets=found)
             total_domains += report.domains
-            boxes = widened(rounded, optimise_pre_activations(
+            boxes = optimise_pre_activations(
                 net, region.box, boxes, steps=config.alpha_steps, lr_alpha=config.alpha_lr,
-                deadline=clock.deadline))
-            lowered[number] = (net, boxes)
-            set_bounds[number] = _bound_open_sets(net, region, boxes, open_sets[number],
+                deadline=clock.deadline, search=found.search)
+            boxes_of[number] = boxes
+            set_bounds[number] = _bound_open_sets(found, region, boxes, open_sets[number],
                                                   config.alpha_steps, config.alpha_lr,
                                                   clock.deadline, config.margin)
             targets = [t for t in targets if bool(open_sets[number][t])]
@@ -245,12 +245,12 @@ def verify(
                 deadline = time.monotonic() + milp_after * (clock.deadline - time.monotonic())
             outcome: BabOutcome
             if use_input:
-                outcome = input_bab(model, net, rounded, region, target, checked, config=bab,
-                                    margin=config.margin, deadline=clock.deadline,
-                                    generator=generator)
+                outcome = input_bab(model, found, region, search_region, target, checked,
+                                    config=bab, margin=config.margin,
+                                    deadline=clock.deadline, generator=generator)
             else:
                 outcome = relu_bab(
-                    model, net, rounded, region, target, boxes, checked, config=bab,
+                    model, found, region, search_region, target, boxes, checked, config=bab,
                     margin=config.margin, root_steps=config.alpha_steps,
                     lr_alpha=config.alpha_lr, deadline=deadline, generator=generator,
                     progress=None if progress is None else _bab_progress(progress, number,
@@ -268,7 +268,7 @@ def verify(
             continue
         # The exact MILP decides what branch-and-bound left, a few unsafe sets at a time.
         used_milp = True
-        for outcome in milp_exclude(model, region, deferred, boxes, checked,
+        for outcome in milp_exclude(exact_model, region, deferred, boxes, checked,
                                     margin=config.margin, deadline=clock.deadline,
                                     workers=torch.get_num_threads()):
             final = settle(outcome, Stage.MILP, total_domains)
@@ -281,20 +281,20 @@ def verify(
 
 
 def _bound_open_sets(
-    net: Network, region: CompiledRegion, boxes: dict[int, Box], open_sets: Tensor, steps: int,
-    lr_alpha: float, deadline: float, margin: float,
+    nets: Lowered, region: CompiledRegion, boxes: dict[int, Box], open_sets: Tensor,
+    steps: int, lr_alpha: float, deadline: float, margin: float,
 ) -> Tensor:
     """alpha-CROWN (``steps`` ascent steps; CROWN with 0) on the rows of the ``open_sets``
-    of ``region`` over the pre-activation ``boxes``; closes (in place) the sets it proves and
-    returns ``(n_sets,)``: each set's best row bound (``-inf`` for sets not bounded)."""
+    of ``region`` over the pre-activation ``boxes``, certified by the dual bound in the exact
+    dtype; closes (in place) the sets it proves and returns ``(n_sets,)``: each set's best
+    sound row bound (``-inf`` for sets not bounded)."""
     rows = region.rows_of(open_sets)
-    C = region.rows[rows].reshape(1, -1, *net.output_shape)
-    signs = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=b.lower.device)
-             for i, b in boxes.items()}
-    found = optimise_split_bound(net, region.box, C, boxes, signs, steps=steps,
-                                 lr_alpha=lr_alpha, deadline=deadline)
+    C = region.rows[rows].reshape(1, -1, *nets.exact.output_shape)
+    _, sound = certified_split_bound(nets.exact, region.box, C, boxes, {}, search=nets.search,
+                                     steps=steps, lr_alpha=lr_alpha, deadline=deadline,
+                                     offsets=region.offsets[rows])
     full = region.offsets.new_full((region.rows.shape[0],), float("-inf"))
-    full[rows] = closing_bounds(net, region.box, C, boxes, found, region.offsets[rows])[0]
+    full[rows] = sound[0]
     _exclude(region, open_sets, full, margin)
     return full.new_full((region.n_sets,), float("-inf")).scatter_reduce(
         0, region.owner, full, reduce="amax")

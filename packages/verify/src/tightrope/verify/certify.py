@@ -29,18 +29,16 @@ from torch import Tensor, nn
 
 from tightrope.attacks import APGDConfig, Objective, PGDConfig, apgd, pgd
 from tightrope.bounds import (
-    lower,
+    certified_split_bound,
     margin_spec,
-    optimise_split_bound,
     pre_activation_bounds,
-    rounding,
     sound_interval,
 )
 from tightrope.verify.cascade import verify
 from tightrope.verify.config import VerifierConfig
 from tightrope.verify.problem import float64_model, rounded_box
 from tightrope.verify.result import Stage, Verdict
-from tightrope.verify.sound import bound_copy, closing_bounds, widened
+from tightrope.verify.sound import bound_copy, check_finite, lowered, widened
 from tightrope.verify.spec import VerifyStatus, linf_box, robustness_spec
 
 __all__ = ["Certification", "certify"]
@@ -118,6 +116,7 @@ def certify(
     total = x.shape[0]
     seconds = [0.0] * total
     decided: dict[int, Verdict] = {}
+    check_finite(model)
     model64 = float64_model(model)
     bounded = bound_copy(model, config.dtype)
     with torch.no_grad():
@@ -191,17 +190,15 @@ def certify(
         box = rounded_box(linf_box(x[index], eps), like)[0]
         C = margin_spec(y[index], num_classes, dtype=like.dtype)
         with torch.no_grad():
-            net = lower(bounded, box.center)
+            nets = lowered(bounded, model, box, int(C.shape[1]))
         if stage is Stage.IBP:
-            sound = sound_interval(net, box, C)
+            sound = sound_interval(nets.exact, box, C)
         else:
             with torch.no_grad():
-                boxes = widened(rounding(net, box, rows=int(C.shape[1])),
-                                pre_activation_bounds(net, box).boxes)
+                boxes = widened(nets.rounding, pre_activation_bounds(nets.exact, box).boxes)
             steps = 0 if stage is Stage.CROWN else config.alpha_steps
-            found = optimise_split_bound(net, box, C, boxes, {}, steps=steps,
-                                         lr_alpha=config.alpha_lr)
-            sound = closing_bounds(net, box, C, boxes, found)
+            _, sound = certified_split_bound(nets.exact, box, C, boxes, {}, search=nets.search,
+                                             steps=steps, lr_alpha=config.alpha_lr)
         share(todo, start)
         for position in ((sound > config.margin).all(dim=1)).nonzero().flatten().tolist():
             i = todo[position]

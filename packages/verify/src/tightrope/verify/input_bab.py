@@ -17,11 +17,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, Network, Rounding, optimise_split_bound, pre_activation_bounds
+from tightrope.bounds import Box, certified_split_bound, pre_activation_bounds
 from tightrope.verify.bab import BabOutcome, minimisers
 from tightrope.verify.config import BabConfig
 from tightrope.verify.problem import CompiledRegion, clip_inside, violation
-from tightrope.verify.sound import closing_bounds, widened
+from tightrope.verify.sound import Lowered, widened
 from tightrope.verify.spec import VerifyStatus
 
 __all__ = ["input_bab"]
@@ -32,9 +32,9 @@ INPUT_STEPS = 5
 
 def input_bab(
     model: nn.Module,
-    net: Network,
-    rounded: Rounding,
+    nets: Lowered,
     region: CompiledRegion,
+    search_region: CompiledRegion,
     target: int,
     confirm: Callable[[Tensor], tuple[Tensor, Tensor] | None],
     *,
@@ -48,6 +48,7 @@ def input_bab(
     Arguments as :func:`tightrope.verify.bab.relu_bab`.
     """
     del generator  # the candidates here are deterministic (corners and centres)
+    net, search = nets.exact, nets.search
     mask = region.owner == target
     rows = region.rows[mask].reshape(-1, *net.output_shape)
     offsets = region.offsets[mask]
@@ -66,16 +67,18 @@ def input_bab(
                         upper[begin : begin + 2 * config.batch_size])
             with torch.no_grad():
                 # The root box's rounding errors hold on every sub-box (smaller magnitudes).
-                pre = widened(rounded, pre_activation_bounds(net, boxes, "crown").boxes)
+                pre = widened(nets.rounding, pre_activation_bounds(net, boxes, "crown").boxes)
             C = rows.unsqueeze(0).expand(boxes.lower.shape[0], *rows.shape)
-            found = optimise_split_bound(net, boxes, C, pre, {},
-                                         steps=INPUT_STEPS, lr_alpha=config.lr_alpha)
+            found, sound = certified_split_bound(net, boxes, C, pre, {}, search=search,
+                                                 steps=INPUT_STEPS, lr_alpha=config.lr_alpha,
+                                                 offsets=offsets)
             bounded += boxes.lower.shape[0]
-            value, row = closing_bounds(net, boxes, C, pre, found, offsets).max(dim=1)
-            candidates = torch.cat([minimisers(found, boxes, row), boxes.center])
-            candidates = clip_inside(region, candidates)
+            value, row = sound.max(dim=1)
+            search_boxes = nets.search_box(boxes)
+            candidates = torch.cat([minimisers(found, search_boxes, row), search_boxes.center])
+            candidates = clip_inside(search_region, candidates)
             with torch.no_grad():
-                hits = candidates[violation(region, model(candidates), active) <= 0]
+                hits = candidates[violation(search_region, model(candidates), active) <= 0]
             hit = confirm(hits) if hits.shape[0] else None
             if hit is not None:
                 return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)

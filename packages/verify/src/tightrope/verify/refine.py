@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -35,16 +36,15 @@ from torch import Tensor
 from tightrope.bounds import (
     Box,
     Network,
-    Rounding,
+    certified_split_bound,
     empty_subdomains,
-    optimise_split_bound,
     rounding,
 )
 from tightrope.bounds.beta import SplitBound
 from tightrope.verify.bab import refine_after_splits
 from tightrope.verify.branching import LayerIndex, branching_scores, fsb_choice, split_at
 from tightrope.verify.domains import DomainBatch
-from tightrope.verify.sound import closing_bounds, widened
+from tightrope.verify.sound import Lowered, widened
 
 __all__ = ["SplitRefinement", "refine_by_splitting"]
 
@@ -68,7 +68,7 @@ def refine_by_splitting(
     positions: Sequence[int],
     deadline: float,
     *,
-    rounded: Rounding | None = None,
+    nets: Lowered | None = None,
     leaves_per_search: int = 1,
     candidates: int = 16,
     steps: int = 5,
@@ -96,10 +96,11 @@ def refine_by_splitting(
             neurons unstable with 1 candidate (4 leaves per search), 35 with 8 and 31 with 16.
         steps: alpha/beta ascent steps on new subdomains; ``root_steps`` on the first bound.
         report: filled in with what was done, when given.
-        rounded: the a priori rounding errors of ``net`` over ``box`` (computed when not
-            given): the searches' refined pre-activation boxes are widened by them, and every
-            leaf's bound is the sound dual bound (:func:`~tightrope.verify.sound.closing_bounds`),
-            so the result is valid in exact arithmetic.
+        nets: ``net`` with a lowering in a search dtype and its a priori rounding errors over
+            ``box`` (default: ``net`` for both, errors computed here): the searches' multipliers
+            are found on the search lowering, the refined pre-activation boxes widened by the
+            errors, and every leaf's bound is the sound dual bound in ``net``'s dtype, so the
+            result is valid in exact arithmetic.
 
     Returns:
         Bounds for every ReLU op: those of ``pre`` with the refined layers intersected with
@@ -112,7 +113,7 @@ def refine_by_splitting(
         raise ValueError(f"leaves_per_search must be >= 1, got {leaves_per_search}")
     if candidates < 1:
         raise ValueError(f"candidates must be >= 1, got {candidates}")
-    rounded = rounding(net, box) if rounded is None else rounded
+    nets = Lowered(net, net, rounding(net, box)) if nets is None else nets
     refined = {i: Box(b.lower.detach(), b.upper.detach()) for i, b in pre.items()}
     chosen = sorted({p for p in positions if 0 < p < len(net.relu_indices)})
     for number, position in enumerate(chosen):
@@ -122,7 +123,7 @@ def refine_by_splitting(
         layer_deadline = time.monotonic() + left / (len(chosen) - number)
         index = net.relu_indices[position]
         tightened, domains = _refine_layer(
-            net, rounded, box, refined, index, layer_deadline, leaves_per_search=leaves_per_search,
+            nets, box, refined, index, layer_deadline, leaves_per_search=leaves_per_search,
             candidates=candidates, steps=steps, root_steps=root_steps, lr_alpha=lr_alpha,
             lr_beta=lr_beta,
         )
@@ -138,8 +139,7 @@ def _unstable(bounds: Box) -> int:
 
 
 def _refine_layer(
-    net: Network,
-    rounded: Rounding,
+    nets: Lowered,
     box: Box,
     pre: Mapping[int, Box],
     index: int,
@@ -154,6 +154,7 @@ def _refine_layer(
 ) -> tuple[Box, int]:
     """The bounds of ReLU op ``index``'s pre-activation after its searches, and how many
     subdomains they bounded."""
+    net = nets.exact
     current = pre[index]
     lower, upper = current.lower.flatten(), current.upper.flatten()
     neurons = ((lower < 0) & (upper > 0)).nonzero().flatten()
@@ -161,6 +162,10 @@ def _refine_layer(
     if count == 0 or time.monotonic() >= deadline:
         return current, 0
     prefix = Network(ops=net.ops[:index], shapes=net.shapes[: index + 1], like=net.like)
+    search = nets.search
+    search_prefix = Network(ops=search.ops[:index], shapes=search.shapes[: index + 1],
+                            like=search.like)
+    search_box = nets.search_box(box)
     layers = LayerIndex(prefix)
     searches = 2 * count
     # Search r < count minimises z_j (a lower bound), search count + r minimises -z_j.
@@ -171,14 +176,13 @@ def _refine_layer(
     rows = rows.view(searches, 1, *net.shapes[index])
 
     def package(bounds: dict[int, Box], signs: dict[int, Tensor], found: SplitBound,
-                depth: Tensor, inherited: Tensor | None, objective: Tensor) -> DomainBatch:
-        value = closing_bounds(prefix, box, objective, bounds, found)
+                value: Tensor, depth: Tensor, inherited: Tensor | None) -> DomainBatch:
         if inherited is not None:
             value = torch.maximum(value, inherited)  # a child lies inside its parent
         value = value.masked_fill(empty_subdomains(bounds).unsqueeze(1), float("inf"))
         first_row = torch.zeros(value.shape[0], dtype=torch.long, device=value.device)
-        scores = branching_scores(bounds, signs, found.relu_coefficients, found.alphas,
-                                  first_row, layers)
+        scores = branching_scores(nets.search_boxes(bounds), signs, found.relu_coefficients,
+                                  found.alphas, first_row, layers)
         betas = found.betas or {i: torch.zeros_like(a) for i, a in found.alphas.items()}
         return DomainBatch(pre=bounds, signs=signs,
                            alphas={i: a.detach() for i, a in found.alphas.items()},
@@ -191,10 +195,11 @@ def _refine_layer(
     signs0 = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=lower.device)
               for i, b in earlier.items()}
     with torch.enable_grad():
-        root = optimise_split_bound(prefix, box, rows, earlier, signs0, steps=root_steps,
-                                    lr_alpha=lr_alpha, lr_beta=lr_beta, deadline=deadline)
-    leaves = package(earlier, signs0, root, torch.zeros(searches, dtype=torch.long,
-                                                        device=lower.device), None, rows)
+        root, root_value = certified_split_bound(
+            prefix, box, rows, earlier, signs0, search=search_prefix, steps=root_steps,
+            lr_alpha=lr_alpha, lr_beta=lr_beta, deadline=deadline)
+    leaves = package(earlier, signs0, root, root_value,
+                     torch.zeros(searches, dtype=torch.long, device=lower.device), None)
     owner = torch.arange(searches, device=lower.device)
     bounded = searches
     while time.monotonic() < deadline and len(leaves) < MAX_LEAVES:
@@ -216,8 +221,9 @@ def _refine_layer(
 
         if candidates > 1:
             # Filtered smart branching on each parent's own objective row.
-            flat = fsb_choice(prefix, box, rows[parent_owner], None, parents, candidates,
-                              layers)
+            flat = fsb_choice(search_prefix, search_box, nets.to_search(rows[parent_owner]),
+                              None, replace(parents, pre=nets.search_boxes(parents.pre)),
+                              candidates, layers)
         else:
             flat = parents.scores.argmax(dim=1)
         both = torch.arange(len(parents), device=flat.device).repeat(2)
@@ -225,17 +231,17 @@ def _refine_layer(
         phase = torch.cat([torch.ones_like(flat), -torch.ones_like(flat)])
         bounds_c, signs_c = split_at(children, flat.repeat(2), phase, layers)
         if len(layers.ops) > 1:
-            bounds_c = widened(rounded, refine_after_splits(
+            bounds_c = widened(nets.rounding, refine_after_splits(
                 prefix, box, bounds_c, signs_c, layers.locate(flat)[0].repeat(2),
                 len(layers.ops)), signs_c)
         with torch.enable_grad():
-            found = optimise_split_bound(
+            found, found_value = certified_split_bound(
                 prefix, box, rows[parent_owner.repeat(2)], bounds_c, signs_c, children.alphas,
-                children.betas, steps=steps, lr_alpha=lr_alpha, lr_beta=lr_beta,
-                deadline=deadline,
+                children.betas, search=search_prefix, steps=steps, lr_alpha=lr_alpha,
+                lr_beta=lr_beta, deadline=deadline,
             )
-        batch = package(bounds_c, signs_c, found, children.depth + 1, children.lower,
-                        rows[parent_owner.repeat(2)])
+        batch = package(bounds_c, signs_c, found, found_value, children.depth + 1,
+                        children.lower)
         bounded += len(batch)
         # Empty children (+inf) hold no point; a child whose bound is -inf (NaN or overflow in
         # its bound) stays, and keeps its search's bound at -inf.
