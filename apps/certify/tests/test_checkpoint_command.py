@@ -5,14 +5,20 @@ input is refused without results."""
 from __future__ import annotations
 
 import json
+import pickle
+import random
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from tightrope.apps.certify.checkpoint_command import parse_shard
+import tightrope.train
+from tightrope.apps.certify.checkpoint_command import load_certifiable, parse_shard
 from tightrope.apps.certify.cli import main as certify_main
-from tightrope.apps.certify.records import read_records, shard_file
+from tightrope.apps.certify.records import SampleRecord, append_records, read_records, shard_file
 from tightrope.apps.train.cli import main as train_main
 from tightrope.bounds import Box, crown, ibp, margin_spec
 from tightrope.train import load_checkpoint, load_test_split
@@ -121,10 +127,150 @@ def test_bad_input_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
     assert _certify(str(foreign), "--out", str(tmp_path / "a")) == 2
-    assert "not a tightrope-train checkpoint" in capsys.readouterr().err
+    assert "tightrope-train checkpoint" in capsys.readouterr().err
     assert _certify(str(tmp_path / "missing.pt")) == 2
     assert _certify(str(foreign), "--shard", "3/2") == 2
     assert "--shard" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     assert parse_shard(None, {"RANK": "1", "WORLD_SIZE": "4"}) == (1, 4)
     assert parse_shard(None, {}) == (0, 1)
+
+
+# --- unusable checkpoints ------------------------------------------------------------------
+
+
+class _Hostile:
+    """Unpickled, it would create the file ``marker``: torch.load(weights_only=True) refuses."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def _edited(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path, Path], None]:
+    def write(source: Path, target: Path) -> None:
+        stored = torch.load(source, weights_only=True)
+        edit(stored)
+        torch.save(stored, target)
+
+    return write
+
+
+def _first_weight(stored: dict[str, Any]) -> str:
+    return next(k for k in stored["model"]["state_dict"] if k.endswith("weight"))
+
+
+def _set_weight(value: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[str, Any]], None]:
+    def edit(stored: dict[str, Any]) -> None:
+        state = stored["model"]["state_dict"]
+        state[_first_weight(stored)] = value(state[_first_weight(stored)])
+
+    return edit
+
+
+CORRUPTIONS: dict[str, Callable[[Path, Path], None]] = {
+    "truncated": lambda source, target: target.write_bytes(
+        source.read_bytes()[: source.stat().st_size // 2]),
+    "empty": lambda source, target: target.write_bytes(b""),
+    "random bytes": lambda source, target: target.write_bytes(
+        random.Random(0).randbytes(4096)),
+    "hostile pickle": lambda source, target: torch.save(
+        {"format": 1, "model": _Hostile(target.with_name("pwned"))}, target),
+    "missing entry": _edited(lambda stored: stored.pop("dataset")),
+    "missing weight": _edited(lambda stored: stored["model"]["state_dict"].pop(
+        _first_weight(stored))),
+    "mismatched shape": _edited(_set_weight(lambda w: torch.zeros(3, 3, dtype=w.dtype))),
+    "NaN weights": _edited(_set_weight(lambda w: torch.full_like(w, float("nan")))),
+    "inf weights": _edited(_set_weight(lambda w: w.index_fill(0, torch.tensor([0]),
+                                                               float("inf")))),
+}
+
+
+@pytest.mark.parametrize("corruption", list(CORRUPTIONS))
+def test_unusable_checkpoints_exit_2_with_one_line_and_touch_nothing(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], corruption: str
+) -> None:
+    bad = tmp_path / "bad.pt"
+    CORRUPTIONS[corruption](checkpoint, bad)
+    out = tmp_path / "cert"  # results of an earlier run, which must survive
+    out.mkdir()
+    (out / "run.json").write_text("{}\n")
+    append_records(shard_file(out, 0, 1), [SampleRecord(0, 1, 1, "verified", "ibp", 0.5, 0.1)])
+    before = {path.name: path.read_bytes() for path in out.iterdir()}
+    capsys.readouterr()
+    assert _certify(str(bad), "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("tightrope-certify checkpoint: error: ")
+    assert "bad.pt" in err
+    assert "Traceback" not in err
+    assert "weights_only=False" not in err.replace(" ", "")
+    if "weights" in corruption:
+        assert re.search(r"NaN|non-finite", err), err
+    assert {path.name: path.read_bytes() for path in out.iterdir()} == before
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("option", [("--timeout", "nan"), ("--timeout", "inf"),
+                                    ("--timeout", "-1"), ("--timeout", "0"), ("--eps", "nan"),
+                                    ("--eps", "inf"), ("--eps", "-0.1")])
+def test_bad_timeout_and_eps_are_refused_when_parsing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: tuple[str, str]
+) -> None:
+    assert certify_main(["--checkpoint", str(tmp_path / "x.pt"), *option]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"argument {option[0]}" in err
+    assert "finite" in err
+
+
+def test_a_record_cut_by_a_kill_is_dropped_and_redone(
+    checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cert"
+    out.mkdir()
+    path = shard_file(out, 0, 1)
+    # A run killed while appending its second chunk: samples 0-7 recorded, 8 cut short.
+    eps = load_checkpoint(checkpoint).test_eps
+    append_records(path, [SampleRecord(i, 0, 0, "timeout", "none", 0.0, eps) for i in range(8)])
+    with path.open("a") as handle:
+        handle.write(f'{{"eps": {eps!r}, "index": 8, "lab')
+    capsys.readouterr()
+    assert _certify(str(checkpoint), "--out", str(out), "--chunk", "8", "--no-bab") == 0
+    err = capsys.readouterr().err
+    assert "dropped its last line" in err
+    assert "redone" in err
+    records = read_records(path)
+    assert sorted(r.index for r in records) == list(range(SAMPLES))
+    assert len(path.read_text().splitlines()) == SAMPLES
+    assert certify_main(["merge", str(out)]) == 0
+
+
+ADVICE = ("Weights only load failed. In PyTorch 2.6, we changed the default value of the "
+          "`weights_only` argument in `torch.load` from `False` to `True`. Re-running "
+          "`torch.load` with `weights_only` set to `False` will likely succeed, but it can "
+          "result in arbitrary code execution.\nPlease file an issue.")
+
+
+@pytest.mark.parametrize("raised", [
+    pickle.UnpicklingError(ADVICE), ValueError(f"x.pt: {ADVICE}"), OSError(22, "Invalid argument"),
+    EOFError(), KeyError("dataset"), RuntimeError("Error(s) in loading:\n\tsize mismatch"),
+])
+def test_raw_loader_errors_become_one_line_without_unsafe_advice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, raised: Exception
+) -> None:
+    def load(path: Path, map_location: str) -> None:
+        raise raised
+
+    monkeypatch.setattr(tightrope.train, "load_checkpoint", load)
+    path = tmp_path / "x.pt"
+    path.write_bytes(b"stored")
+    with pytest.raises(ValueError, match=r"x\.pt") as info:
+        load_certifiable(path, "cpu")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "x.pt" in message
+    assert "weights_only=False" not in message.replace(" ", "")
+    assert "set to `False`" not in message

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import csv
+import json
+import re
 from pathlib import Path
 
 import pytest
 
+from tightrope.apps.certify.cli import main as certify_main
 from tightrope.apps.certify.records import (
     SampleRecord,
     append_records,
+    cut_line,
+    drop_cut_line,
     format_summary,
     merge_records,
     read_records,
@@ -36,6 +41,51 @@ def test_append_read_and_a_crash_cut_last_line(tmp_path: Path) -> None:
     path.write_text(path.read_text().replace('"label": 1', '"label": "x', 1) + "\n")
     with pytest.raises(ValueError, match=r"samples\.shard-000-of-002\.jsonl:1"):
         read_records(path)
+
+
+@pytest.mark.parametrize("tail", [
+    b'{"index": 2, "lab',  # killed mid-line
+    b"\x00" * 40,  # file-system garbage after a crash
+    b"\x00" * 40 + b"\n",  # a whole line, but not a record
+    b'{"eps": 0.1, "index": 2, "label": 1, "prediction": 1, "seconds": 0.5, "stage": "ibp", '
+    b'"status": "verified"}',  # no line end: the write may not have finished
+])
+def test_a_cut_last_line_is_dropped_before_appending(tmp_path: Path, tail: bytes) -> None:
+    path = shard_file(tmp_path, 0, 1)
+    records = [_record(0, "verified", "ibp"), _record(1, "falsified", "attack")]
+    append_records(path, records)
+    whole = path.read_bytes()
+    assert cut_line(path) is None
+    assert drop_cut_line(path) is None
+    with path.open("ab") as handle:
+        handle.write(tail)
+    assert cut_line(path) is not None
+    assert read_records(path) == records  # skipped, not counted as done
+    assert drop_cut_line(path) == tail.decode("utf-8", errors="replace").rstrip("\n")
+    assert path.read_bytes() == whole
+    # The redone sample starts a line of its own: every later read still works.
+    append_records(path, [_record(2, "verified", "crown")])
+    assert [r.index for r in read_records(path)] == [0, 1, 2]
+    assert cut_line(path) is None
+    assert drop_cut_line(tmp_path / "absent.jsonl") is None
+
+
+def test_merge_skips_and_reports_a_cut_last_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "run.json").write_text(json.dumps({"eps": 0.1, "start": 0, "end": 3}))
+    first, second = shard_file(tmp_path, 0, 2), shard_file(tmp_path, 1, 2)
+    append_records(first, [_record(0, "verified", "ibp"), _record(2, "timeout", "none")])
+    append_records(second, [_record(1, "verified", "bab")])
+    with second.open("a") as handle:
+        handle.write('{"index": 3, "label": 1, "pred')
+    assert certify_main(["merge", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert re.match(r"samples +3\n", captured.out)
+    assert "samples.shard-001-of-002.jsonl" in captured.err
+    assert "cut short" in captured.err
+    assert json.loads((tmp_path / "summary.json").read_text())["samples"] == 3
+    assert second.read_text().endswith('"pred')  # merge reads, it never changes a shard
 
 
 def test_merge_keeps_one_record_per_sample_in_index_order(tmp_path: Path) -> None:

@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tightrope.apps.certify.cli import build_parser, main
+from tightrope.apps.certify.cli import _Deadline, build_parser, main
 from tightrope.apps.certify.vnnlib_command import Verdictlike, run_vnnlib
 from tightrope.bounds import ibp
-from tightrope.verify.onnx import export_onnx
+from tightrope.verify.onnx import OnnxImportError, export_onnx
 from tightrope.verify.spec import Specification, VerifyStatus
 from tightrope.verify.vnnlib_result import parse_result
 
@@ -144,6 +144,77 @@ def test_cli_errors_name_the_file_and_exit_2(
     assert "Y_9" in err
     assert main(["vnnlib", "--onnx", str(onnx_path), "--spec", str(spec_path), "--timeout",
                  "0"]) == 2
+
+
+@pytest.mark.parametrize(("layer", "name", "value"), [(0, "W0", float("nan")),
+                                                 (2, "b2", float("inf"))])
+def test_networks_with_nan_or_inf_weights_are_refused_before_bounding(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], layer: int, name: str, value: float
+) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        (model[layer].weight if name.startswith("W") else model[layer].bias).view(-1)[1] = value
+    _, spec_path = write_instance(tmp_path, 0.0)
+    onnx_path = tmp_path / "broken.onnx"
+    export_onnx(model, (3,), onnx_path)
+    calls: list[float] = []
+
+    def never(model: nn.Module, spec: Specification, *, timeout: float) -> Verdictlike:
+        calls.append(timeout)
+        return FakeVerdict(VerifyStatus.VERIFIED)
+
+    with pytest.raises(OnnxImportError, match=rf"broken\.onnx: .*NaN or inf.*initializer '{name}'"):
+        run_vnnlib(onnx_path, spec_path, 10, verifier=never)
+    assert calls == []
+    out = tmp_path / "result.txt"
+    assert main(["vnnlib", "--onnx", str(onnx_path), "--spec", str(spec_path), "--timeout", "10",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"initializer '{name}'" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-3", "0", "soon"])
+def test_a_bad_timeout_is_refused_when_parsing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    onnx_path, spec_path = write_instance(tmp_path, 0.0)
+    out = tmp_path / "result.txt"
+    assert main(["vnnlib", "--onnx", str(onnx_path), "--spec", str(spec_path),
+                 f"--timeout={value}", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "argument --timeout" in err
+    assert "Traceback" not in err
+    assert not out.exists()
+    # A finite timeout past what threading can wait for does not overflow the hard deadline.
+    deadline = _Deadline(1e300, None)
+    deadline.start()
+    deadline.finish()
+
+
+def test_a_failed_run_leaves_no_stale_answer_in_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, spec_path = write_instance(tmp_path, 0.0)
+    out = tmp_path / "result.txt"
+    for bad in (tmp_path / "missing.onnx", tmp_path / "bad.onnx"):
+        (tmp_path / "bad.onnx").write_bytes(b"\x0a\xff")
+        out.write_text("unsat\n")  # the answer of an earlier instance
+        assert main(["vnnlib", "--onnx", str(bad), "--spec", str(spec_path), "--timeout", "5",
+                     "--out", str(out)]) == 2
+        assert bad.name in capsys.readouterr().err
+        assert not out.exists() or "unsat" not in out.read_text()
+    out.write_text("unsat\n")
+    with pytest.raises(OnnxImportError):
+        run_vnnlib(tmp_path / "bad.onnx", spec_path, 5, out=out, verifier=interval_verifier)
+    assert not out.exists()
+    # An --out in a missing folder is refused before any work.
+    assert main(["vnnlib", "--onnx", str(tmp_path / "bad.onnx"), "--spec", str(spec_path),
+                 "--timeout", "5", "--out", str(tmp_path / "nowhere" / "r.txt")]) == 2
+    assert "cannot clear --out" in capsys.readouterr().err
 
 
 def test_help_lists_the_options_and_the_answers() -> None:

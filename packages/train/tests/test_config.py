@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from tightrope.train import (
     ConfigError,
     DatasetName,
     DatasetNotFoundError,
+    OptimConfig,
     Precision,
     load_config,
     parse_config,
@@ -59,9 +61,24 @@ def test_a_good_config_resolves_with_defaults_and_round_trips() -> None:
     ("loss.options.attack.steps", "many", "loss.options.attack.steps: expected an integer"),
     ("eps.ramp_epochs", "9", "exceeds epochs"),
     ("model.name", "resnet", "unknown model 'resnet'"),
+    ("eps.train", ".nan", "eps.train: expected a finite number, got nan"),
+    ("eps.test", ".inf", "eps.test: expected a finite number, got inf"),
+    ("eps.smoothed_power", ".nan", "eps.smoothed_power: expected a finite number"),
+    ("eps.train", "1/0", "eps.train: '1/0' divides by zero"),
+    ("eps.train", "e/2", "eps.train: expected a number (or a fraction"),
+    ("optim.lr", "1.0e+999", "optim.lr: expected a finite number, got inf"),
+    ("optim.grad_clip", ".nan", "optim.grad_clip: expected a finite number"),
+    ("optim.grad_clip", "-1", "grad_clip must be a finite number >= 0 (0 disables clipping)"),
+    ("regularizers.l1", ".nan", "regularizers.l1: expected a finite number"),
+    ("loss.options.shrink", ".nan", "loss.options.shrink: expected a finite number"),
+    ("model.options.bogus", "1", "options.bogus: unknown option of cnn7; its options: width, "
+                                 "linear_width, fifth_stride"),
+    ("model.options.in_channels", "3", "options.in_channels: set from the data set"),
+    ("model.options.width", "-1", "cnn7: width must be a positive integer, got -1"),
+    ("model.options.linear_width", "0.5", "cnn7: linear_width must be a positive integer"),
 ])
 def test_bad_values_name_their_key(path: str, value: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(_with(path, value))
 
 
@@ -99,3 +116,29 @@ def test_shi_regularisers_need_a_loss_with_ibp_bounds() -> None:
                                       "regularizers.shi_lambda=0.5"])
         with pytest.raises(ConfigError, match=r"regularizers\.shi_lambda"):
             parse_config(data)
+
+
+def test_validation_size_must_leave_training_images() -> None:
+    data = apply_overrides(BASE, ["data.dataset=fashion_mnist", "data.validation_size=60000"])
+    # Checked before the data's presence: the message is the same without the files.
+    with pytest.raises(ConfigError, match="validation_size 60000 leaves no training images: "
+                                          "fashion_mnist has 60000"):
+        parse_config(data)
+    data["data"]["validation_size"] = 59999
+    assert parse_config(data, check_data=False).data.validation_size == 59999
+
+
+def test_values_that_disable_a_check_are_rejected_in_code_too() -> None:
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="grad_clip must be a finite number"):
+            OptimConfig(grad_clip=bad)
+
+
+def test_a_config_path_that_is_no_yaml_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory: pass a YAML config file"):
+        load_config(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"absent\.yaml: no such config file"):
+        load_config(tmp_path / "absent.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping of sections"):
+        load_config(tmp_path / "list.yaml", ["epochs=2"])

@@ -447,6 +447,32 @@ def test_branching_graph_and_asymmetric_padding_are_reported(tmp_path: Path) -> 
         load_onnx(path)
 
 
+def test_nan_or_inf_constants_and_overflowing_weights_are_named(tmp_path: Path) -> None:
+    const = {"W": torch.ones(2, 4), "unused": torch.full((3,), float("nan"))}
+    const["W"][1, 2] = float("inf")
+    value = Attribute("value", t=_tensor("v", torch.tensor([0.5, float("nan")])))
+    nodes = [Node("Constant", (), ("shift",), "c", {"value": value}),
+             Node("Gemm", ("x", "W"), ("h",), "gemm", {"transB": Attribute("transB", i=1)}),
+             Node("Add", ("h", "shift"), ("y",), "add")]
+    path = tmp_path / "nan.onnx"
+    path.write_bytes(_graph_model(nodes, const, (1, 4), "y", (1, 2)))
+    with pytest.raises(OnnxImportError) as info:
+        load_onnx(path)
+    assert info.value.problems == ("NaN or inf values in initializer 'W', Constant 'c' (output "
+                                   "'shift'): such a network cannot be verified; fix or "
+                                   "re-export it with finite weights",)
+    assert "\n" not in str(info.value)  # one problem: one line
+    # Finite in float64, inf once cast to float32: named by layer.
+    big = nn.Sequential(nn.Linear(4, 2)).double()
+    with torch.no_grad():
+        big[0].weight[0, 0] = 1e300
+    export_onnx(big, (4,), path, dtype=torch.float64)
+    assert load_onnx(path).dtype == torch.float64
+    overflow = r"NaN or inf values in 0\.weight \(in torch\.float32"
+    with pytest.raises(OnnxImportError, match=overflow):
+        load_onnx(path, dtype=torch.float32)
+
+
 @pytest.mark.parametrize("content", [b"", b"not an onnx file at all", b"\x3a\xff\xff\xff\x0f"])
 def test_corrupt_files_give_a_clear_error_naming_the_file(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "corrupt.onnx"

@@ -34,6 +34,7 @@ from tightrope.bounds.encoding import (
 from tightrope.bounds.linear import Intermediate, PreActivations, pre_activation_bounds
 from tightrope.bounds.problem import prepare
 from tightrope.bounds.relaxation import LowerSlope, relu_relaxation
+from tightrope.bounds.rounding import rounding
 
 __all__ = ["MilpMinimum", "MilpSearch", "milp_bound", "milp_minimum", "milp_search"]
 
@@ -195,7 +196,12 @@ def _one_sample_program(
         problem = prepare(model, box, C)
         check_size(problem.net, binaries=True, max_variables=max_variables, caller=caller)
         if boxes is None or set(boxes) != set(problem.net.relu_indices):
-            pre = pre_activation_bounds(problem.net, box, "crown", LowerSlope.ADAPTIVE)
+            # CROWN's boxes, widened by their rounding error so the big-M constraints hold.
+            found = pre_activation_bounds(problem.net, box, "crown", LowerSlope.ADAPTIVE)
+            errors = rounding(problem.net, box)
+            wide = {i: errors.widen(i, b) for i, b in found.boxes.items()}
+            pre = PreActivations(wide, {i: relu_relaxation(b, LowerSlope.ADAPTIVE)
+                                        for i, b in wide.items()})
         else:
             pre = PreActivations(boxes, {i: relu_relaxation(b, LowerSlope.ADAPTIVE)
                                          for i, b in boxes.items()})

@@ -10,7 +10,8 @@ checkpoints.
 * :class:`Schedule` — warm-up, the smoothed eps ramp, CROWN-IBP's beta/kappa and Shi et al.'s
   regulariser weight, per batch;
 * :class:`Trainer` — ``train_one_epoch``, ``evaluate``, ``fit``, checkpoints and resumption;
-* :func:`load_checkpoint` — rebuild a trained model (``torch.load(..., weights_only=True)``).
+* :func:`load_checkpoint` — rebuild a trained model (``torch.load(..., weights_only=True)``);
+  a file that cannot serve raises :class:`CheckpointError` (a ``ValueError``) naming it.
 
 Example::
 
@@ -21,7 +22,13 @@ Example::
 """
 
 from tightrope.train.__about__ import __version__
-from tightrope.train.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from tightrope.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from tightrope.train.config import (
     CheckpointConfig,
     ConfigError,
@@ -54,7 +61,7 @@ from tightrope.train.data import (
 from tightrope.train.evaluation import EvalSettings, evaluate
 from tightrope.train.loader import Shard, TensorLoader, random_crop_flip
 from tightrope.train.models import MODELS, build_model, cnn3, cnn7, mlp
-from tightrope.train.rundir import create_run_dir, write_provenance
+from tightrope.train.rundir import create_run_dir, write_provenance, write_text_atomic
 from tightrope.train.schedules import Phase, Schedule, smoothed_ramp
 from tightrope.train.trainer import (
     Distributed,
@@ -70,6 +77,7 @@ __all__ = [
     "Augmentation",
     "Checkpoint",
     "CheckpointConfig",
+    "CheckpointError",
     "ConfigError",
     "DataConfig",
     "DatasetInfo",
@@ -107,6 +115,7 @@ __all__ = [
     "load_config",
     "load_splits",
     "load_test_split",
+    "load_weights",
     "mlp",
     "parse_config",
     "random_crop_flip",
@@ -114,4 +123,5 @@ __all__ = [
     "smoothed_ramp",
     "synthetic",
     "write_provenance",
+    "write_text_atomic",
 ]

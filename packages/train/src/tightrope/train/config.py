@@ -19,6 +19,8 @@ Example (``configs/fashion_mnist/cpu_ibp.yaml``)::
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
@@ -28,8 +30,8 @@ from typing import Any
 import torch
 
 from tightrope.losses import METHODS
-from tightrope.train.data import DatasetName, check_available
-from tightrope.train.models import MODELS
+from tightrope.train.data import DATASET_INFO, DatasetName, check_available
+from tightrope.train.models import MODELS, build_model
 from tightrope.train.structured import ConfigError, from_mapping, to_plain
 
 # Methods whose loss makes no IBP pass, which Shi et al.'s regularisers read.
@@ -118,6 +120,16 @@ class DataConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.validation_size < 0:
             raise ValueError(f"validation_size must be >= 0, got {self.validation_size}")
+        images = DATASET_INFO[self.dataset].train_images
+        if images is not None and self.validation_size >= images:
+            raise ValueError(
+                f"validation_size {self.validation_size} leaves no training images: "
+                f"{self.dataset.value} has {images}; hold out fewer (the default is 5000)"
+            )
+
+
+# The model builders' arguments that the data set fixes (``Trainer.model_kwargs``).
+_SET_BY_DATA = ("in_channels", "input_size", "num_classes", "mean", "std")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -132,6 +144,14 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.name not in MODELS:
             raise ValueError(f"unknown model {self.name!r}; known: {', '.join(sorted(MODELS))}")
+        parameters = inspect.signature(MODELS[self.name]).parameters
+        known = [name for name in parameters if name not in _SET_BY_DATA]
+        for option in self.options:
+            if option in _SET_BY_DATA:
+                raise ValueError(f"options.{option}: set from the data set, not an option")
+            if option not in parameters:
+                raise ValueError(f"options.{option}: unknown option of {self.name}; its "
+                                 f"options: {', '.join(known)}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -214,7 +234,7 @@ class EpsConfig:
             raise ValueError(f"eps.start ({self.start}) must not exceed eps.train ({self.train})")
         if self.warmup_epochs < 0 or self.ramp_epochs < 0:
             raise ValueError("eps.warmup_epochs and eps.ramp_epochs must be >= 0")
-        if not 0.0 < self.smoothed_mid < 1.0 or self.smoothed_power < 1.0:
+        if not 0.0 < self.smoothed_mid < 1.0 or not 1.0 <= self.smoothed_power < math.inf:
             raise ValueError("eps.smoothed_mid must lie in (0, 1) and eps.smoothed_power be >= 1")
 
     @property
@@ -245,8 +265,12 @@ class OptimConfig:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if not 0 < self.gamma <= 1:
             raise ValueError(f"gamma must lie in (0, 1], got {self.gamma}")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("grad_clip and weight_decay must be >= 0")
+        # Written so that NaN fails too: a NaN grad_clip would silently disable clipping.
+        if not 0 <= self.grad_clip < math.inf:
+            raise ValueError(f"grad_clip must be a finite number >= 0 (0 disables clipping), "
+                             f"got {self.grad_clip}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if list(self.milestones) != sorted(self.milestones):
             raise ValueError(f"milestones must be increasing, got {list(self.milestones)}")
 
@@ -273,7 +297,8 @@ class RegularizerSection:
     l1: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.shi_lambda < 0 or self.l1 < 0 or not self.tau > 0:
+        if not (0 <= self.shi_lambda < math.inf and 0 <= self.l1 < math.inf
+                and 0 < self.tau < math.inf):
             raise ValueError("shi_lambda and l1 must be >= 0 and tau > 0")
 
 
@@ -349,6 +374,20 @@ class TrainConfig:
                 f"eps.warmup_epochs + eps.ramp_epochs = "
                 f"{self.eps.warmup_epochs + self.eps.ramp_epochs} exceeds epochs = {self.epochs}"
             )
+        self._check_model()
+
+    def _check_model(self) -> None:
+        # Build the model once for the data set's shape (a few milliseconds on the CPU, under a
+        # forked RNG), so that option values it cannot take are config errors now and not
+        # failures after the run directory exists.
+        info = DATASET_INFO[self.data.dataset]
+        try:
+            with torch.random.fork_rng(devices=[]):
+                build_model(self.model.name, in_channels=info.shape[0], input_size=info.shape[1],
+                            num_classes=info.num_classes, mean=info.mean, std=info.std,
+                            **self.model.options)
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise ValueError(f"model.options {dict(self.model.options)}: {error}") from error
 
     def to_plain(self) -> dict[str, Any]:
         """The config as plain YAML-able values (round-trips through :func:`parse_config`)."""
@@ -386,16 +425,31 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (),
 
     Raises:
         FileNotFoundError: no such file.
-        ConfigError: see :func:`parse_config`; the message names the file and key.
+        ConfigError: see :func:`parse_config`; the message names the file and key. Also a
+            path that is a directory or unreadable, and a file that is not a YAML mapping.
     """
     import yaml
 
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{path}: no such config file") from error
+    except IsADirectoryError as error:
+        raise ConfigError(f"{path} is a directory: pass a YAML config file (such as "
+                          "configs/fashion_mnist/cpu_ibp.yaml)") from error
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not a text file"
+        raise ConfigError(f"{path}: cannot read the config ({reason})") from error
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from error
-    data = apply_overrides(data if data is not None else {}, overrides)
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of sections (epochs, data, eps, ...), "
+                          f"got a YAML {type(data).__name__}")
+    data = apply_overrides(data, overrides)
     try:
         return parse_config(data, check_data=check_data)
     except ConfigError as error:

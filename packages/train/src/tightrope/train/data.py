@@ -79,6 +79,8 @@ class DatasetInfo:
             ``Normalize`` layer uses them).
         augmentation: the papers' training augmentation.
         crop_padding: edge padding of the random crop (CIFAR-10: 2 px; TinyImageNet: 4 px).
+        train_images: images in the data set's training files (``None``: set by the config, as
+            for the synthetic set); the validation split is held out from them.
     """
 
     shape: tuple[int, int, int]
@@ -87,18 +89,20 @@ class DatasetInfo:
     std: tuple[float, ...]
     augmentation: Augmentation = Augmentation.NONE
     crop_padding: int = 0
+    train_images: int | None = None
 
 
 DATASET_INFO: dict[DatasetName, DatasetInfo] = {
-    DatasetName.MNIST: DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,)),
-    DatasetName.FASHION_MNIST: DatasetInfo((1, 28, 28), 10, (0.2860,), (0.3530,)),
+    DatasetName.MNIST: DatasetInfo((1, 28, 28), 10, (0.1307,), (0.3081,), train_images=60000),
+    DatasetName.FASHION_MNIST: DatasetInfo((1, 28, 28), 10, (0.2860,), (0.3530,),
+                                           train_images=60000),
     DatasetName.CIFAR10: DatasetInfo(
         (3, 32, 32), 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616),
-        Augmentation.CROP_FLIP, 2,
+        Augmentation.CROP_FLIP, 2, train_images=50000,
     ),
     DatasetName.TINY_IMAGENET: DatasetInfo(
         (3, 64, 64), 200, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821),
-        Augmentation.CROP_FLIP, 4,
+        Augmentation.CROP_FLIP, 4, train_images=100000,
     ),
     DatasetName.SYNTHETIC: DatasetInfo((1, 12, 12), 4, (0.5,), (0.25,)),
 }

@@ -33,6 +33,7 @@ def cnn3(
     ``input_size`` divisible by 4."""
     if input_size % 4:
         raise ValueError(f"cnn3 needs input_size divisible by 4, got {input_size}")
+    _check_width("cnn3", "width", width)
     return nn.Sequential(
         Normalize(mean, std),
         nn.Conv2d(in_channels, width, 5, 2, 2), nn.BatchNorm2d(width), nn.ReLU(),
@@ -54,6 +55,8 @@ def cnn7(
     ``fifth_stride`` is 1 for MNIST/CIFAR shapes and 2 for TinyImageNet (the default picks 2 for
     inputs of 64 px and more). Input ``(B, in_channels, input_size, input_size)``.
     """
+    _check_width("cnn7", "width", width)
+    _check_width("cnn7", "linear_width", linear_width)
     stride5 = fifth_stride if fifth_stride is not None else (2 if input_size >= 64 else 1)
     if stride5 not in (1, 2):
         raise ValueError(f"fifth_stride must be 1 or 2, got {stride5}")
@@ -79,6 +82,10 @@ def mlp(
 ) -> nn.Sequential:
     """A fully connected ReLU network: Normalize -> Flatten -> (Linear-ReLU) per hidden width ->
     Linear(K)."""
+    if isinstance(hidden, str | bytes) or not isinstance(hidden, Sequence):
+        raise ValueError(f"mlp: hidden must be a list of layer widths, got {hidden!r}")
+    for width in hidden:
+        _check_width("mlp", "hidden", width)
     layers: list[nn.Module] = [Normalize(mean, std), nn.Flatten()]
     features = in_channels * input_size * input_size
     for width in hidden:
@@ -86,6 +93,11 @@ def mlp(
         features = int(width)
     layers.append(nn.Linear(features, num_classes))
     return nn.Sequential(*layers)
+
+
+def _check_width(model: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{model}: {name} must be a positive integer, got {value!r}")
 
 
 MODELS: Mapping[str, Callable[..., nn.Sequential]] = MappingProxyType(
@@ -100,7 +112,8 @@ def build_model(
     """The model registered as ``name`` (``"cnn3"``, ``"cnn7"``, ``"mlp"``) with its options.
 
     Raises:
-        ValueError: an unknown name (the message lists the known ones).
+        ValueError: an unknown name (the message lists the known ones), or an option value the
+            architecture cannot take (a width that is not a positive integer).
         TypeError: an option the architecture does not take.
     """
     if name not in MODELS:

@@ -13,7 +13,10 @@ Layout of a run directory::
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
+import io
 import json
 import platform
 import subprocess
@@ -28,7 +31,8 @@ import torch
 from tightrope.train.config import TrainConfig
 from tightrope.train.structured import to_plain
 
-__all__ = ["MetricsTable", "create_run_dir", "git_sha", "package_versions", "write_provenance"]
+__all__ = ["MetricsTable", "create_run_dir", "git_sha", "package_versions", "write_provenance",
+           "write_text_atomic"]
 
 PACKAGES = ("tightrope-bounds", "tightrope-attacks", "tightrope-losses", "tightrope-train",
             "tightrope-train-app", "torch", "numpy", "pyyaml", "tensorboard")
@@ -62,10 +66,16 @@ def git_sha(where: Path | None = None) -> str | None:
 
 def create_run_dir(out: str | Path, config: TrainConfig) -> Path:
     """A new directory ``<out>/<dataset>-<method>-<model>-<UTC time>`` (a suffix keeps it
-    unique)."""
+    unique).
+
+    Raises:
+        OSError: ``out`` cannot hold it (a file, not writable); ``filename`` names the path.
+    """
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     name = f"{config.data.dataset.value}-{config.loss.method}-{config.model.name}-{stamp}"
     base = Path(out)
+    if base.exists() and not base.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(base))
     base.mkdir(parents=True, exist_ok=True)
     candidate, suffix = base / name, 1
     while True:
@@ -77,6 +87,26 @@ def create_run_dir(out: str | Path, config: TrainConfig) -> Path:
             candidate = base / f"{name}-{suffix}"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file renamed over ``path``, so that a failed write (a full
+    disk) leaves the previous file, and no temporary file, behind.
+
+    Raises:
+        OSError: the write failed; the message names ``path``.
+    """
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        temporary.write_text(text, newline="")
+        temporary.replace(path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"could not write {path}: "
+                          f"{error.strerror or error}") from error
+        raise
+
+
 def write_provenance(run_dir: Path, config: TrainConfig, extra: Mapping[str, Any]) -> None:
     """Write ``config.yaml`` (with the loss's resolved config) and ``meta.json``."""
     import yaml
@@ -86,7 +116,6 @@ def write_provenance(run_dir: Path, config: TrainConfig, extra: Mapping[str, Any
         "type": type(config.loss.loss_config()).__name__,
         **to_plain(config.loss.loss_config()),
     }
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(plain, sort_keys=False))
     meta = {
         "git_sha": git_sha(),
         "versions": package_versions(),
@@ -94,7 +123,9 @@ def write_provenance(run_dir: Path, config: TrainConfig, extra: Mapping[str, Any
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **extra,
     }
-    (run_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(run_dir / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    # config.yaml last: the trainer takes its presence for written provenance (on resume).
+    write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(plain, sort_keys=False))
 
 
 class MetricsTable:
@@ -128,9 +159,8 @@ class MetricsTable:
         return names
 
     def write(self) -> None:
-        temporary = self.path.with_name(self.path.name + ".tmp")
-        with open(temporary, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(self.columns()))
-            writer.writeheader()
-            writer.writerows(self.rows)
-        temporary.replace(self.path)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(self.columns()))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        write_text_atomic(self.path, text.getvalue())

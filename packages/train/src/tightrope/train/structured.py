@@ -3,14 +3,16 @@
 :func:`from_mapping` builds a dataclass from a mapping, checking every value against the field's
 annotation and naming the offending key (``optim.lr``) in the error; :func:`to_plain` turns a
 dataclass back into YAML-able values (enums by value, tuples as lists). Supported annotations:
-``bool``, ``int``, ``float`` (also written as a fraction such as ``"2/255"``), ``str``, ``Enum``
-(by value or name), ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``, ``Mapping[str, Any]``,
-nested dataclasses and unions of dataclasses (the mapping names its class under ``type``).
+``bool``, ``int``, ``float`` (finite; also written as a fraction such as ``"2/255"``),
+``str``, ``Enum`` (by value or name), ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``,
+``Mapping[str, Any]``, nested dataclasses and unions of dataclasses (the mapping names its
+class under ``type``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -84,15 +86,7 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{_name(path)}: expected an integer, got {_describe(value)}")
         return value
     if annotation is float:
-        if isinstance(value, str):
-            match = _FRACTION.match(value)
-            if match is None:
-                raise ConfigError(f"{_name(path)}: expected a number (or a fraction such as "
-                                  f"2/255), got {_describe(value)}")
-            return float(match.group(1)) / float(match.group(2))
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{_name(path)}: expected a number, got {_describe(value)}")
-        return float(value)
+        return _float(value, path)
     if annotation is str:
         if not isinstance(value, str):
             raise ConfigError(f"{_name(path)}: expected a string, got {_describe(value)}")
@@ -103,6 +97,34 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
         return from_mapping(annotation, value, path)
     raise ConfigError(f"{_name(path)}: values of type {_type_name(annotation)} cannot be set "
                       "from a config file")
+
+
+def _float(value: Any, path: str) -> float:
+    # Every float of a config is finite: NaN passes range checks such as `x < 0` unnoticed
+    # (a NaN grad_clip silently disabled clipping) and no setting means anything at infinity.
+    if isinstance(value, str):
+        match = _FRACTION.match(value)
+        try:
+            if match is None:
+                raise ValueError(value)
+            numerator, denominator = float(match.group(1)), float(match.group(2))
+        except ValueError:
+            raise ConfigError(f"{_name(path)}: expected a number (or a fraction such as "
+                              f"2/255), got {_describe(value)}") from None
+        if denominator == 0:
+            raise ConfigError(f"{_name(path)}: {value!r} divides by zero; write a number or a "
+                              "fraction such as 2/255")
+        number = numerator / denominator
+    elif isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{_name(path)}: expected a number, got {_describe(value)}")
+    else:
+        try:
+            number = float(value)
+        except OverflowError:
+            number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{_name(path)}: expected a finite number, got {value!r}")
+    return number
 
 
 def _type_name(annotation: Any) -> str:
@@ -169,7 +191,8 @@ def from_mapping(cls: type[T], data: Any, path: str = "") -> T:
     except (ValueError, TypeError) as error:
         if isinstance(error, ConfigError):
             raise
-        raise ConfigError(f"{_name(path)}: {error}") from error
+        # At the top level the dataclass's own message names the keys.
+        raise ConfigError(f"{path}: {error}" if path else str(error)) from error
 
 
 def _is_dataclass_union(annotation: Any) -> bool:

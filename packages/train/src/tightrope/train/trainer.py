@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,7 +49,13 @@ from tightrope.losses import (
     ibp_initialize,
 )
 from tightrope.train.__about__ import __version__
-from tightrope.train.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from tightrope.train.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+)
 from tightrope.train.config import NO_IBP_PASS, LoaderKind, TrainConfig
 from tightrope.train.data import Augmentation, DatasetName, Splits, load_splits, synthetic
 from tightrope.train.evaluation import EvalSettings, evaluate, summarise
@@ -542,9 +548,36 @@ class Trainer:
 
     def restore(self, path: str | Path) -> None:
         """Continue from a checkpoint of this run: weights, optimizer, loss RNG, epoch, step,
-        position in the epoch, running sums and the best epoch so far."""
-        stored = torch.load(Path(path), map_location=self.device, weights_only=True)
-        self.model.load_state_dict(stored["model"]["state_dict"])
+        position in the epoch, running sums and the best epoch so far.
+
+        Raises:
+            CheckpointError: (a ``ValueError``) the file cannot serve (see
+                :func:`~tightrope.train.load_checkpoint`), lacks the resumption state, or its
+                weights or optimizer state do not fit this trainer or are not finite.
+        """
+        stored = load_checkpoint(path, map_location=self.device, resume=True).raw
+        load_weights(self.model, stored["model"]["state_dict"], source=str(path))
+        try:
+            for moments in stored["optimizer"]["state"].values():
+                for name, value in dict(moments).items():
+                    if (isinstance(value, torch.Tensor) and value.is_floating_point()
+                            and not bool(torch.isfinite(value).all())):
+                        raise CheckpointError(
+                            f"{path}: the optimizer's {name} holds NaN or infinite values; use "
+                            "an earlier checkpoint such as best.pt"
+                        )
+            self._restore_state(stored)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as error:
+            reason = (str(error).splitlines() or [""])[0]
+            raise CheckpointError(f"{path}: its training state does not fit this run "
+                                  f"({type(error).__name__}: {reason})") from error
+        if self.on_message is not None:
+            self.on_message(f"resumed from {path}: epoch {self.epoch + 1}, batch "
+                            f"{self.batch + 1}, step {self.step}")
+
+    def _restore_state(self, stored: Mapping[str, Any]) -> None:
         self.optimizer.load_state_dict(stored["optimizer"])
         per_rank = stored["rng"].get("loss_per_rank")
         if per_rank is not None and len(per_rank) == self.distributed.world:
@@ -559,6 +592,3 @@ class Trainer:
         self.best = {str(k): float(v) for k, v in best["metrics"].items()}
         self.best_epoch = int(best["epoch"])
         self.last_metrics = {str(k): float(v) for k, v in stored["last_metrics"].items()}
-        if self.on_message is not None:
-            self.on_message(f"resumed from {path}: epoch {self.epoch + 1}, batch "
-                            f"{self.batch + 1}, step {self.step}")

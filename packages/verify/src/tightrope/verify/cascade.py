@@ -1,7 +1,9 @@
 """The verification cascade: cheap attack -> IBP -> CROWN -> alpha-CROWN -> strong attack -> BaB.
 
 Each stage only sees what the previous ones left open: an unsafe set is *excluded* once a row
-of ``A f(x) - b`` has a lower bound above ``config.margin`` over the region, and the property
+of ``A f(x) - b`` has a sound lower bound above ``config.margin`` over the region (computed in
+``config.dtype`` with its rigorous rounding error subtracted, :mod:`tightrope.verify.sound`;
+NaN and overflow never exclude anything), and the property
 holds when every unsafe set of every region is excluded. Any counterexample an attack or a
 bound's minimiser proposes is re-checked with a float64 forward pass and
 :meth:`Specification.violated_by` before the answer is ``FALSIFIED``.
@@ -81,9 +83,10 @@ def verify(
     """Decide whether ``spec`` holds for ``model`` (Wang et al. 2021's complete verification).
 
     Args:
-        model: an eval-mode ``nn.Sequential`` of layers ``tightrope.bounds`` supports. Every
-            stage runs on a copy in ``config.dtype`` (float64 by default) on its device; a
-            bound closes anything only after its rigorous rounding error is subtracted.
+        model: an eval-mode ``nn.Sequential`` of layers ``tightrope.bounds`` supports, with
+            finite parameters. Attacks and the searches for multipliers run on it; boxes and
+            every closing bound on a copy in ``config.dtype`` (float64 by default), with their
+            rigorous rounding error subtracted (:mod:`tightrope.verify.sound`).
         spec: the regions and unsafe sets (see :mod:`tightrope.verify.spec`).
         timeout: wall-clock seconds for the whole call.
         config: stages and branch-and-bound settings.

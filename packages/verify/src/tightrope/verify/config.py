@@ -220,10 +220,12 @@ class VerifierConfig:
             pre-activation bounds of every layer (tighter roots for branch-and-bound).
         margin: a bound certifies only when, with its rigorous rounding error subtracted
             (:mod:`tightrope.bounds.rounding`), it still exceeds this margin.
-        dtype: the dtype every stage computes in (a copy of the model; ``None``: the model's
-            own). In float32 the rigorous rounding error of a backward pass is about
-            ``1e-4`` to ``1e-2`` of the magnitudes involved and closes few subdomains; in
-            float64 it is negligible on ordinary networks.
+        dtype: the dtype of everything that can close a sample or subdomain: pre-activation
+            boxes and the rigorous dual bounds (a copy of the model; ``None``: the model's own
+            dtype). The searches (attacks, slope and multiplier ascent, branching) run in the
+            model's dtype. In float32 the rigorous rounding error is about ``1e-4`` to
+            ``1e-2`` of the magnitudes involved and closes few subdomains; in float64 it is
+            negligible on ordinary networks.
         bab: branch-and-bound settings (``None``: stop after alpha-CROWN and the attacks).
         milp_time_limit: seconds per MILP in ``Mode.MILP`` (``None``: the call's timeout).
         seed: seed of the attacks' ``torch.Generator``.

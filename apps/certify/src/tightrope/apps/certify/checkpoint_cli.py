@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tightrope.apps.certify.arguments import one_line, radius, seconds
+
 __all__ = ["add_checkpoint", "add_merge"]
 
 CHECKPOINT_EPILOG = """\
@@ -25,6 +27,12 @@ resuming and sharding:
   under torchrun, which sets RANK and WORLD_SIZE) a process takes every n-th sample; then run
   `tightrope-certify merge DIR` for the summary.
 
+bad input (exit status 2, one line on stderr, nothing written): a bad option value (--eps
+and --timeout must be finite, --timeout > 0), a checkpoint that is missing, empty, cut short,
+corrupt, foreign or holds pickled objects (never loaded: they could run code), or whose model
+has NaN or inf weights. A record cut short by a killed run is dropped when the run resumes (a
+note on stderr) and that sample redone; merge skips such a line with a note.
+
 The short form `tightrope-certify --checkpoint RUN/best.pt ...` means the same.
 """
 
@@ -41,14 +49,14 @@ def add_checkpoint(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
     )
     parser.add_argument("--checkpoint", required=True, type=Path, metavar="RUN/best.pt",
                         help="checkpoint written by tightrope-train")
-    parser.add_argument("--eps", type=float, help="l_inf radius in pixel units "
+    parser.add_argument("--eps", type=radius, help="l_inf radius in pixel units, >= 0 "
                         "(default: the checkpoint's test eps)")
     parser.add_argument("--samples", type=int, metavar="N",
                         help="certify N test samples from --start (default: all)")
     parser.add_argument("--start", type=int, default=0, metavar="I",
                         help="index of the first test sample (default 0)")
-    parser.add_argument("--timeout", type=float, default=30.0, metavar="S",
-                        help="seconds per sample, batched stages included (default 30)")
+    parser.add_argument("--timeout", type=seconds, default=30.0, metavar="S",
+                        help="seconds per sample (> 0), batched stages included (default 30)")
     parser.add_argument("--out", type=Path, metavar="DIR", help="results directory")
     parser.add_argument("--shard", metavar="i/n", help="take every n-th sample from the i-th "
                         "(0-based); default: torchrun's RANK/WORLD_SIZE, else 0/1")
@@ -80,7 +88,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
             data_root=args.data_root, device=args.device, bab=not args.no_bab,
         )
     except ValueError as error:
-        print(f"tightrope-certify checkpoint: error: {error}", file=sys.stderr)
+        print(f"tightrope-certify checkpoint: error: {one_line(error)}", file=sys.stderr)
         return 2
     import torch
 
@@ -93,8 +101,8 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         compile_kernels()
     try:
         out, summary = run_checkpoint(job, quiet=args.quiet)
-    except (OSError, ValueError) as error:  # missing files, data sets, foreign checkpoints
-        print(f"tightrope-certify checkpoint: error: {error}", file=sys.stderr)
+    except (OSError, ValueError) as error:  # bad checkpoints (see CHECKPOINT_EPILOG), data sets
+        print(f"tightrope-certify checkpoint: error: {one_line(error)}", file=sys.stderr)
         return 2
     if summary is None:
         print(f"shard {shard}/{shards} done; results in {out}. When every shard is done: "
@@ -116,7 +124,9 @@ def add_merge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
         "merge",
         help="join the shards of a sharded checkpoint certification",
         description="Join samples.shard-*.jsonl of a results directory into samples.csv and "
-        "summary.{json,txt}, and print the summary.",
+        "summary.{json,txt}, and print the summary. A last line cut short by a crash is "
+        "skipped with a note. Exit status 0, 1 when samples of the run have no record yet, 2 "
+        "when DIR is not a results directory or holds a malformed record.",
     )
     parser.add_argument("directory", type=Path, metavar="DIR", help="the results directory")
     parser.set_defaults(run=_run_merge)
@@ -129,7 +139,7 @@ def _run_merge(args: argparse.Namespace) -> int:
     try:
         summary, missing = merge_directory(args.directory)
     except (OSError, ValueError) as error:
-        print(f"tightrope-certify merge: error: {error}", file=sys.stderr)
+        print(f"tightrope-certify merge: error: {one_line(error)}", file=sys.stderr)
         return 2
     print(format_summary(summary, summary_eps(args.directory)))
     if missing:

@@ -4,24 +4,33 @@ Samples are processed in chunks through :func:`tightrope.verify.certify` (each s
 over the chunk's undecided samples); every chunk's records are appended to the shard's JSON-lines
 file before the next starts, so a killed run loses at most one chunk and a rerun with the same
 arguments skips the samples already recorded. ``--shard i/n`` (or ``torchrun``'s ``RANK`` and
-``WORLD_SIZE``) takes every n-th sample; ``tightrope-certify merge DIR`` joins the shards.
+``WORLD_SIZE``) takes every n-th sample; ``tightrope-certify merge DIR`` joins the shards. A
+record cut short by a kill is dropped (with a note) when the run resumes, and that sample redone.
+
+Bad input raises ``ValueError`` (or ``OSError``) before anything is written: a file that is not a
+loadable ``tightrope-train`` checkpoint (missing, empty, cut short, corrupt, holding pickled
+objects, missing entries, weights that do not fit its model) or a model with NaN or inf weights.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tightrope.apps.certify.records import (
     SampleRecord,
     Summary,
     append_records,
+    cut_line,
+    drop_cut_line,
     format_summary,
     merge_records,
     read_records,
@@ -30,7 +39,11 @@ from tightrope.apps.certify.records import (
     write_csv,
 )
 
-__all__ = ["CheckpointJob", "merge_directory", "parse_shard", "run_checkpoint"]
+if TYPE_CHECKING:
+    from tightrope.train import Checkpoint
+
+__all__ = ["CheckpointJob", "load_certifiable", "merge_directory", "parse_shard",
+           "run_checkpoint"]
 
 RUN_FILE = "run.json"
 
@@ -85,16 +98,73 @@ class CheckpointJob:
     bab: bool = True
 
     def __post_init__(self) -> None:
-        if self.eps is not None and self.eps < 0:
-            raise ValueError(f"--eps must be >= 0, got {self.eps}")
+        if self.eps is not None and not (math.isfinite(self.eps) and self.eps >= 0):
+            raise ValueError(f"--eps must be a finite number >= 0, got {self.eps}")
         if self.samples is not None and self.samples < 1:
             raise ValueError(f"--samples must be >= 1, got {self.samples}")
         if self.start < 0:
             raise ValueError(f"--start must be >= 0, got {self.start}")
-        if not self.timeout > 0:
-            raise ValueError(f"--timeout must be positive, got {self.timeout}")
+        if not (math.isfinite(self.timeout) and self.timeout > 0):
+            raise ValueError(f"--timeout must be a finite number of seconds > 0, got "
+                             f"{self.timeout}")
         if self.chunk < 1:
             raise ValueError(f"--chunk must be >= 1, got {self.chunk}")
+
+
+#: What to do about a checkpoint that cannot be used.
+_ADVICE = "pass the best.pt or last.pt of a tightrope-train run"
+
+
+def _load_problem(error: Exception) -> str:
+    """Why ``torch.load``/``load_checkpoint`` failed, in one line (never torch's advice to load
+    with ``weights_only=False``, which would run whatever code the file holds)."""
+    text = " ".join(str(error).split())
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in text:
+        return ("torch.load(weights_only=True) refuses it: it is corrupt or holds pickled "
+                "objects other than tensors and plain values, which are never loaded (they "
+                "could run code)")
+    if isinstance(error, (EOFError, OSError)) or "PytorchStreamReader" in text:
+        return "it is empty, cut short or corrupt"
+    if isinstance(error, KeyError):
+        return f"the entry {text} is missing"
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_certifiable(path: Path, device: str) -> Checkpoint:
+    """:func:`tightrope.train.load_checkpoint`, with every way the file can fail to give a
+    certifiable model raised as one ``ValueError`` that names the file and says what to do.
+
+    Raises:
+        ValueError: no such file, not a loadable checkpoint, or a model with NaN or inf
+            parameters or buffers (no bound over it means anything).
+    """
+    from tightrope.train import load_checkpoint
+
+    if not path.is_file():
+        raise ValueError(f"{path}: no such checkpoint file; {_ADVICE}")
+    try:
+        loaded = load_checkpoint(path, map_location=device)
+    except ValueError as error:  # load_checkpoint's own message names the file
+        text = " ".join(str(error).split())
+        if "weights_only" in text:
+            text = (f"{path}: not a usable tightrope-train checkpoint: {_load_problem(error)}; "
+                    f"{_ADVICE}")
+        raise ValueError(text) from error
+    except Exception as error:  # torch.load and the model rebuild fail in many ways
+        if isinstance(error, OSError) and error.filename is not None:
+            raise  # unreadable (permissions): the message names the file
+        raise ValueError(f"{path}: not a usable tightrope-train checkpoint: "
+                         f"{_load_problem(error)}; {_ADVICE}") from error
+    tensors = [*loaded.model.named_parameters(), *loaded.model.named_buffers()]
+    bad = [name for name, tensor in tensors
+           if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if bad:
+        raise ValueError(f"{path}: the model has non-finite values (NaN or inf) in "
+                         f"{', '.join(bad)}; it cannot be certified: take an earlier checkpoint "
+                         "of the run, or retrain")
+    return loaded
 
 
 ProgressLine = Callable[[str, bool], None]
@@ -119,16 +189,19 @@ def _progress_writer(stream: TextIO, quiet: bool) -> ProgressLine:
     return write
 
 
-def run_checkpoint(job: CheckpointJob, *, stream: TextIO = sys.stderr, quiet: bool = False
+def run_checkpoint(job: CheckpointJob, *, stream: TextIO | None = None, quiet: bool = False
                    ) -> tuple[Path, Summary | None]:
     """Certify the job's samples; returns the results directory and, for an unsharded run, the
-    summary (sharded runs are summarised by :func:`merge_directory`)."""
+    summary (sharded runs are summarised by :func:`merge_directory`). Progress and notes go to
+    ``stream`` (standard error by default)."""
     import torch
 
-    from tightrope.train import load_checkpoint, load_test_split
+    stream = sys.stderr if stream is None else stream
+
+    from tightrope.train import load_test_split
     from tightrope.verify import VerifierConfig, certify
 
-    loaded = load_checkpoint(job.checkpoint, map_location=job.device)
+    loaded = load_certifiable(job.checkpoint, job.device)
     model = loaded.model.eval()
     dtype = next(model.parameters()).dtype
     eps = loaded.test_eps if job.eps is None else job.eps
@@ -146,6 +219,10 @@ def run_checkpoint(job: CheckpointJob, *, stream: TextIO = sys.stderr, quiet: bo
     out.mkdir(parents=True, exist_ok=True)
     _write_run_file(out, job, eps, end, loaded.dataset)
     records_path = shard_file(out, job.shard, job.shards)
+    dropped = drop_cut_line(records_path)
+    if dropped is not None:
+        stream.write(f"note: {records_path}: dropped its last line, cut short when an earlier "
+                     f"run was killed ({_clip(dropped)}); that sample will be redone\n")
     done = {r.index for r in read_records(records_path) if r.eps == eps}
     todo = [i for i in mine if i not in done]
     config = VerifierConfig() if job.bab else VerifierConfig(bab=None)
@@ -220,9 +297,16 @@ def _finish(out: Path, paths: Sequence[Path], eps: float) -> Summary:
     return summary
 
 
-def merge_directory(out: Path) -> tuple[Summary, int]:
+def _clip(text: str, width: int = 60) -> str:
+    return repr(text if len(text) <= width else text[: width - 3] + "...")
+
+
+def merge_directory(out: Path, *, stream: TextIO | None = None) -> tuple[Summary, int]:
     """Join the shard files of ``out`` into ``samples.csv``/``summary.*``; returns the summary
-    and the number of samples of the run that no shard has recorded yet."""
+    and the number of samples of the run that no shard has recorded yet. A shard file's last
+    line cut short by a crash is skipped, with a note on ``stream`` (standard error by
+    default)."""
+    stream = sys.stderr if stream is None else stream
     run_file = out / RUN_FILE
     if not run_file.exists():
         raise ValueError(f"{out} is not a tightrope-certify results directory (no {RUN_FILE})")
@@ -230,6 +314,11 @@ def merge_directory(out: Path) -> tuple[Summary, int]:
     paths = sorted(out.glob("samples.shard-*.jsonl"))
     if not paths:
         raise ValueError(f"{out} holds no shard results (samples.shard-*.jsonl)")
+    for path in paths:
+        cut = cut_line(path)
+        if cut is not None:
+            stream.write(f"note: {path}: skipped its last line, cut short by a crash "
+                         f"({_clip(cut)}); rerun that shard to redo the sample\n")
     summary = _finish(out, paths, float(description["eps"]))
     expected = int(description["end"]) - int(description["start"])
     return summary, expected - summary.samples

@@ -8,6 +8,14 @@ Each task is a subcommand registered in :data:`SUBCOMMANDS` (``checkpoint``, ``m
 ``vnnlib``). Heavy imports
 (torch, the verifier) happen inside the subcommand, so ``--help`` answers at once and the
 start-up cost of a run is mostly importing torch.
+
+Exit status: 0 done (vnnlib: any of its four answers); 2 bad input, with a one-line message on
+stderr naming the file or option and what to do (a bad option value such as ``--timeout nan``,
+a missing, corrupt or foreign checkpoint or ONNX file, a model with NaN or inf weights, a bad
+VNNLIB file, a results directory of another run); 1 merge found samples no shard has recorded
+yet, or an internal error (vnnlib reports it in one line; nothing is answered). Bad input is
+refused before anything is written; ``vnnlib --out FILE`` is removed first, so a run that fails
+or is killed leaves no answer there.
 """
 
 from __future__ import annotations
@@ -18,8 +26,11 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from tightrope.apps.certify.__about__ import __version__
+from tightrope.apps.certify.answer_file import clear_answer, write_answer
+from tightrope.apps.certify.arguments import one_line, seconds
 from tightrope.apps.certify.checkpoint_cli import add_checkpoint, add_merge
 
 __all__ = ["SUBCOMMANDS", "build_parser", "main"]
@@ -44,8 +55,10 @@ inputs:
   Identity, Dropout, Cast. VNNLIB: input boxes and disjunctions of linear output constraints;
   X_i is element i of the flattened network input.
 
-exit status: 0 answered (any of the four words), 2 unreadable or unsupported input (the
-message names the file and the problem; nothing is written to --out), 1 internal error.
+exit status: 0 answered (any of the four words), 2 bad input: an unreadable or unsupported
+file, a network with NaN or inf weights (the message names the file and the problem), or a
+bad option value; 1 internal error. --out is removed when the run starts, so a run that fails
+or is killed leaves no answer there (not even an earlier one).
 """
 
 
@@ -62,8 +75,8 @@ def _add_vnnlib(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                         help="the network (.onnx or .onnx.gz)")
     parser.add_argument("--spec", required=True, metavar="PROP",
                         help="the property (.vnnlib or .vnnlib.gz)")
-    parser.add_argument("--timeout", required=True, type=float, metavar="T",
-                        help="seconds for the instance, start-up and loading included")
+    parser.add_argument("--timeout", required=True, type=seconds, metavar="T",
+                        help="seconds for the instance (> 0), start-up and loading included")
     parser.add_argument("--out", metavar="FILE", help="write the result file here")
     parser.add_argument("--dtype", choices=("float32", "float64"),
                         help="verify in this precision (default: the network's own)")
@@ -81,7 +94,9 @@ class _Deadline:
     def __init__(self, seconds: float, out: str | None) -> None:
         self.out = out
         self.lock = threading.Lock()
-        self.timer = threading.Timer(max(seconds, 0.0), self._expire)
+        # threading refuses waits past TIMEOUT_MAX (about 292 years) with an OverflowError
+        self.timer = threading.Timer(min(max(seconds, 0.0), threading.TIMEOUT_MAX),
+                                     self._expire)
         self.timer.daemon = True
 
     def start(self) -> None:
@@ -92,8 +107,7 @@ class _Deadline:
             return  # the answer is being written
         if self.out is not None:
             try:
-                with open(self.out, "w", encoding="utf-8") as handle:
-                    handle.write("timeout\n")
+                write_answer(self.out, "timeout\n")
             except OSError as error:
                 print(f"tightrope-certify vnnlib: cannot write {self.out}: {error}",
                       file=sys.stderr, flush=True)
@@ -108,9 +122,13 @@ class _Deadline:
 
 
 def _run_vnnlib(args: argparse.Namespace) -> int:
-    if args.timeout <= 0:
-        print("tightrope-certify vnnlib: error: --timeout must be positive", file=sys.stderr)
-        return 2
+    if args.out is not None:
+        try:
+            clear_answer(args.out)  # an earlier answer must not outlive a failed run
+        except OSError as error:
+            print(f"tightrope-certify vnnlib: error: cannot clear --out {args.out}: "
+                  f"{error.strerror or error}; pass a writable file path", file=sys.stderr)
+            return 2
     import torch
 
     from tightrope.apps.certify.vnnlib_command import run_vnnlib
@@ -127,18 +145,17 @@ def _run_vnnlib(args: argparse.Namespace) -> int:
                              started=args.started)
     except (OnnxImportError, VnnlibError, OSError) as error:
         deadline.finish()
-        print(f"tightrope-certify vnnlib: error: {error}", file=sys.stderr)
+        print(f"tightrope-certify vnnlib: error: {one_line(error)}", file=sys.stderr)
         return 2
     except Exception as error:  # an engine failure is an internal error, never an answer
         deadline.finish()
-        print(f"tightrope-certify vnnlib: internal error: {type(error).__name__}: {error}",
-              file=sys.stderr)
+        print(f"tightrope-certify vnnlib: internal error: {type(error).__name__}: "
+              f"{one_line(error)}", file=sys.stderr)
         return 1
     deadline.finish()
     if args.out is not None:
         try:
-            with open(args.out, "w", encoding="utf-8") as handle:
-                handle.write(outcome.text)
+            write_answer(args.out, outcome.text)
         except OSError as error:
             print(f"tightrope-certify vnnlib: error: cannot write {args.out}: {error}",
                   file=sys.stderr)
@@ -161,8 +178,16 @@ SUBCOMMANDS: dict[str, Callable[[argparse._SubParsersAction[argparse.ArgumentPar
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line that points at ``--help`` (its subparsers are of this class
+    too), rather than argparse's usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(  # its subparsers are _Parser too
         prog="tightrope-certify",
         description="Certify l_inf robustness of trained networks. Subcommands: "
         + ", ".join(SUBCOMMANDS) + ".",
@@ -181,7 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0].startswith("--checkpoint"):
         arguments.insert(0, "checkpoint")  # the short form: tightrope-certify --checkpoint ...
-    args = parser.parse_args(arguments)
+    try:
+        args = parser.parse_args(arguments)
+    except SystemExit as stop:  # --help, --version, or a bad argument (its error printed)
+        return stop.code if isinstance(stop.code, int) else 2
     args.started = started
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -1,5 +1,11 @@
 """Per-sample results of ``tightrope-certify checkpoint``: the JSON-lines files each shard
-appends to (so a crashed run resumes where it stopped), merging, CSV and the summary table."""
+appends to (so a crashed run resumes where it stopped), merging, CSV and the summary table.
+
+A process killed while appending can leave the last line of a file cut short. Readers skip
+such a line (:func:`read_records`, :func:`cut_line` says whether there is one) and a resumed
+run removes it with :func:`drop_cut_line` before it appends, so the sample is redone and the
+next record starts on a line of its own.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,8 @@ __all__ = [
     "SampleRecord",
     "Summary",
     "append_records",
+    "cut_line",
+    "drop_cut_line",
     "format_summary",
     "merge_records",
     "read_records",
@@ -60,7 +68,10 @@ def shard_file(directory: Path, shard: int, shards: int) -> Path:
 
 
 def append_records(path: Path, records: Iterable[SampleRecord]) -> None:
-    """Append ``records`` to ``path``, one JSON object per line, flushed to disk at once."""
+    """Append ``records`` to ``path``, one JSON object per line, flushed to disk at once.
+
+    The file must end with a whole line (call :func:`drop_cut_line` first on a file a killed
+    process may have written)."""
     with path.open("a", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(asdict(record), sort_keys=True) + "\n")
@@ -68,22 +79,65 @@ def append_records(path: Path, records: Iterable[SampleRecord]) -> None:
 
 
 def read_records(path: Path) -> list[SampleRecord]:
-    """The records of a JSON-lines file; a last line cut short by a crash is ignored, any other
-    malformed line raises ``ValueError`` naming the file and line."""
+    """The records of a JSON-lines file; a last line cut short by a crash (see :func:`cut_line`)
+    is skipped, any other malformed line raises ``ValueError`` naming the file and line."""
     if not path.exists():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    cut = _cut_offset(data)
     records: list[SampleRecord] = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in enumerate(data[:cut].split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
             records.append(SampleRecord(**json.loads(line)))
-        except (json.JSONDecodeError, TypeError, ValueError) as error:
-            if number == len(lines):
-                break  # written while the process was killed
-            raise ValueError(f"{path}:{number}: not a sample record ({error})") from error
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}:{number}: not a sample record ({error}); remove the "
+                             "line to redo that sample") from error
     return records
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        SampleRecord(**json.loads(line))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _cut_offset(data: bytes) -> int | None:
+    """Where the last line of ``data`` starts if it was cut short, else ``None``."""
+    if not data:
+        return None
+    start = data.rfind(b"\n", 0, len(data) - 1) + 1
+    last = data[start:]
+    if last.endswith(b"\n") and (not last.strip() or _is_record(last)):
+        return None
+    return start
+
+
+def cut_line(path: Path) -> str | None:
+    """The last line of ``path`` if a crash cut it short (it has no line end, or is not a
+    sample record); ``None`` when the file is whole, empty or absent."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    cut = _cut_offset(data)
+    return None if cut is None else data[cut:].decode("utf-8", errors="replace").rstrip("\n")
+
+
+def drop_cut_line(path: Path) -> str | None:
+    """Truncate ``path`` to the end of its last whole line if :func:`cut_line` finds a cut one
+    (so the next append starts a line of its own); returns the dropped text, else ``None``."""
+    if not path.exists():
+        return None
+    data = path.read_bytes()
+    cut = _cut_offset(data)
+    if cut is None:
+        return None
+    with path.open("r+b") as handle:
+        handle.truncate(cut)
+    return data[cut:].decode("utf-8", errors="replace").rstrip("\n")
 
 
 def merge_records(paths: Sequence[Path]) -> list[SampleRecord]:

@@ -19,7 +19,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from tightrope.verify.onnx import OnnxModel, load_onnx
+from tightrope.apps.certify.answer_file import clear_answer, write_answer
+from tightrope.verify.onnx import OnnxImportError, OnnxModel, load_onnx
 from tightrope.verify.spec import Specification, VerifyStatus
 from tightrope.verify.vnnlib import load_vnnlib
 from tightrope.verify.vnnlib_result import format_result, status_word
@@ -132,19 +133,29 @@ def run_vnnlib(
         onnx_path, vnnlib_path: the instance.
         timeout: seconds for the whole instance, loading included (the verifier gets what is
             left after loading).
-        out: where to write the result (VNN-COMP format).
+        out: where to write the result (VNN-COMP format); removed first, so a call that
+            raises leaves no answer there.
         dtype: the dtype to verify in; the network's own by default.
         verifier: the engine (``tightrope.verify.verify`` by default).
         started: ``time.perf_counter()`` at process start, to charge start-up to the budget.
 
     Raises:
-        tightrope.verify.onnx.OnnxImportError, tightrope.verify.vnnlib.VnnlibError: bad input.
+        tightrope.verify.onnx.OnnxImportError, tightrope.verify.vnnlib.VnnlibError: bad input
+            (including a network with NaN or inf weights, in its own dtype or in ``dtype``).
+        OSError: ``out`` cannot be removed or written.
     """
     begin = time.perf_counter() if started is None else started
+    if out is not None:
+        clear_answer(os.fspath(out))
     net = load_onnx(onnx_path)
     spec = load_vnnlib(vnnlib_path, net.input_shape, num_outputs=net.num_outputs,
                        input_order=net.input_order)
     model = net.module if dtype is None else _copy_in(net.module, dtype)
+    if model is not net.module and not all(bool(torch.isfinite(t).all())
+                                           for t in model.parameters()):
+        raise OnnxImportError(os.fspath(onnx_path), [
+            f"its weights overflow to inf in {dtype}: verify in the network's own dtype "
+            "(leave out --dtype)"])
     engine = default_verifier() if verifier is None else verifier
     loaded = time.perf_counter()
     remaining = timeout - (time.perf_counter() - begin)
@@ -166,8 +177,7 @@ def run_vnnlib(
             x64, y64 = checked
     text = format_result(status, None if x64 is None else net.to_onnx_order(x64), y64)
     if out is not None:
-        with open(out, "w", encoding="utf-8") as handle:
-            handle.write(text)
+        write_answer(os.fspath(out), text)
     stage = getattr(verdict, "stage", "")
     stage_name = str(getattr(stage, "value", stage))
     return Outcome(status, text, verdict.status, stage_name, loaded - begin, finished - loaded,

@@ -4,14 +4,21 @@
     tightrope-train --config configs/cifar10/eps2_255/sabr.yaml --device cuda optim.lr=1e-3
     tightrope-train --resume runs/fashion_mnist-ibp-cnn3-20260101-120000
     torchrun --nproc-per-node 2 -m tightrope.apps.train.cli --config ...   (or the script)
+
+Exit status: 0 done; 2 a bad config or command line, a missing data set, a --resume checkpoint
+that cannot serve, or an output that cannot be written (one line on stderr says what to do; a
+new run directory that holds no checkpoint yet is removed again); 3 a non-finite loss
+(``last.pt`` keeps the last good state).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +30,7 @@ import torch
 from tightrope.apps.train.__about__ import __version__
 from tightrope.bounds import compile_kernels, flush_denormals, keep_freed_memory
 from tightrope.train import (
+    CheckpointError,
     ConfigError,
     DatasetNotFoundError,
     Distributed,
@@ -34,6 +42,7 @@ from tightrope.train import (
     load_checkpoint,
     load_config,
     parse_config,
+    write_text_atomic,
 )
 
 __all__ = ["ProgressPrinter", "build_parser", "main"]
@@ -54,8 +63,10 @@ multi-process:
   torchrun --nproc-per-node N $(which tightrope-train) --config ...  trains data-parallel
   (gloo on CPU, NCCL on CUDA); --device cuda picks cuda:LOCAL_RANK.
 
-exit status: 0 done, 2 bad config or missing data set, 3 non-finite loss (last.pt keeps the
-last good state).
+exit status: 0 done; 2 bad config or options, missing data set, a --resume checkpoint that
+cannot serve (truncated, foreign, incomplete, non-finite) or an output that cannot be written
+(no permission, disk full; a new run directory without a checkpoint is removed again, and an
+existing last.pt is never lost); 3 non-finite loss (last.pt keeps the last good state).
 """
 
 
@@ -135,9 +146,17 @@ def _duration(seconds: float) -> str:
 def _device(name: str, local_rank: int) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+    try:
+        device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name}: not a device; use cpu, cuda, cuda:N or auto"
+                          ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s)")
+    return device
 
 
 def _distributed(device: torch.device) -> Distributed:
@@ -151,16 +170,15 @@ def _distributed(device: torch.device) -> Distributed:
     return Distributed(rank=dist.get_rank(), world=dist.get_world_size())
 
 
-def _shared_run_dir(path: Path | None, distributed: Distributed) -> Path:
+def _shared_run_dir(path: Path | None, distributed: Distributed) -> Path | None:
+    """The main process's run directory in every process (``None``: it could not make one)."""
     if distributed.world == 1:
-        assert path is not None
         return path
     import torch.distributed as dist
 
     box: list[str | None] = [str(path) if path is not None else None]
     dist.broadcast_object_list(box, src=0)
-    assert box[0] is not None
-    return Path(box[0])
+    return Path(box[0]) if box[0] is not None else None
 
 
 def _load(args: argparse.Namespace, parser: argparse.ArgumentParser
@@ -170,10 +188,15 @@ def _load(args: argparse.Namespace, parser: argparse.ArgumentParser
             parser.error("--resume continues a run with its stored config: drop --config and "
                          "the overrides")
         last = args.resume / "last.pt"
+        if not args.resume.is_dir():
+            raise ConfigError(f"--resume {args.resume}: no such run directory")
         if not last.is_file():
             raise ConfigError(f"--resume {args.resume}: no last.pt in that directory")
-        stored = load_checkpoint(last, map_location="cpu")
-        return parse_config(stored.config), last
+        stored = load_checkpoint(last, map_location="cpu", resume=True)
+        try:
+            return parse_config(stored.config), last
+        except ConfigError as error:
+            raise ConfigError(f"{last}: its stored config is not valid: {error}") from error
     if args.config is None:
         parser.error("--config is required (or --resume RUN)")
     return load_config(args.config, args.overrides), None
@@ -183,6 +206,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``tightrope-train``; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     out = sys.stdout
     keep_freed_memory()
     flush_denormals()  # before any parallel operation: worker threads inherit the setting
@@ -192,25 +217,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         config, checkpoint = _load(args, parser)
-    except (ConfigError, DatasetNotFoundError, FileNotFoundError) as error:
-        print(f"tightrope-train: error: {error}", file=sys.stderr)
-        return 2
-    device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+        device = _device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    except (ValueError, FileNotFoundError) as error:  # ConfigError, CheckpointError, no data
+        return _error(str(error))
     if str(device).startswith("cuda"):
         torch.cuda.set_device(device)  # NCCL needs each process on its own GPU
     distributed = _distributed(device)
     main_process = distributed.is_main
     run_dir: Path | None = None
+    new_run = _NewRun(args.out)
     if main_process:
-        run_dir = args.resume if args.resume is not None else create_run_dir(args.out, config)
+        if args.resume is not None:
+            run_dir = args.resume
+        else:
+            try:
+                run_dir = new_run.create(config)
+            except OSError as error:
+                _error(f"cannot create a run directory in {args.out}: "
+                       f"{_reason(error, known=args.out)}; pass --out a writable directory")
     run_dir = _shared_run_dir(run_dir, distributed)
+    if run_dir is None:
+        return 2
 
     def message(text: str) -> None:
         if main_process:
             print(text, file=out, flush=True)
 
-    message(f"run directory: {run_dir}")
-    started = time.perf_counter()
     try:
         trainer = Trainer(
             config, run_dir=run_dir, device=device, distributed=distributed,
@@ -219,23 +251,41 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if checkpoint is not None:
             trainer.restore(checkpoint)
+    except (ValueError, ImportError, OSError) as error:  # DatasetNotFoundError is an OSError
+        if main_process:
+            new_run.clean_up()
+        return _error(_reason(error) if isinstance(error, OSError) else str(error))
+    message(f"run directory: {run_dir}")
+    started = time.perf_counter()
+    try:
         result = trainer.fit()
-    except DatasetNotFoundError as error:
-        print(f"tightrope-train: error: {error}", file=sys.stderr)
-        return 2
+        wall = time.perf_counter() - started
+        if main_process:
+            best = result.best
+            message(f"trained {config.epochs} epochs in {_duration(wall)} ({wall:.1f} s); "
+                    f"best epoch {result.best_epoch} on validation: clean "
+                    f"{best.get('clean_accuracy', float('nan')):.4f}, PGD "
+                    f"{best.get('pgd_accuracy', float('nan')):.4f}, verified "
+                    f"{best.get('verified_accuracy', float('nan')):.4f}")
+        if not args.no_test:
+            _test(trainer, run_dir, message, main_process)
     except NonFiniteLossError as error:
         print(f"tightrope-train: stopped: {error}", file=sys.stderr)
         return 3
-    wall = time.perf_counter() - started
-    if main_process:
-        best = result.best
-        message(f"trained {config.epochs} epochs in {_duration(wall)} ({wall:.1f} s); "
-                f"best epoch {result.best_epoch} on validation: clean "
-                f"{best.get('clean_accuracy', float('nan')):.4f}, PGD "
-                f"{best.get('pgd_accuracy', float('nan')):.4f}, verified "
-                f"{best.get('verified_accuracy', float('nan')):.4f}")
-    if not args.no_test:
-        _test(trainer, run_dir, message, main_process)
+    except (DatasetNotFoundError, CheckpointError) as error:
+        return _error(str(error))
+    except OSError as error:
+        if not main_process:
+            return 2
+        for stray in run_dir.glob("*.tmp"):  # the writers remove their own; this is a backstop
+            stray.unlink(missing_ok=True)
+        if new_run.clean_up():
+            return _error(f"{_reason(error)}; nothing was kept (the new run directory is "
+                          "removed): free disk space or pass --out a writable directory, then "
+                          "run again")
+        return _error(f"{_reason(error)}; {run_dir / 'last.pt'} keeps the last saved state: "
+                      f"free disk space or fix the permissions, then continue with "
+                      f"`tightrope-train --resume {run_dir}`")
     if main_process:
         message(f"run directory: {run_dir}")
         message(f"look at it with: tensorboard --logdir {run_dir / 'tensorboard'}")
@@ -249,6 +299,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         gc.collect()
         dist.destroy_process_group()
     return 0
+
+
+def _error(text: str) -> int:
+    print(f"tightrope-train: error: {text}", file=sys.stderr)
+    return 2
+
+
+def _reason(error: OSError, known: Path | None = None) -> str:
+    """An OSError in one line, its path named once (not at all when it is ``known``)."""
+    text = error.strerror or str(error)
+    name = str(error.filename)
+    if error.filename is not None and name != str(known) and name not in text:
+        text = f"{error.filename}: {text}"
+    return text
+
+
+class _NewRun:
+    """The run directory this invocation creates, so that a failure before its first
+    checkpoint leaves nothing half-made: the directory goes again, and ``--out`` too when this
+    run made it and it is empty."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.out_existed = out.exists()
+        self.path: Path | None = None
+
+    def create(self, config: TrainConfig) -> Path:
+        try:
+            self.path = create_run_dir(self.out, config)
+        except OSError:
+            self._remove_out()
+            raise
+        return self.path
+
+    def clean_up(self) -> bool:
+        """Remove the new run directory unless it holds a checkpoint; returns whether it was
+        removed."""
+        if self.path is None or (self.path / "last.pt").exists():
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._remove_out()
+        return True
+
+    def _remove_out(self) -> None:
+        if not self.out_existed:
+            with contextlib.suppress(OSError):  # not empty, or never made
+                self.out.rmdir()
 
 
 def _test(trainer: Trainer, run_dir: Path, message: Callable[[str], None],
@@ -265,7 +362,7 @@ def _test(trainer: Trainer, run_dir: Path, message: Callable[[str], None],
     report["eps"] = trainer.config.eps.test_eps
     report["epoch"] = best.epoch
     report["seconds"] = seconds
-    (run_dir / "test_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(run_dir / "test_metrics.json", json.dumps(report, indent=2) + "\n")
     parts = [f"{name} {report[name]:.4f}" for name in (
         "clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy", "crown_ibp_verified_accuracy",
         "verified_accuracy", "taps_accuracy") if name in report]

@@ -99,7 +99,9 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
 
     Raises:
         OnnxImportError: the file is missing or corrupt (message names the file and the
-            problem), or nodes cannot be converted (message lists every one of them).
+            problem), nodes cannot be converted (message lists every one of them), or weights,
+            biases or constants hold NaN or inf (message names the initializers and
+            ``Constant`` nodes; or the layers, when only folding or the cast made them so).
     """
     source = os.fspath(path)
     try:
@@ -113,7 +115,17 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
     except WireError as error:
         raise OnnxImportError(source, [f"not a valid ONNX (protobuf) file: {error}"]) from error
     converted = convert_graph(model.graph, model.opset, source)
-    module = converted.module.to(dtype or converted.dtype)
+    module_dtype = dtype or converted.dtype
+    module = converted.module.to(module_dtype)
+    tensors = [*module.named_parameters(), *module.named_buffers()]
+    bad = [name for name, tensor in tensors
+           if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:  # finite in the file, but not after folding or the cast (1e39 in float32)
+        raise OnnxImportError(source, [
+            f"the converted layers have NaN or inf values in {', '.join(bad)} (in "
+            f"{module_dtype}, after folding the graph's constants): check the "
+            "constants (e.g. a negative BatchNormalization variance, values past the dtype's "
+            "range)"])
     num_outputs = 1
     for d in converted.onnx_output_shape:
         num_outputs *= d

@@ -22,7 +22,9 @@ The ONNX model is evaluated with its declared input shape (symbolic leading dime
 1); the torch module applies the same per-sample function to a batch ``(N, *S)``. Constants are
 combined in float64, so folding adds no rounding beyond the final cast to the requested dtype.
 
-Everything the converter cannot express is collected and raised once (:class:`OnnxImportError`).
+Everything the converter cannot express is collected and raised once (:class:`OnnxImportError`),
+together with the initializers and ``Constant`` nodes the graph uses that hold NaN or inf (no
+bound over such a network means anything).
 """
 
 from __future__ import annotations
@@ -58,8 +60,11 @@ class OnnxImportError(ValueError):
     def __init__(self, source: str, problems: list[str]) -> None:
         self.source = source
         self.problems = tuple(problems)
-        listing = "\n  - ".join(problems)
-        super().__init__(f"{source}: cannot import the ONNX model:\n  - {listing}")
+        if len(problems) == 1:
+            super().__init__(f"{source}: cannot import the ONNX model: {problems[0]}")
+        else:
+            listing = "\n  - ".join(problems)
+            super().__init__(f"{source}: cannot import the ONNX model:\n  - {listing}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +449,10 @@ def _reshape_variable(node: Node, shape: Shape, constants: dict[str, Tensor]) ->
     raise UnsupportedError(f"{op} is not a reshape")
 
 
+def _finite(values: Tensor) -> bool:
+    return not values.is_floating_point() or bool(torch.isfinite(values).all())
+
+
 def _topological(nodes: tuple[Node, ...], available: set[str]) -> list[Node]:
     """``nodes`` in an order where every node comes after the producers of its inputs (file
     order where possible; ONNX requires it, not every exporter honours it). Nodes whose inputs
@@ -470,10 +479,14 @@ def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
     """Convert ``graph`` (one input, one output) into a :class:`Converted` float64 module.
 
     Raises:
-        OnnxImportError: listing every node that cannot be converted.
+        OnnxImportError: listing every node that cannot be converted and every initializer or
+            ``Constant`` node the graph uses that holds NaN or inf.
     """
     problems: list[str] = []
     constants: dict[str, Tensor] = {n: t.values for n, t in graph.initializers.items()}
+    used = {name for node in graph.nodes for name in node.inputs}
+    non_finite = [f"initializer {name!r}" for name, values in constants.items()
+                  if name in used and not _finite(values)]
     real_inputs = [v for v in graph.inputs if v.name not in constants]
     if len(real_inputs) != 1:
         names = [v.name for v in real_inputs]
@@ -511,6 +524,8 @@ def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
         try:
             if node.op_type == "Constant":
                 constants[node.outputs[0]] = constant_of(next(iter(node.attributes.values())))
+                if not _finite(constants[node.outputs[0]]):
+                    non_finite.append(f"{node.label} (output {node.outputs[0]!r})")
             elif node.op_type == "Shape" and var is not None and node.inputs[0] == var.name:
                 constants[node.outputs[0]] = torch.tensor(var.shape, dtype=torch.int64)
             elif var is None or var.name not in node.inputs:
@@ -525,6 +540,9 @@ def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
             dead.update(node.outputs)
             if var is not None and var.name in node.inputs:
                 var = None
+    if non_finite:
+        problems.insert(0, f"NaN or inf values in {', '.join(non_finite)}: such a network "
+                        "cannot be verified; fix or re-export it with finite weights")
     output = graph.outputs[0].name
     if var is not None and var.name != output and not problems:
         problems.append(f"the graph output {output!r} is not the end of the input-dependent "
