@@ -360,3 +360,33 @@ def test_the_hard_deadline_writes_timeout_and_ends_the_process(tmp_path: Path) -
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.stdout == "answered\n"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("radius", ["1e4", "1e8"])
+def test_a_violated_property_at_huge_magnitudes_is_never_unsat(
+    tmp_path: Path, dtype: torch.dtype, radius: str
+) -> None:
+    """``y = sum_i relu(1e4 (x_i - 0.37)) + relu(-1e4 (x_i - 0.37)) - 1`` over 20 inputs in
+    ``[-radius, radius]``, unsafe ``Y_0 <= 0``: x = 0.37 gives y = -1, so the property is
+    violated; float32 interval arithmetic once proved it (the rounding of terms of 1e12)."""
+    first, second = nn.Linear(20, 40), nn.Linear(40, 1)
+    with torch.no_grad():
+        first.weight.zero_()
+        for i in range(20):
+            first.weight[2 * i, i], first.bias[2 * i] = 1e4, -1e4 * 0.37
+            first.weight[2 * i + 1, i], first.bias[2 * i + 1] = -1e4, 1e4 * 0.37
+        second.weight.fill_(1.0)
+        second.bias.fill_(-1.0)
+    onnx_path = tmp_path / "cancel.onnx"
+    export_onnx(nn.Sequential(first, nn.ReLU(), second).to(dtype), (20,), onnx_path, dtype=dtype)
+    lines = [f"(declare-const X_{i} Real)" for i in range(20)] + ["(declare-const Y_0 Real)"]
+    lines += [f"(assert (>= X_{i} -{radius}))\n(assert (<= X_{i} {radius}))" for i in range(20)]
+    lines.append("(assert (<= Y_0 0))")
+    spec_path = tmp_path / "prop.vnnlib"
+    spec_path.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "answer.txt"
+    code = main(["vnnlib", "--onnx", str(onnx_path), "--spec", str(spec_path), "--timeout", "8",
+                 "--out", str(out), "--quiet"])
+    assert code == 0
+    assert out.read_text().split()[0] in ("sat", "unknown", "timeout")

@@ -6,6 +6,7 @@ inside its coefficient range."""
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -217,3 +218,107 @@ def test_highs_answers_outside_its_coefficient_range_are_not_proofs() -> None:
         model[2].weight.mul_(1e12)
     assert milp_search(model, box, C, torch.tensor([-1e3])).status in ("untrusted", "feasible")
     assert bool((milp_minimum(model, box, C).bound == -math.inf).all())
+
+
+# --- against exact rational arithmetic ---------------------------------------------------------
+
+
+def _fractions(t: Tensor) -> list[list[Fraction]]:
+    rows = t.detach().double().reshape(t.shape[0], -1).tolist()
+    return [[Fraction(v) for v in row] for row in rows]
+
+
+def _matvec(W: list[list[Fraction]], v: list[Fraction]) -> list[Fraction]:
+    return [sum((w * x for w, x in zip(row, v, strict=True)), Fraction(0)) for row in W]
+
+
+def _vecmat(a: list[Fraction], W: list[list[Fraction]]) -> list[Fraction]:
+    return [sum((a[i] * W[i][j] for i in range(len(a))), Fraction(0)) for j in range(len(W[0]))]
+
+
+def _mlp(generator: torch.Generator, dtype: torch.dtype, scale: float) -> nn.Sequential:
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1))
+    with torch.no_grad():
+        for layer in (model[0], model[2], model[4]):
+            spread = 10.0 ** (torch.rand(layer.weight.shape, generator=generator) * 4 - 2)
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * spread
+                               * scale)
+            layer.bias.copy_(torch.randn(layer.bias.shape, generator=generator) * scale * 10)
+    return model.to(dtype).eval()
+
+
+def _exact_dual(model: nn.Sequential, box: Box, boxes: dict[int, Box],
+                multipliers: dict[int, Tensor]) -> Fraction:
+    """The dual bound of ``f(x)`` (one output) in exact rational arithmetic, for the lowered
+    ops [Linear, ReLU(1), Linear, ReLU(3), Linear]."""
+    layers = [model[0], model[2], model[4]]
+    W = [_fractions(layer.weight) for layer in layers]
+    b = [[Fraction(v) for v in layer.bias.detach().double().tolist()] for layer in layers]
+    A = [Fraction(1)]
+    value = Fraction(0)
+    for position, relu in ((2, 3), (1, 1), (0, None)):
+        value += sum((a * c for a, c in zip(A, b[position], strict=True)), Fraction(0))
+        rho = _vecmat(A, W[position])
+        if relu is None:
+            low = [Fraction(v) for v in box.lower[0].double().tolist()]
+            high = [Fraction(v) for v in box.upper[0].double().tolist()]
+            value += sum((min(r * lo, r * hi) for r, lo, hi in zip(rho, low, high, strict=True)),
+                         Fraction(0))
+            return value
+        lam = [Fraction(v) for v in multipliers[relu][0, 0].double().tolist()]
+        low = [Fraction(v) for v in boxes[relu].lower[0].double().tolist()]
+        high = [Fraction(v) for v in boxes[relu].upper[0].double().tolist()]
+        for r, m, lo, hi in zip(rho, lam, low, high, strict=True):
+            candidates = [r * max(lo, Fraction(0)) - m * lo, r * max(hi, Fraction(0)) - m * hi]
+            if lo < 0 < hi:
+                candidates.append(Fraction(0))
+            value += min(candidates)
+        A = lam
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("seed", range(8))
+def test_the_rigorous_values_never_exceed_their_exact_counterparts(
+    dtype: torch.dtype, seed: int
+) -> None:
+    """The dual bound and the interval bound, each computed in floating point with its error
+    subtracted, against the same bound in exact rational arithmetic (same boxes, same
+    multipliers), on nets whose weights span four orders of magnitude and whose scale and
+    input box range over 1e-3..1e12."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** float(torch.randint(-3, 8, (), generator=generator))
+    model = _mlp(generator, dtype, scale)
+    size = 10.0 ** float(torch.randint(-3, 12, (), generator=generator))
+    center = (torch.randn(1, 4, generator=generator) * size).to(dtype)
+    box = Box(center - size, center + size)
+    net = lower(model, box.center)
+    boxes = {i: rounding(net, box).widen(i, b)
+             for i, b in pre_activation_bounds(net, box).boxes.items()}
+    C = torch.ones(1, 1, 1, dtype=dtype)
+    found = optimise_split_bound(net, box, C, boxes, {}, steps=2)
+    for multipliers in (found.pre_coefficients,
+                        {i: torch.randn(1, 1, *net.shapes[i], generator=generator).to(dtype)
+                         * float(found.pre_coefficients[i].abs().max() + 1)
+                         for i in net.relu_indices}):
+        value = float(dual_lower(net, box, C, boxes, multipliers))
+        exact = _exact_dual(model, box, boxes, multipliers)
+        assert value == -math.inf or Fraction(value) <= exact, (value, float(exact))
+    value = float(sound_interval(net, box, C))
+    W = [_fractions(layer.weight) for layer in (model[0], model[2], model[4])]
+    biases = [[Fraction(v) for v in layer.bias.detach().double().tolist()]
+              for layer in (model[0], model[2], model[4])]
+    low = [Fraction(v) for v in box.lower[0].double().tolist()]
+    high = [Fraction(v) for v in box.upper[0].double().tolist()]
+    for position in range(2):  # exact interval arithmetic through both hidden layers
+        c = [(lo + hi) / 2 for lo, hi in zip(low, high, strict=True)]
+        r = [(hi - lo) / 2 for lo, hi in zip(low, high, strict=True)]
+        mid = [m + bias for m, bias in zip(_matvec(W[position], c), biases[position],
+                                           strict=True)]
+        spread = _matvec([[abs(w) for w in row] for row in W[position]], r)
+        low = [max(m - s, Fraction(0)) for m, s in zip(mid, spread, strict=True)]
+        high = [max(m + s, Fraction(0)) for m, s in zip(mid, spread, strict=True)]
+    exact = biases[2][0] + sum((min(w * lo, w * hi) for w, lo, hi in zip(W[2][0], low, high,
+                                                                          strict=True)),
+                               Fraction(0))
+    assert value == -math.inf or Fraction(value) <= exact, (value, float(exact))

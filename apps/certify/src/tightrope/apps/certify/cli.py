@@ -79,7 +79,8 @@ def _add_vnnlib(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
                         help="seconds for the instance (> 0), start-up and loading included")
     parser.add_argument("--out", metavar="FILE", help="write the result file here")
     parser.add_argument("--dtype", choices=("float32", "float64"),
-                        help="verify in this precision (default: the network's own)")
+                        help="dtype of the network the attacks and bound searches run on "
+                        "(default: the network's own); proofs are always checked in float64")
     parser.add_argument("--threads", type=int, metavar="N",
                         help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quiet", action="store_true", help="no summary line on stderr")
