@@ -16,6 +16,7 @@ from tightrope.losses import (
     IBPLoss,
     SABRConfig,
     SABRLoss,
+    SmallBoxRadius,
     robust_cross_entropy,
     small_box,
 )
@@ -86,14 +87,17 @@ def test_small_box_lies_inside_the_eps_box(seed: int) -> None:
     x_adv = x + 2 * eps * (2 * torch.rand(64, 5, generator=generator, dtype=torch.float64) - 1)
     outer = Box.from_linf(x, eps)
     for shrink in (0.05, 0.3, 0.7, 1.0):
-        inner = small_box(x, x_adv, eps, shrink)
-        assert bool((inner.lower >= outer.lower - 1e-15).all())
-        assert bool((inner.upper <= outer.upper + 1e-15).all())
-        assert bool((inner.lower <= inner.upper).all())
-        # Away from the domain's edges the box has the full radius shrink * eps.
-        width = inner.upper - inner.lower
-        interior = ((x - eps > 0) & (x + eps < 1)).expand_as(width)
-        torch.testing.assert_close(width[interior], (2 * shrink * eps).expand_as(width)[interior])
+        for radius in SmallBoxRadius:
+            inner = small_box(x, x_adv, eps, shrink, radius=radius)
+            assert bool((inner.lower >= outer.lower).all())
+            assert bool((inner.upper <= outer.upper).all())
+            assert bool((inner.lower <= inner.upper).all())
+            # Everywhere, also at the domain's edges, the box has its full width 2 tau, or the
+            # whole clipped box where that is narrower.
+            clipped = outer.upper - outer.lower
+            tau = shrink * (eps if radius is SmallBoxRadius.EPS else clipped / 2)
+            torch.testing.assert_close(inner.upper - inner.lower,
+                                       torch.minimum(2 * tau, clipped), rtol=0, atol=1e-15)
 
 
 def test_small_box_keeps_an_inner_point_as_centre() -> None:

@@ -7,6 +7,7 @@ alpha because every loss gets a generator with the same seed.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tightrope.attacks import FGSMConfig, fgsm
+from tightrope.attacks import FGSMConfig, fgsm, pgd
 from tightrope.bounds import Box, ibp, margin_spec
 from tightrope.losses import (
     CCIBPConfig,
@@ -24,6 +25,8 @@ from tightrope.losses import (
     IBPLoss,
     MTLIBPConfig,
     MTLIBPLoss,
+    expressive_attack,
+    expressive_pgd_attack,
     logit_margins,
     robust_cross_entropy,
 )
@@ -127,3 +130,68 @@ def test_interior_alpha_matches_the_formulas() -> None:
     for name in BUILDERS:
         torch.testing.assert_close(values[name], expected[name], rtol=1e-12, atol=0)
     assert len({round(float(v.detach()), 9) for v in values.values()}) == 3
+
+
+def _recorded_inputs(model: nn.Module) -> list[torch.Tensor]:
+    """Every input the model's first layer sees from now on (attack iterates, clean and
+    adversarial passes; the bound passes do not call it)."""
+    seen: list[torch.Tensor] = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_default_attack_is_the_papers_random_start_fgsm(name: str) -> None:
+    config = {"cc_ibp": CCIBPConfig, "mtl_ibp": MTLIBPConfig, "exp_ibp": ExpIBPConfig}[name]()
+    assert config.attack == FGSMConfig(step_size=10.0, random_start=True)
+    assert config.attack == expressive_attack()
+    assert config.attack_eps_factor == 1.0
+    model = small_mlp(3)
+    x, y = batch(8, (16, 6), 4)
+    seen = _recorded_inputs(model)
+    BUILDERS[name](0.3, torch.Generator().manual_seed(0))(model, x, y, 0.05)
+    # Random start, one step onto a vertex of the eps ball (∩ [0, 1]), clean, adversarial.
+    assert len(seen) == 4
+    assert torch.equal(seen[2], x)
+    assert float((seen[-1] - x).abs().max()) == pytest.approx(0.05)
+
+
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_pgd_and_attack_radius_options_reach_the_attack(name: str) -> None:
+    # CIFAR-10 2/255 in De Palma et al.'s code: 8 PGD steps of 0.25 times the attack radius
+    # in a ball of 2.1 eps; the IBP bound stays on the eps box.
+    eps, factor = 0.05, 2.1
+    options = {"attack": expressive_pgd_attack(), "attack_eps_factor": factor, "alpha": 0.0}
+    config = {"cc_ibp": CCIBPConfig, "mtl_ibp": MTLIBPConfig, "exp_ibp": ExpIBPConfig}[name]
+    loss = {"cc_ibp": CCIBPLoss, "mtl_ibp": MTLIBPLoss, "exp_ibp": ExpIBPLoss}[name]
+    model = small_mlp(5)
+    x, y = batch(9, (16, 6), 4)
+    seen = _recorded_inputs(model)
+    out = loss(config(**options), torch.Generator().manual_seed(1))(model, x, y, eps)
+    # 8 steps (one forward each) and the last iterate, then the clean and adversarial passes.
+    assert len(seen) == 8 + 1 + 2
+    attack_iterates, x_adv = seen[:9], seen[-1]
+    assert torch.equal(seen[9], x)
+    distances = torch.stack([(z - x).abs().amax(dim=1) for z in attack_iterates])
+    assert float(distances.max()) <= factor * eps * (1 + 1e-12)
+    assert float((x_adv - x).abs().max()) > 1.5 * eps   # beyond the eps ball
+    # Consecutive iterates move by at most 0.25 of the attack radius per coordinate.
+    moves = torch.stack([(b - a).abs().max() for a, b in itertools.pairwise(attack_iterates)])
+    assert float(moves.max()) <= 0.25 * factor * eps * (1 + 1e-12)
+    assert float(moves.max()) == pytest.approx(0.25 * factor * eps)
+    # The same point as the attack run directly at 2.1 eps with the same generator; at
+    # alpha = 0 the loss is the adversarial cross-entropy there.
+    direct = pgd(model, x, y, factor * eps, config=expressive_pgd_attack(),
+                 generator=torch.Generator().manual_seed(1)).x_adv
+    torch.testing.assert_close(x_adv, direct, rtol=0, atol=0)
+    torch.testing.assert_close(out.metrics["adversarial_loss"],
+                               F.cross_entropy(model(direct), y), rtol=1e-12, atol=0)
+    ibp_lower = ibp(model, Box.from_linf(x, eps), margin_spec(y, 4, dtype=x.dtype)).lower
+    torch.testing.assert_close(out.metrics["robust_loss"],
+                               robust_cross_entropy(ibp_lower).mean(), rtol=1e-12, atol=0)
+
+
+def test_attack_radius_factor_is_checked() -> None:
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="attack_eps_factor must be a finite number > 0"):
+            MTLIBPConfig(attack_eps_factor=bad)

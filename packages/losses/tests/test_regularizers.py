@@ -13,6 +13,7 @@ from tightrope.bounds import Box, Normalize, ibp_trace
 from tightrope.losses import (
     CROWNIBPConfig,
     CROWNIBPLoss,
+    IBPConfig,
     IBPLoss,
     Regularized,
     RegularizerConfig,
@@ -20,11 +21,14 @@ from tightrope.losses import (
     StandardLoss,
     TAPSConfig,
     TAPSLoss,
+    WarmupConfig,
+    WarmupLoss,
     ibp_initialize,
     l1_penalty,
     relu_balance_penalty,
     tightness_penalty,
 )
+from tightrope.losses.core import recording_pre_activations
 
 from .conftest import batch, small_cnn, small_mlp
 
@@ -154,3 +158,36 @@ def test_shi_terms_need_a_bound_pass_and_valid_weights() -> None:
     with pytest.raises(ValueError, match="tau"):
         RegularizerConfig(tau=0.0)
     assert replace(RegularizerConfig(), tightness=0.25).tightness == 0.25
+
+
+def test_warmup_loss_is_the_natural_loss_and_feeds_shis_terms_a_tiny_box() -> None:
+    # Shi et al.'s code in the natural warm-up (eps 0): loss = CE + lambda (L_tight + L_relu)
+    # with the bounds of a box of radius max(eps, 1e-6) (--min-eps-reg).
+    x, y = batch(3, (16, 1, 8, 8), 3)
+    natural = StandardLoss()(small_cnn(4), x, y, 0.0).loss
+    alone = WarmupLoss()(small_cnn(4), x, y, 0.0)
+    torch.testing.assert_close(alone.loss, natural, rtol=0, atol=0)
+    config = RegularizerConfig(tightness=0.5, relu_balance=0.5)
+    model = small_cnn(4)
+    out = Regularized(WarmupLoss(), config)(model, x, y, 0.0)
+    direct_model = small_cnn(4)
+    with recording_pre_activations() as traces:
+        direct = IBPLoss(IBPConfig(kappa=1.0))(direct_model, x, y, 1e-6)
+    (box, pre), = traces
+    assert float(box.radius.max()) == pytest.approx(1e-6)
+    expected = direct.metrics["natural_loss"] + 0.5 * (
+        tightness_penalty(box.radius.mean(), pre) + relu_balance_penalty(pre))
+    torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=0)
+    torch.testing.assert_close(out.metrics["natural_loss"], natural.detach(), rtol=0, atol=0)
+    assert float(out.metrics["regularizer"]) > 0
+    # The terms reach the weights: the gradient differs from the natural loss's.
+    out.loss.backward()
+    natural_model = small_cnn(4)
+    StandardLoss()(natural_model, x, y, 0.0).loss.backward()
+    assert not torch.allclose(model[0].weight.grad, natural_model[0].weight.grad)
+    # eps above the floor is used as it is.
+    with recording_pre_activations() as traces:
+        WarmupLoss(WarmupConfig(min_eps=1e-6))(small_cnn(4), x, y, 0.01)
+    assert float(traces[0][0].radius.max()) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match=r"min_eps must lie in \(0, 1\]"):
+        WarmupConfig(min_eps=0.0)

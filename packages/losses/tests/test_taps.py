@@ -1,5 +1,6 @@
 """TAPS and STAPS: forward value = multi-estimator PGD margins, the gradient connector against its
-formula, IBP <= TAPS <= attack margins, reduction to IBP at the output split, STAPS's box."""
+formula, IBP <= TAPS <= attack margins, reduction to IBP at the output split, the default split,
+STAPS's box, its ramp loss (SABR) and its ReLU shrink."""
 
 from __future__ import annotations
 
@@ -10,8 +11,12 @@ from torch import Tensor, nn
 from tightrope.attacks import MultiEstimatorConfig, PGDConfig, multi_estimator_box_pgd, pgd
 from tightrope.bounds import Box, ibp, margin_spec
 from tightrope.losses import (
+    METHODS,
     IBPConfig,
     IBPLoss,
+    SABRConfig,
+    SABRLoss,
+    SmallBoxRadius,
     STAPSConfig,
     STAPSLoss,
     TAPSConfig,
@@ -19,11 +24,13 @@ from tightrope.losses import (
     build_loss,
     gradient_connector,
     logit_margins,
+    robust_cross_entropy,
     scale_gradient,
     small_box,
     taps_bounds,
 )
-from tightrope.losses.taps import taps_loss
+from tightrope.losses.sabr import shrunk_interval_bounds
+from tightrope.losses.taps import resolve_split, taps_loss
 
 from .conftest import batch, small_cnn, small_mlp
 
@@ -200,7 +207,9 @@ def test_connector_c_changes_the_extractor_gradient() -> None:
     x, y = batch(7, (8, 6), 4)
 
     def extractor_grad(c: float) -> Tensor:
-        config = TAPSConfig(split=3, connector_c=c)
+        # (At split 3, f_C = [ReLU, Linear], the estimators end on the box's corners, where
+        # every c sends the same gradient: that split is IBP.)
+        config = TAPSConfig(split=2, connector_c=c)
         out = TAPSLoss(config, torch.Generator().manual_seed(0))(model, x, y, 0.05)
         return torch.autograd.grad(out.loss, model[0].weight)[0]
 
@@ -234,12 +243,118 @@ def test_split_is_checked() -> None:
         TAPSLoss(TAPSConfig(), torch.Generator())(no_relu, x, y, 0.1)
 
 
-def test_default_split_is_before_the_last_relu() -> None:
+def test_default_split_leaves_one_relu_with_its_affine_layer() -> None:
+    # The paper's split (reference block sizes "17 4" on CNN7): f_C = [Linear, BN, ReLU, Linear].
+    cnn7_head = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(),
+        nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 4),
+    )
+    assert resolve_split(cnn7_head, None) == 4
+    assert resolve_split(cnn7_head, None, classifier_relus=2) == 1
+    assert resolve_split(small_mlp(0), None) == 2
+    assert resolve_split(small_cnn(0), None) == 3  # [Conv, BN, ReLU, Flatten, Linear]
+    assert resolve_split(cnn7_head, 7) == 7  # an explicit split wins
+    with pytest.raises(ValueError, match="classifier_relus"):
+        resolve_split(cnn7_head, None, classifier_relus=3)
+    with pytest.raises(ValueError, match="extractor empty"):
+        resolve_split(small_mlp(0), None, classifier_relus=2)
+    with pytest.raises(ValueError, match="classifier_relus"):
+        TAPSConfig(classifier_relus=0)
+
     model = small_mlp(0).eval()
     x, y = batch(2, (4, 6), 4)
     default = TAPSLoss(TAPSConfig(), torch.Generator().manual_seed(0))(model, x, y, 0.1)
-    explicit = TAPSLoss(TAPSConfig(split=3), torch.Generator().manual_seed(0))(model, x, y, 0.1)
+    explicit = TAPSLoss(TAPSConfig(split=2), torch.Generator().manual_seed(0))(model, x, y, 0.1)
     assert torch.equal(default.loss, explicit.loss)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_default_taps_estimate_lies_strictly_between_ibp_and_pgd(seed: int) -> None:
+    # The last hidden layer is active on the whole box, so f_C is affine on the latent box at
+    # either split and the estimators (default settings) reach its exact minimiser, a corner.
+    # Split before the last ReLU (f_C = [ReLU, Linear], separable and monotone) that minimum
+    # is the IBP bound: TAPS collapses to IBP. With the affine layer in f_C (the default) IBP
+    # loses the correlation through it and TAPS lies strictly above IBP, below the margins of
+    # input-space PGD (the latent box holds f_E of every input).
+    model = small_mlp(seed).eval()
+    with torch.no_grad():
+        model[2].bias.add_(6.0)
+    x, y = batch(seed + 40, (16, 6), 4)
+    eps = 0.1
+    box = Box.from_linf(x, eps)
+    assert bool((ibp(model[:3], box).lower > 0).all())
+    config = TAPSConfig()
+    split = resolve_split(model, config.split, config.classifier_relus)
+    assert split == 2
+
+    def estimate(at: int) -> tuple[Tensor, Tensor]:
+        bounds = taps_bounds(model, box, y, at, estimators=config.estimators,
+                             generator=torch.Generator().manual_seed(seed))
+        return bounds.taps.detach(), bounds.ibp.detach()
+
+    taps, ibp_lower = estimate(split)
+    before_last_relu, ibp_again = estimate(3)
+    torch.testing.assert_close(before_last_relu, ibp_again, rtol=0, atol=1e-9)
+    x_adv = pgd(model, x, y, eps, config=PGDConfig(steps=50, restarts=3, early_stop=False),
+                generator=torch.Generator().manual_seed(1)).x_adv
+    with torch.no_grad():
+        attack = torch.minimum(logit_margins(model(x_adv), y), logit_margins(model(x), y))
+    assert bool((ibp_lower < taps - 1e-6).all())
+    assert bool((taps <= attack + 1e-9).all())
+
+
+def test_staps_trains_sabr_on_its_small_box_during_the_ramp() -> None:
+    # The TAPS reference (mix_train.py, use_vanilla_ibp before end_epoch_eps) keeps the small
+    # box during the ramp and propagates it with IBP through the whole net: SABR.
+    model = small_cnn(3, classes=4).eval()  # eval: the calls see the same statistics
+    x, y = batch(9, (8, 1, 8, 8), 4)
+    eps = 0.1
+    config = STAPSConfig(shrink=0.4, taps=TAPSConfig(relu_shrink=0.8))
+    ramp = METHODS["staps"].build_ramp(config, torch.Generator().manual_seed(0))
+    assert isinstance(ramp, SABRLoss)
+    assert ramp.config == SABRConfig(shrink=0.4, attack=config.attack, relu_shrink=0.8,
+                                     batchnorm=config.taps.batchnorm,
+                                     radius=SmallBoxRadius.HALF_WIDTH)
+    out = ramp(model, x, y, eps)
+    reference = SABRLoss(config.ramp_config(), torch.Generator().manual_seed(0))(model, x, y, eps)
+    assert torch.equal(out.loss, reference.loss)
+    full_box = IBPLoss()(model, x, y, eps)
+    assert float(out.loss.detach()) < float(full_box.loss.detach())
+    # TAPS trains IBP on the eps box; every other method its own loss.
+    taps_ramp = METHODS["taps"].build_ramp(TAPSConfig(), None)
+    assert isinstance(taps_ramp, IBPLoss)
+    assert torch.equal(taps_ramp(model, x, y, eps).loss, full_box.loss)
+    assert isinstance(METHODS["sabr"].build_ramp(SABRConfig(), None), SABRLoss)
+    with pytest.raises(TypeError):
+        METHODS["staps"].build_ramp(TAPSConfig(), None)
+
+
+def test_staps_applies_sabrs_relu_shrink_in_every_ibp_pass() -> None:
+    model = small_mlp(5).eval()
+    x, y = batch(6, (8, 6), 4)
+    eps = 0.1
+    shrunk = STAPSConfig(shrink=0.5, taps=TAPSConfig(relu_shrink=0.8))
+    plain = STAPSConfig(shrink=0.5)
+    assert plain.taps.relu_shrink == 1.0  # the paper's default: off
+    out = STAPSLoss(shrunk, torch.Generator().manual_seed(0))(model, x, y, eps)
+    base = STAPSLoss(plain, torch.Generator().manual_seed(0))(model, x, y, eps)
+    assert float(out.metrics["robust_loss"]) < float(base.metrics["robust_loss"])
+
+    generator = torch.Generator().manual_seed(0)
+    x_adv = pgd(model, x, y, eps, config=shrunk.attack, generator=generator).x_adv
+    box = small_box(x, x_adv, eps, shrunk.shrink, radius=shrunk.radius)
+    bounds = taps_bounds(model, box, y, 2, estimators=shrunk.taps.estimators,
+                         generator=generator, relu_shrink=0.8)
+    C = margin_spec(y, 4, dtype=x.dtype)
+    # The latent box and the classifier's IBP both shrink: together the whole net's shrunk IBP.
+    torch.testing.assert_close(bounds.ibp, shrunk_interval_bounds(model, box, C, 0.8).lower,
+                               rtol=1e-12, atol=1e-12)
+    latent = shrunk_interval_bounds(model[:2], box, None, 0.8)
+    assert bool((latent.upper <= ibp(model[:2], box).upper + 1e-12).all())
+    torch.testing.assert_close(
+        out.metrics["robust_loss"], robust_cross_entropy(bounds.ibp).mean().detach())
+    with pytest.raises(ValueError, match="relu_shrink"):
+        TAPSConfig(relu_shrink=0.0)
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -252,7 +367,7 @@ def test_staps_is_taps_on_a_small_box_inside_the_eps_box(seed: int) -> None:
 
     generator = torch.Generator().manual_seed(0)
     x_adv = pgd(model, x, y, eps, config=config.attack, generator=generator).x_adv
-    box = small_box(x, x_adv, eps, config.shrink)
+    box = small_box(x, x_adv, eps, config.shrink, radius=config.radius)
     eps_box = Box.from_linf(x, eps)
     assert bool((box.lower >= eps_box.lower - 1e-12).all())
     assert bool((box.upper <= eps_box.upper + 1e-12).all())

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tightrope.losses import CCIBPConfig, SABRConfig
+from tightrope.attacks import FGSMConfig, PGDConfig
+from tightrope.losses import METHODS, CCIBPConfig, ModelSelection, SABRConfig, expressive_pgd_attack
 from tightrope.train import (
     ConfigError,
     DatasetName,
@@ -142,3 +144,93 @@ def test_a_config_path_that_is_no_yaml_file(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping of sections"):
         load_config(tmp_path / "list.yaml", ["epochs=2"])
+
+
+def _method(method: str, dataset: str = "synthetic", **loss: Any) -> dict[str, Any]:
+    return {"epochs": 4, "data": {"dataset": dataset}, "eps": {"train": 0.1, "ramp_epochs": 2},
+            "loss": {"method": method, **loss}}
+
+
+def test_crown_ibp_schedules_default_to_the_reference_per_data_set() -> None:
+    # Zhang et al. 2020's code: beta 1 -> 0 (final-beta 0); kappa 1 -> 0.5 on MNIST
+    # (mnist_dm-large: robust_natural, final-kappa 0.5), no natural term on CIFAR-10
+    # (cifar_dm-large: robust), nor in Shi et al. 2021's CIFAR-10/TinyImageNet CROWN-IBP.
+    mnist = parse_config(_method("crown_ibp", "mnist"), check_data=False)
+    assert mnist.beta_schedule == (1.0, 0.0)
+    assert mnist.kappa_schedule == (1.0, 0.5)
+    for dataset in ("cifar10", "tiny_imagenet", "fashion_mnist", "synthetic"):
+        config = parse_config(_method("crown_ibp", dataset), check_data=False)
+        assert config.beta_schedule == (1.0, 0.0)
+        assert config.kappa_schedule is None, dataset
+        assert config.loss.loss_config().kappa == 0.0
+    # Given schedules win; a fixed value in options is kept as it is.
+    given = parse_config(_method("crown_ibp", "mnist", beta=[1.0, 0.5], kappa=[0.0, 0.0]),
+                         check_data=False)
+    assert (given.beta_schedule, given.kappa_schedule) == ((1.0, 0.5), (0.0, 0.0))
+    fixed = parse_config(_method("crown_ibp", "mnist", options={"beta": 1.0, "kappa": 0.2}),
+                         check_data=False)
+    assert (fixed.beta_schedule, fixed.kappa_schedule) == (None, None)
+    # IBP keeps Shi et al.'s kappa 0 unless asked.
+    ibp = parse_config(_method("ibp", "mnist"), check_data=False)
+    assert (ibp.beta_schedule, ibp.kappa_schedule) == (None, None)
+
+
+def test_model_selection_defaults_to_each_papers_rule() -> None:
+    expected = {"ibp": ModelSelection.BEST_VERIFIED, "crown_ibp": ModelSelection.BEST_VERIFIED,
+                "taps": ModelSelection.BEST_TAPS, "staps": ModelSelection.BEST_TAPS,
+                "sabr": ModelSelection.LAST, "cc_ibp": ModelSelection.LAST,
+                "mtl_ibp": ModelSelection.LAST, "exp_ibp": ModelSelection.LAST,
+                "pgd": ModelSelection.LAST, "standard": ModelSelection.LAST}
+    for method, rule in expected.items():
+        assert METHODS[method].selection is rule, method
+        assert parse_config(_method(method)).selection is rule, method
+    chosen = parse_config({**_method("sabr"), "evaluation": {"selection": "best_verified"}})
+    assert chosen.selection is ModelSelection.BEST_VERIFIED
+    assert parse_config(chosen.to_plain()) == chosen
+    with pytest.raises(ConfigError, match="best_taps needs the TAPS accuracy"):
+        parse_config({**_method("cc_ibp"), "evaluation": {"selection": "best_taps"}})
+    with pytest.raises(ConfigError, match=r"evaluation\.selection: 'best' is not one of"):
+        parse_config({**_method("cc_ibp"), "evaluation": {"selection": "best"}})
+
+
+def test_expressive_losses_take_the_references_pgd_and_attack_radius() -> None:
+    # CIFAR-10 2/255 in De Palma et al.'s code: --train_att_n_steps 8 --train_att_step_size
+    # 0.25 --attack_eps_factor 2.1. The defaults stay random-start FGSM of 10 eps, factor 1.
+    for method in ("cc_ibp", "mtl_ibp", "exp_ibp"):
+        default = parse_config(_method(method)).loss.loss_config()
+        assert default.attack == FGSMConfig(step_size=10.0, random_start=True)
+        assert default.attack_eps_factor == 1.0
+        options = {"alpha": 0.01, "attack_eps_factor": 2.1,
+                   "attack": {"type": "PGDConfig", "steps": 8, "step_size": 0.25,
+                              "early_stop": False}}
+        config = parse_config(_method(method, options=options))
+        loss = config.loss.loss_config()
+        assert loss.attack == expressive_pgd_attack(steps=8, step_size=0.25)
+        assert loss.attack_eps_factor == 2.1
+        assert parse_config(config.to_plain()) == config
+    with pytest.raises(ConfigError, match="attack_eps_factor must be a finite number > 0"):
+        parse_config(_method("cc_ibp", options={"attack_eps_factor": 0}))
+
+
+def test_a_nested_mapping_changes_only_the_keys_it_names() -> None:
+    # Madry et al.'s MNIST attack: 40 steps of 0.01 at eps 0.3. The keys left out keep the PGD
+    # loss's default attack (random start, no early stop), not PGDConfig's own defaults.
+    options = {"attack": {"steps": 40, "step_size": "1/30"}}
+    loss = parse_config(_method("pgd", options=options)).loss.loss_config()
+    assert loss.attack == PGDConfig(steps=40, step_size=1 / 30, random_start=True,
+                                    early_stop=False)
+    # SABR's attack keeps its decaying step schedule when only the steps change.
+    sabr = parse_config(_method("sabr", options={"attack": {"steps": 3}})).loss.loss_config()
+    assert sabr.attack == dataclasses.replace(SABRConfig().attack, steps=3)
+    # Naming another class of a union starts from that class's defaults.
+    fgsm = parse_config(_method("cc_ibp", options={"attack": {"type": "FGSMConfig"}}))
+    assert fgsm.loss.loss_config().attack == FGSMConfig(step_size=10.0, random_start=True)
+    pgd = parse_config(_method("cc_ibp", options={"attack": {"type": "PGDConfig"}}))
+    assert pgd.loss.loss_config().attack == PGDConfig()
+
+
+def test_warmup_regularisers_radius() -> None:
+    assert parse_config(_method("ibp")).regularizers.warmup_eps == 1e-6
+    for bad in (-1e-6, 2):
+        with pytest.raises(ConfigError, match="warmup_eps must lie in"):
+            parse_config({**_method("ibp"), "regularizers": {"warmup_eps": bad}})

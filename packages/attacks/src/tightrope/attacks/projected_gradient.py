@@ -8,8 +8,11 @@ the samples not yet broken, so they never lose a broken sample; with ``early_sto
 as soon as every sample it attacks is broken.
 
 Settings used in the papers: certification PGD with 200 steps and 5 restarts
-(``PGDConfig(steps=200, restarts=5)``); SABR's training PGD with 8 steps, model in eval mode,
-and a decaying step (``PGDConfig(steps=8, step_size=0.5, schedule=MultiStepDecay(...))``).
+(``PGDConfig(steps=200, restarts=5)``). SABR's box-centring PGD (the reference code's; the
+default of ``tightrope.losses.SABRConfig``) is 8 steps in eval mode with a decaying step,
+``PGDConfig(steps=8, step_size=0.5, schedule=MultiStepDecay(milestones=(0.5, 0.8, 0.9),
+gamma=0.1))``: ``0.5 eps`` for steps 0-3, ``0.05 eps`` for 4-6, ``0.005 eps`` for step 7. The
+plain ``PGDConfig()`` default has no decay (``ConstantStep``).
 
 Example::
 

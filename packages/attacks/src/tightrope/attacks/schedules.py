@@ -32,7 +32,10 @@ class CosineStep:
 class MultiStepDecay:
     """Multiply the step by ``gamma`` each time ``k / steps`` passes one of ``milestones``.
 
-    SABR's short PGD uses this shape (e.g. ``gamma=0.1`` at a few late steps).
+    Step ``k`` (0-based) is decayed once per milestone ``m`` with ``k >= m * steps``, i.e. from
+    step ``ceil(m * steps)`` on. SABR's reference PGD is ``MultiStepDecay(milestones=(0.5, 0.8,
+    0.9), gamma=0.1)`` (decays at steps 4, 7 and 8 of 8); TAPS's latent estimators use
+    ``MultiStepDecay(milestones=(0.7,), gamma=0.1)`` with 20 steps (decay from step 14).
 
     Args:
         milestones: increasing fractions of the step budget in ``(0, 1]``.

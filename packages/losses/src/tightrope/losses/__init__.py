@@ -16,11 +16,12 @@ in ``[0, 1]``, ``y: (B,)`` labels, ``eps`` the l_inf radius in pixel units.
 * :class:`LeeLoss` — CROWN-IBP with 0/1 lower slopes from one signed-gradient step
   (Lee et al. 2021);
 * :class:`WongKolterLoss` — robust training with the dual network's bound (Wong & Kolter 2018);
-* :class:`Regularized`, :func:`ibp_initialize` — Shi et al. 2021's initialisation and
-  regularisers, and L1;
+* :class:`Regularized`, :func:`ibp_initialize`, :class:`WarmupLoss` — Shi et al. 2021's
+  initialisation and regularisers (also in the natural warm-up, on a 1e-6 box), and L1;
 * :class:`CCIBPLoss`, :class:`MTLIBPLoss`, :class:`ExpIBPLoss` — the expressive losses
-  (De Palma et al. 2024);
-* :data:`METHODS` / :func:`build_loss` — the registry of method names;
+  (De Palma et al. 2024), with random-start FGSM or PGD in a ball of ``attack_eps_factor`` eps;
+* :data:`METHODS` / :func:`build_loss` — the registry of method names, with each paper's
+  model-selection rule (:class:`ModelSelection`);
 * :class:`BatchNormPolicy` — which batch normalises the adversarial and bound passes (default:
   the clean batch, the CTBench convention).
 
@@ -42,7 +43,11 @@ from tightrope.losses.cc_ibp import CCIBPConfig, CCIBPLoss
 from tightrope.losses.core import CertifiedLoss, LossOutput, logit_margins, robust_cross_entropy
 from tightrope.losses.crown_ibp import CROWNIBPConfig, CROWNIBPLoss
 from tightrope.losses.exp_ibp import ExpIBPConfig, ExpIBPLoss
-from tightrope.losses.expressive import expressive_attack
+from tightrope.losses.expressive import (
+    ExpressiveAttack,
+    expressive_attack,
+    expressive_pgd_attack,
+)
 from tightrope.losses.interval import IBPConfig, IBPLoss
 from tightrope.losses.lee import LeeConfig, LeeLoss, signed_step_slopes
 from tightrope.losses.mtl_ibp import MTLIBPConfig, MTLIBPLoss
@@ -50,12 +55,15 @@ from tightrope.losses.registry import METHODS, Method, build_loss
 from tightrope.losses.regularizers import (
     Regularized,
     RegularizerConfig,
+    WarmupConfig,
+    WarmupLoss,
     ibp_initialize,
     l1_penalty,
     relu_balance_penalty,
     tightness_penalty,
 )
-from tightrope.losses.sabr import SABRConfig, SABRLoss, small_box
+from tightrope.losses.sabr import SABRConfig, SABRLoss, SmallBoxRadius, small_box
+from tightrope.losses.selection import ModelSelection
 from tightrope.losses.standard import StandardConfig, StandardLoss
 from tightrope.losses.staps import STAPSConfig, STAPSLoss
 from tightrope.losses.taps import (
@@ -78,6 +86,7 @@ __all__ = [
     "CertifiedLoss",
     "ExpIBPConfig",
     "ExpIBPLoss",
+    "ExpressiveAttack",
     "IBPConfig",
     "IBPLoss",
     "LeeConfig",
@@ -86,6 +95,7 @@ __all__ = [
     "MTLIBPConfig",
     "MTLIBPLoss",
     "Method",
+    "ModelSelection",
     "PGDTrainingConfig",
     "PGDTrainingLoss",
     "Regularized",
@@ -94,17 +104,21 @@ __all__ = [
     "SABRLoss",
     "STAPSConfig",
     "STAPSLoss",
+    "SmallBoxRadius",
     "StandardConfig",
     "StandardLoss",
     "TAPSBounds",
     "TAPSConfig",
     "TAPSLoss",
+    "WarmupConfig",
+    "WarmupLoss",
     "WongKolterConfig",
     "WongKolterLoss",
     "__version__",
     "build_loss",
     "clean_pass",
     "expressive_attack",
+    "expressive_pgd_attack",
     "gradient_connector",
     "ibp_initialize",
     "l1_penalty",

@@ -25,8 +25,12 @@ class PGDTrainingConfig:
     """Settings of :class:`PGDTrainingLoss`.
 
     Attributes:
-        attack: the PGD attack (default 7 steps of ``0.25 eps``, random start, model in eval
-            mode); MNIST in the paper: ``PGDConfig(steps=40, step_size=1/30)`` at eps 0.3.
+        attack: the PGD attack (default Madry et al.'s CIFAR-10 setting: 7 steps of
+            ``0.25 eps``, random start, every step run, model in eval mode); MNIST in the paper
+            (40 steps of 0.01 at eps 0.3, random start):
+            ``PGDConfig(steps=40, step_size=1/30, early_stop=False)``, in a training config
+            ``loss.options.attack: {steps: 40, step_size: 1/30}`` (the keys left out keep this
+            default's values).
         batchnorm: which batch normalises the adversarial pass (see :class:`BatchNormPolicy`).
     """
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tightrope.attacks import FGSMConfig
 from tightrope.losses.batchnorm import BatchNormPolicy
 from tightrope.losses.core import (
     LossOutput,
@@ -17,7 +16,12 @@ from tightrope.losses.core import (
     logit_margins,
     robust_cross_entropy,
 )
-from tightrope.losses.expressive import expressive_attack, expressive_step
+from tightrope.losses.expressive import (
+    ExpressiveAttack,
+    check_attack_eps_factor,
+    expressive_attack,
+    expressive_step,
+)
 
 __all__ = ["CCIBPConfig", "CCIBPLoss"]
 
@@ -29,16 +33,22 @@ class CCIBPConfig:
     Attributes:
         alpha: weight of the IBP bound in ``[0, 1]``; paper values: MNIST 0.1 -> 0.1,
             MNIST 0.3 -> 0.3, CIFAR-10 2/255 -> 0.01, 8/255 -> 0.5 (default), TinyImageNet 0.01.
-        attack: the attack (default random-start FGSM of ``10 eps``, model in eval mode).
+        attack: the attack, an ``FGSMConfig`` or a ``PGDConfig`` (default random-start FGSM
+            of ``10 eps``, model in eval mode; CIFAR-10 2/255 in the paper's code:
+            ``expressive_pgd_attack()``, 8 steps of 0.25 times the attack radius).
+        attack_eps_factor: the attack's radius in units of eps (default 1; CIFAR-10 2/255 in
+            the paper's code: 2.1). The IBP bound stays on the eps box.
         batchnorm: which batch normalises the adversarial and IBP passes.
     """
 
     alpha: float = 0.5
-    attack: FGSMConfig = field(default_factory=expressive_attack)
+    attack: ExpressiveAttack = field(default_factory=expressive_attack)
+    attack_eps_factor: float = 1.0
     batchnorm: BatchNormPolicy = BatchNormPolicy.CLEAN_BATCH
 
     def __post_init__(self) -> None:
         check_unit_interval("alpha", self.alpha)
+        check_attack_eps_factor(self.attack_eps_factor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +68,7 @@ class CCIBPLoss:
         step = expressive_step(
             model, x, y, eps, alpha=alpha, attack=self.config.attack,
             batchnorm=self.config.batchnorm, generator=self.generator,
+            attack_eps_factor=self.config.attack_eps_factor,
         )
         adversarial = logit_margins(step.adversarial_logits, y)
         combined = alpha * step.ibp_lower + (1.0 - alpha) * adversarial

@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tightrope.attacks import FGSMConfig
 from tightrope.losses.batchnorm import BatchNormPolicy
 from tightrope.losses.core import (
     LossOutput,
@@ -16,7 +15,12 @@ from tightrope.losses.core import (
     cross_entropy,
     robust_cross_entropy,
 )
-from tightrope.losses.expressive import expressive_attack, expressive_step
+from tightrope.losses.expressive import (
+    ExpressiveAttack,
+    check_attack_eps_factor,
+    expressive_attack,
+    expressive_step,
+)
 
 __all__ = ["MTLIBPConfig", "MTLIBPLoss"]
 
@@ -28,16 +32,22 @@ class MTLIBPConfig:
     Attributes:
         alpha: weight of the IBP bound in ``[0, 1]``; paper values: MNIST 0.1 -> 0.01,
             MNIST 0.3 -> 0.08, CIFAR-10 2/255 -> 0.004, 8/255 -> 0.5 (default), TinyImageNet 0.01.
-        attack: the attack (default random-start FGSM of ``10 eps``, model in eval mode).
+        attack: the attack, an ``FGSMConfig`` or a ``PGDConfig`` (default random-start FGSM
+            of ``10 eps``, model in eval mode; CIFAR-10 2/255 in the paper's code:
+            ``expressive_pgd_attack()``, 8 steps of 0.25 times the attack radius).
+        attack_eps_factor: the attack's radius in units of eps (default 1; CIFAR-10 2/255 in
+            the paper's code: 2.1). The IBP bound stays on the eps box.
         batchnorm: which batch normalises the adversarial and IBP passes.
     """
 
     alpha: float = 0.5
-    attack: FGSMConfig = field(default_factory=expressive_attack)
+    attack: ExpressiveAttack = field(default_factory=expressive_attack)
+    attack_eps_factor: float = 1.0
     batchnorm: BatchNormPolicy = BatchNormPolicy.CLEAN_BATCH
 
     def __post_init__(self) -> None:
         check_unit_interval("alpha", self.alpha)
+        check_attack_eps_factor(self.attack_eps_factor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +67,7 @@ class MTLIBPLoss:
         step = expressive_step(
             model, x, y, eps, alpha=alpha, attack=self.config.attack,
             batchnorm=self.config.batchnorm, generator=self.generator,
+            attack_eps_factor=self.config.attack_eps_factor,
         )
         robust = robust_cross_entropy(step.ibp_lower).mean()
         adversarial = cross_entropy(step.adversarial_logits, y)

@@ -12,11 +12,17 @@ and L1 weight regularisation, as terms composable with any loss.
   pre-activation centres of surely-active against surely-dead neurons, averaged over ReLUs;
 * :func:`l1_penalty` — ``sum |W|`` over convolution and linear weights;
 * :class:`Regularized` — ``loss + l1 * L1 + tightness * L_tight + relu_balance * L_relu``,
-  where the two Shi terms read the bounds of the wrapped loss's own IBP pass.
+  where the two Shi terms read the bounds of the wrapped loss's own IBP pass;
+* :class:`WarmupLoss` — the natural cross-entropy of the warm-up, with an IBP pass on a tiny box
+  (radius ``1e-6``) for the Shi terms to read.
 
-Shi et al. weight both Shi terms by ``lambda (1 - eps_t / eps_max)`` during the eps ramp-up
-(``lambda = 0.5``; 0.1-0.2 on TinyImageNet) and drop them afterwards; the trainer owns that
-schedule and passes the current weight with ``dataclasses.replace``.
+Shi et al. weight both Shi terms by ``lambda (1 - eps_t / eps_max)`` (``lambda = 0.5``; 0.1-0.2
+on TinyImageNet) from the first epoch to the end of the eps ramp-up and drop them afterwards.
+In the natural warm-up epoch, where eps is 0, their code (shizhouxing/Fast-Certified-Robust-
+Training, ``--min-eps-reg 1e-6``; the expressive losses' code likewise) trains on the natural
+cross-entropy plus the full-weight terms read off a box of radius ``max(eps, 1e-6)``: that is
+``Regularized(WarmupLoss(), ...)``. The trainer owns the schedule and passes the current weight
+with ``dataclasses.replace``.
 """
 
 from __future__ import annotations
@@ -28,11 +34,23 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.bounds import Box, Normalize
-from tightrope.losses.core import CertifiedLoss, LossOutput, recording_pre_activations
+from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
+from tightrope.losses.core import (
+    CertifiedLoss,
+    LossOutput,
+    accuracy,
+    check_batch,
+    cross_entropy,
+    ibp_margins,
+    is_recording,
+    recording_pre_activations,
+)
 
 __all__ = [
     "Regularized",
     "RegularizerConfig",
+    "WarmupConfig",
+    "WarmupLoss",
     "ibp_initialize",
     "l1_penalty",
     "relu_balance_penalty",
@@ -218,3 +236,51 @@ class Regularized:
 
 def _all_pre_activations(traces: list[tuple[Box, tuple[Box, ...]]]) -> tuple[Box, ...]:
     return tuple(box for _, pre in traces for box in pre)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WarmupConfig:
+    """Settings of :class:`WarmupLoss`.
+
+    Attributes:
+        min_eps: the smallest radius of the box whose bounds the Shi terms read, in pixel units
+            (> 0; Shi et al.'s ``--min-eps-reg``, 1e-6).
+        batchnorm: which batch normalises the bound pass (see :class:`BatchNormPolicy`).
+    """
+
+    min_eps: float = 1e-6
+    batchnorm: BatchNormPolicy = BatchNormPolicy.CLEAN_BATCH
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.min_eps) and 0 < self.min_eps <= 1):
+            raise ValueError(f"min_eps must lie in (0, 1] (pixel units), got {self.min_eps}")
+
+
+@dataclass(frozen=True, slots=True)
+class WarmupLoss:
+    """The natural warm-up step of Shi et al. 2021: the loss is ``CE(f(x), y)``; inside a
+    :class:`Regularized` with active Shi terms, one IBP pass over
+    ``[x - r, x + r] ∩ [0, 1]``, ``r = max(eps, min_eps)``, gives them the bounds to read (its
+    margins enter no loss). Without such a listener no bound pass runs: it is then the
+    standard loss.
+
+    Example::
+
+        loss = Regularized(WarmupLoss(), RegularizerConfig(tightness=0.5, relu_balance=0.5))
+        out = loss(model, x, y, eps=0.0)     # CE + 0.5 (L_tight + L_relu) on a 1e-6 box
+    """
+
+    config: WarmupConfig = field(default_factory=WarmupConfig)
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
+        check_batch(x, y, eps)
+        radius: float | Tensor = (
+            torch.as_tensor(eps, dtype=x.dtype, device=x.device).clamp(min=self.config.min_eps)
+            if isinstance(eps, Tensor) else max(float(eps), self.config.min_eps)
+        )
+        with clean_pass(model, x, self.config.batchnorm) as logits:
+            if is_recording():
+                ibp_margins(model, x, y, radius, logits.shape[1])
+        natural = cross_entropy(logits, y)
+        metrics = {"natural_loss": natural.detach(), "natural_accuracy": accuracy(logits, y)}
+        return LossOutput(loss=natural, logits=logits, metrics=metrics)

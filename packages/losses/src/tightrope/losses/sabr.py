@@ -4,11 +4,12 @@ on a small box of radius ``lambda eps`` around a PGD point, kept inside the eps 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import Tensor, nn
 
-from tightrope.attacks import PGDConfig, pgd
+from tightrope.attacks import MultiStepDecay, PGDConfig, pgd
 from tightrope.bounds import Box, margin_spec
 from tightrope.bounds.interval import tail_bounds
 from tightrope.bounds.network import Affine
@@ -25,12 +26,36 @@ from tightrope.losses.core import (
     verified_accuracy,
 )
 
-__all__ = ["SABRConfig", "SABRLoss", "shrunk_interval_bounds", "small_box"]
+__all__ = ["SABRConfig", "SABRLoss", "SmallBoxRadius", "shrunk_interval_bounds", "small_box"]
 
 
 def _sabr_attack() -> PGDConfig:
-    # SABR: 8 PGD steps from a random start, model (BatchNorm) in eval mode.
-    return PGDConfig(steps=8, random_start=True, early_stop=False)
+    # The reference's box-centring PGD (eth-sri/SABR, adv_whitebox with --adv_step_size 0.5
+    # --adv_start_steps 8, CE, BatchNorm in eval mode): 8 steps from a uniform random start,
+    # step 0.5 eps (the reference scales by the batch's largest clipped half-width, eps unless
+    # the whole batch sits at the domain's edges), x0.1 at steps ceil(0.5 n), ceil(0.8 n) and
+    # ceil(0.9 n) = 4, 7, 8: steps 0-3 move 0.5 eps, 4-6 0.05 eps, 7 0.005 eps. It stops once
+    # every sample of the batch is misclassified.
+    return PGDConfig(
+        steps=8,
+        step_size=0.5,
+        schedule=MultiStepDecay(milestones=(0.5, 0.8, 0.9), gamma=0.1),
+        random_start=True,
+        early_stop=True,
+    )
+
+
+class SmallBoxRadius(Enum):
+    """How :func:`small_box` sizes the box, per coordinate.
+
+    ``EPS``: ``tau = shrink * eps``, SABR's reference (eth-sri/SABR without
+    ``--dimwise_scaling``). ``HALF_WIDTH``: ``tau = shrink * (hi - lo) / 2`` with ``[lo, hi]`` the
+    eps box clipped to ``[0, 1]``, the TAPS reference's small box for STAPS (eth-sri/TAPS,
+    ``SmallBoxModelWrapper``): at the domain's edges the box shrinks with the clipped box.
+    """
+
+    EPS = "eps"
+    HALF_WIDTH = "half_width"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,19 +65,24 @@ class SABRConfig:
     Attributes:
         shrink: ``lambda`` in ``(0, 1]``, the small box's radius as a fraction of eps; paper:
             MNIST 0.1 -> 0.4, 0.3 -> 0.6, CIFAR-10 2/255 -> 0.1, 8/255 -> 0.7 (default),
-            TinyImageNet 0.4. At 1 the loss is the IBP loss.
-        attack: the PGD attack that centres the box (default 8 steps, model in eval mode).
+            TinyImageNet 0.4. At 1 the loss is the IBP loss (and no attack runs).
+        attack: the PGD attack that centres the box (default: the reference's 8 steps of
+            ``0.5 eps``, x0.1 from step 4 and again from step 7, random start, eval mode,
+            stopping once the whole batch is misclassified).
         batchnorm: which batch normalises the bound pass.
         relu_shrink: factor on the upper bound of every unstable ReLU's output in the bound
             pass (paper: 0.8 on CIFAR-10 2/255, else 1 = off, the default). A training device:
             with a factor below 1 the propagated box is no longer a sound bound, so
             ``small_box_verified_accuracy`` is then only indicative.
+        radius: how the box's radius is measured (default ``SmallBoxRadius.EPS``, SABR's
+            ``lambda eps``; see :class:`SmallBoxRadius`).
     """
 
     shrink: float = 0.7
     attack: PGDConfig = field(default_factory=_sabr_attack)
     batchnorm: BatchNormPolicy = BatchNormPolicy.CLEAN_BATCH
     relu_shrink: float = 1.0
+    radius: SmallBoxRadius = SmallBoxRadius.EPS
 
     def __post_init__(self) -> None:
         if not 0.0 < self.shrink <= 1.0:
@@ -61,18 +91,20 @@ class SABRConfig:
             raise ValueError(f"relu_shrink must lie in (0, 1], got {self.relu_shrink}")
 
 
-def shrunk_interval_bounds(model: nn.Module, box: Box, C: Tensor, relu_shrink: float) -> Box:
-    """IBP bounds of ``C f`` on ``box`` where each unstable ReLU's output interval
+def shrunk_interval_bounds(
+    model: nn.Module, box: Box, C: Tensor | None, relu_shrink: float
+) -> Box:
+    """IBP bounds of ``C f`` (or ``f``) on ``box`` where each unstable ReLU's output interval
     ``[0, u]`` becomes ``[0, relu_shrink u]`` (SABR's optional shrinking; not sound below 1).
 
-    ``C: (B, K, n_out)``; returns a ``(B, K)`` box. With ``relu_shrink = 1`` it is
-    ``tightrope.bounds.ibp``.
+    ``C: (B, K, n_out)`` gives a ``(B, K)`` box, ``C = None`` a ``(B, *S_out)`` box (TAPS's
+    latent box). With ``relu_shrink = 1`` it is ``tightrope.bounds.ibp``.
     """
     problem = prepare(model, box, C)
     net = problem.net
-    if problem.spec is None:
-        raise ValueError("shrunk_interval_bounds needs a specification C: (B, K, n_out)")
-    tail_start = max(net.relu_indices, default=-1) + 1
+    # Without a specification every op propagates; with one, the trailing affine block folds C.
+    last_relu = max(net.relu_indices, default=-1)
+    tail_start = len(net.ops) if problem.spec is None else last_relu + 1
     center, radius = box.center, box.radius
     pre_activations: list[Box] = []
     for op in net.ops[:tail_start]:
@@ -86,20 +118,47 @@ def shrunk_interval_bounds(model: nn.Module, box: Box, C: Tensor, relu_shrink: f
         lower = lower.relu()
         center, radius = (upper + lower) / 2, (upper - lower) / 2
     record_pre_activations(box, tuple(pre_activations))
+    if problem.spec is None:
+        return Box(center - radius, center + radius)
     return tail_bounds(net, problem.spec, center, radius, tail_start)
 
 
-def small_box(x: Tensor, x_adv: Tensor, eps: float | Tensor, shrink: float) -> Box:
-    """SABR's box: radius ``tau = shrink * eps`` around ``x_adv`` moved into the eps box.
+def small_box(
+    x: Tensor,
+    x_adv: Tensor,
+    eps: float | Tensor,
+    shrink: float,
+    *,
+    radius: SmallBoxRadius = SmallBoxRadius.EPS,
+) -> Box:
+    """SABR's box: radius ``tau`` around ``x_adv`` moved into the clipped eps box.
 
-    The centre is ``clamp(x_adv, x - eps + tau, x + eps - tau)``, so the box (clipped to
-    ``[0, 1]``) lies inside ``[x - eps, x + eps] ∩ [0, 1]``. ``x, x_adv: (B, *S)``; ``eps`` a
-    float or a tensor broadcastable to ``x``.
+    With ``[lo, hi] = [x - eps, x + eps] ∩ [0, 1]``, ``tau = shrink * eps`` (``EPS``) or
+    ``shrink * (hi - lo) / 2`` (``HALF_WIDTH``), the centre is ``clamp(x_adv, lo + tau,
+    hi - tau)`` and the box ``[centre - tau, centre + tau]``, as both references do: the box
+    keeps its full width ``2 tau`` also at the domain's edges (a pixel at 0 with eps 0.3 and
+    shrink 0.4 gets ``[c - 0.12, c + 0.12]`` inside ``[0, 0.3]``). Where ``2 tau`` exceeds
+    ``hi - lo`` the box is ``[lo, hi]``; at ``shrink = 1`` it is exactly the clipped eps box.
+    The box always lies inside ``[lo, hi]`` (rounding included).
+
+    Args:
+        x, x_adv: ``(B, *S)``, ``x`` in ``[0, 1]``; ``x_adv`` any point (it is clamped).
+        eps: a float or a tensor broadcastable to ``x``.
+        shrink: ``lambda`` in ``(0, 1]``.
+        radius: see :class:`SmallBoxRadius`.
     """
-    eps_t = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    tau = shrink * eps_t
-    centre = torch.minimum(torch.maximum(x_adv, x - eps_t + tau), x + eps_t - tau)
-    return Box.from_linf(centre, tau)
+    outer = Box.from_linf(x, eps)
+    if shrink == 1.0:
+        return outer
+    lo, hi = outer.lower, outer.upper
+    if radius is SmallBoxRadius.EPS:
+        tau = shrink * torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    else:
+        tau = shrink * (hi - lo) / 2
+    # torch.minimum last: where lo + tau > hi - tau the centre is hi - tau and the box all of
+    # [lo, hi] after the clamps below.
+    centre = torch.minimum(torch.maximum(x_adv, lo + tau), hi - tau)
+    return Box(torch.maximum(centre - tau, lo), torch.minimum(centre + tau, hi))
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,14 +174,18 @@ class SABRLoss:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
         check_batch(x, y, eps)
-        x_adv = pgd(model, x, y, eps, config=self.config.attack, generator=self.generator).x_adv
-        box = small_box(x, x_adv, eps, self.config.shrink)
-        with clean_pass(model, x, self.config.batchnorm) as logits:
+        config = self.config
+        if config.shrink == 1.0:  # the box is the eps box wherever the attack lands
+            box = Box.from_linf(x, eps)
+        else:
+            x_adv = pgd(model, x, y, eps, config=config.attack, generator=self.generator).x_adv
+            box = small_box(x, x_adv, eps, config.shrink, radius=config.radius)
+        with clean_pass(model, x, config.batchnorm) as logits:
             C = margin_spec(y, logits.shape[1], dtype=x.dtype).to(x.device)
-            if self.config.relu_shrink == 1.0:
+            if config.relu_shrink == 1.0:
                 lower = interval_bounds(model, box, C).lower
             else:
-                lower = shrunk_interval_bounds(model, box, C, self.config.relu_shrink).lower
+                lower = shrunk_interval_bounds(model, box, C, config.relu_shrink).lower
         robust = robust_cross_entropy(lower).mean()
         metrics = {
             "robust_loss": robust.detach(),

@@ -24,6 +24,7 @@ from tightrope.losses.core import (
     robust_cross_entropy,
     verified_accuracy,
 )
+from tightrope.losses.sabr import shrunk_interval_bounds
 
 __all__ = [
     "TAPSBounds",
@@ -37,9 +38,12 @@ __all__ = [
 
 
 def _taps_estimators() -> MultiEstimatorConfig:
-    # TAPS: 8 PGD steps per estimator, step decayed x0.2 after steps 5 and 7, BN in eval mode.
+    # The reference's estimators (eth-sri/TAPS, BoxModelWrapper._get_pivotal_points_one_batch
+    # with --train-steps 20, as all its published CNN7 runs but STAPS on TinyImageNet (10)):
+    # uniform random start, steps of max(0.2, 2/n) = 0.2 of the box's width = 0.4 of its
+    # half-width, x0.1 after step int(0.7 n) = 14 of 20, best point per estimator, BN in eval.
     return MultiEstimatorConfig(
-        steps=8, schedule=MultiStepDecay(milestones=(5 / 8, 7 / 8), gamma=0.2)
+        steps=20, step_size=0.4, schedule=MultiStepDecay(milestones=(0.7,), gamma=0.1)
     )
 
 
@@ -49,42 +53,71 @@ class TAPSConfig:
 
     Attributes:
         split: layer index into the ``nn.Sequential`` model, ``0 < split <= len(model)``:
-            ``f_E = model[:split]``, ``f_C = model[split:]``. ``None`` (default) splits just before
-            the last ``nn.ReLU``, so the classifier holds one ReLU layer. ``split == len(model)``
-            makes the loss the IBP loss.
+            ``f_E = model[:split]``, ``f_C = model[split:]``; overrides ``classifier_relus``.
+            ``split == len(model)`` makes the loss the IBP loss.
+        classifier_relus: with ``split = None`` (default), the number of ReLU layers the
+            classifier holds, each with the affine layer (and BatchNorm) that feeds it: the
+            split goes just before the affine layer of the ``classifier_relus``-th ReLU from
+            the end (see :func:`resolve_split`). Default 1: on CNN7 ``f_C`` is
+            ``[Linear, BatchNorm1d, ReLU, Linear]``, the paper's split (reference block sizes
+            ``17 4``); CIFAR-10 2/255 TAPS uses 5 (block sizes ``4 17``). A classifier of only
+            ``[ReLU, Linear]`` is separable and monotone, so its exact worst case over a box
+            equals IBP and TAPS would collapse to IBP.
         connector_c: ``c`` in ``[0, 1]`` of the rectified-linear gradient connector (paper: 0.5);
             0 is the binary connector, 1 the linear one (see :func:`gradient_connector`).
         taps_gradient_scale: ``w_TAPS >= 0``, the factor on the gradient of the TAPS term of
             ``L_TAPS * L_IBP`` (paper: 5, range 2-5).
-        estimators: the multi-estimator PGD in the latent box (default 8 steps, eval mode).
+        estimators: the multi-estimator PGD in the latent box (default the reference's: 20
+            steps of 0.4 of the box's half-width, x0.1 from step 14, random start, eval mode).
         batchnorm: which batch normalises the bound and estimator passes.
+        relu_shrink: factor on the upper bound of every unstable ReLU's output in the IBP passes
+            (the latent box and the IBP bound), as SABR's (see :func:`shrunk_interval_bounds`);
+            1 (default) is off. The TAPS reference applies it to every ReLU of the network
+            (``--relu-shrinkage 0.2``, i.e. a factor of 0.8, for STAPS on CIFAR-10 2/255). Not
+            sound below 1.
 
-    Plain IBP during the eps ramp-up (as the paper trains) is the trainer's choice of loss.
+    Plain IBP during the eps ramp-up (as the paper trains) is the trainer's choice of loss; see
+    ``tightrope.losses.METHODS["taps"].build_ramp``.
     """
 
     split: int | None = None
+    classifier_relus: int = 1
     connector_c: float = 0.5
     taps_gradient_scale: float = 5.0
     estimators: MultiEstimatorConfig = field(default_factory=_taps_estimators)
     batchnorm: BatchNormPolicy = BatchNormPolicy.CLEAN_BATCH
+    relu_shrink: float = 1.0
 
     def __post_init__(self) -> None:
         if self.split is not None and (isinstance(self.split, bool) or self.split <= 0):
             raise ValueError(f"split must be a layer index > 0 (or None), got {self.split}")
+        if isinstance(self.classifier_relus, bool) or self.classifier_relus < 1:
+            raise ValueError(f"classifier_relus must be >= 1, got {self.classifier_relus}")
         check_unit_interval("connector_c", self.connector_c)
         if not self.taps_gradient_scale >= 0.0:
             raise ValueError(
                 f"taps_gradient_scale must be >= 0, got {self.taps_gradient_scale}"
             )
+        if not 0.0 < self.relu_shrink <= 1.0:
+            raise ValueError(f"relu_shrink must lie in (0, 1], got {self.relu_shrink}")
 
 
-def resolve_split(model: nn.Module, split: int | None) -> int:
-    """The layer index of the split of ``model``: ``split`` checked, or before the last ReLU.
+_AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def resolve_split(model: nn.Module, split: int | None, classifier_relus: int = 1) -> int:
+    """The layer index of the split of ``model``: ``split`` checked, or the default one.
+
+    The default leaves ``classifier_relus`` ReLU layers in the classifier, each with the affine
+    layer (``Linear``/``Conv``) that feeds it, through BatchNorm layers only: on
+    ``[..., Flatten, Linear, BatchNorm1d, ReLU, Linear]`` and ``classifier_relus = 1`` it is
+    the index of that ``Linear``.
 
     Raises:
         TypeError: when ``model`` is not an ``nn.Sequential`` (TAPS splits it by layer index).
-        ValueError: when ``split`` is not in ``(0, len(model)]``, or is None and the model has
-            no ReLU after its first layer.
+        ValueError: when ``split`` is not in ``(0, len(model)]``; or, with ``split = None``,
+            when the model has fewer ReLUs than asked, the layer before the chosen ReLU (past
+            any BatchNorm) is not affine, or the split would leave the extractor empty.
     """
     if not isinstance(model, nn.Sequential):
         raise TypeError(
@@ -92,18 +125,41 @@ def resolve_split(model: nn.Module, split: int | None) -> int:
             f"{type(model).__name__}; wrap the layers in nn.Sequential"
         )
     if split is None:
-        relus = [i for i, layer in enumerate(model) if isinstance(layer, nn.ReLU) and i > 0]
-        if not relus:
-            raise ValueError(
-                "the model has no ReLU after its first layer to split before; pass "
-                "TAPSConfig(split=k) with 0 < k <= len(model)"
-            )
-        return relus[-1]
+        return _default_split(model, classifier_relus)
     if not 0 < split <= len(model):
         raise ValueError(
             f"split must satisfy 0 < split <= len(model) = {len(model)}, got {split}"
         )
     return split
+
+
+def _default_split(model: nn.Sequential, classifier_relus: int) -> int:
+    relus = [i for i, layer in enumerate(model) if isinstance(layer, nn.ReLU)]
+    if not relus:
+        raise ValueError(
+            "the model has no ReLU to leave in the classifier; pass TAPSConfig(split=k) with "
+            "0 < k <= len(model)"
+        )
+    if len(relus) < classifier_relus:
+        raise ValueError(
+            f"classifier_relus = {classifier_relus} but the model has {len(relus)} ReLU "
+            f"layers; pass a smaller classifier_relus or TAPSConfig(split=k)"
+        )
+    index = relus[-classifier_relus] - 1
+    while index >= 0 and isinstance(model[index], nn.modules.batchnorm._BatchNorm):
+        index -= 1
+    if index < 0 or not isinstance(model[index], _AFFINE):
+        raise ValueError(
+            f"the layer feeding ReLU {relus[-classifier_relus]} is not a Linear/Conv layer "
+            f"(past BatchNorm), so the default split does not apply; pass TAPSConfig(split=k)"
+        )
+    if index == 0:
+        raise ValueError(
+            "the default split would leave the feature extractor empty (the classifier's "
+            "affine layer is the model's first layer); pass TAPSConfig(split=k) with k > 0 or "
+            "fewer classifier_relus"
+        )
+    return index
 
 
 class _RectifiedLinearConnector(torch.autograd.Function):
@@ -207,6 +263,7 @@ def taps_bounds(
     c: float = 0.5,
     estimators: MultiEstimatorConfig | None = None,
     generator: torch.Generator | None = None,
+    relu_shrink: float = 1.0,
 ) -> TAPSBounds:
     """TAPS margin estimates and IBP margin bounds of ``model`` on ``box``.
 
@@ -219,16 +276,19 @@ def taps_bounds(
 
     Args:
         box: ``(B, *S)`` input box; ``y: (B,)`` labels.
+        estimators: the estimators' PGD (default ``MultiEstimatorConfig()``; TAPS's own
+            setting is ``TAPSConfig().estimators``).
+        relu_shrink: SABR's factor on unstable ReLUs' upper bounds in both IBP passes (1: off).
     """
     extractor, classifier = model[:split], model[split:]
-    latent = interval_bounds(extractor, box)
+    latent = _interval(extractor, box, None, relu_shrink)
     found = multi_estimator_box_pgd(
         classifier, latent.lower, latent.upper, y, config=estimators, generator=generator
     )
     batch, estimators_per_sample = found.classes.shape
     num_classes = estimators_per_sample + 1
     C = margin_spec(y, num_classes, dtype=box.lower.dtype).to(box.lower.device)
-    ibp_lower = interval_bounds(classifier, latent, C).lower
+    ibp_lower = _interval(classifier, latent, C, relu_shrink).lower
 
     def per_estimator(t: Tensor) -> Tensor:
         return t.unsqueeze(1).expand(found.points.shape)
@@ -240,6 +300,12 @@ def taps_bounds(
     own = logits.gather(2, y.view(batch, 1, 1).expand(batch, estimators_per_sample, 1))
     other = logits.gather(2, found.classes.unsqueeze(2))
     return TAPSBounds(taps=(own - other).squeeze(2), ibp=ibp_lower)
+
+
+def _interval(model: nn.Module, box: Box, C: Tensor | None, relu_shrink: float) -> Box:
+    if relu_shrink == 1.0:
+        return interval_bounds(model, box, C)
+    return shrunk_interval_bounds(model, box, C, relu_shrink)
 
 
 @dataclass(frozen=True, slots=True)
@@ -272,17 +338,18 @@ def taps_loss(
     generator: torch.Generator | None,
 ) -> LossOutput:
     """:class:`TAPSLoss` on an arbitrary input ``box`` (STAPS passes SABR's small box)."""
-    split = resolve_split(model, config.split)
+    split = resolve_split(model, config.split, config.classifier_relus)
     model = cast(nn.Sequential, model)  # resolve_split checked it
     with clean_pass(model, x, config.batchnorm) as logits:
         if split == len(model):
             C = margin_spec(y, logits.shape[1], dtype=x.dtype).to(x.device)
-            ibp_lower = interval_bounds(model, box, C).lower
+            ibp_lower = _interval(model, box, C, config.relu_shrink).lower
             taps_margins = ibp_lower
         else:
             bounds = taps_bounds(
                 model, box, y, split, c=config.connector_c,
                 estimators=config.estimators, generator=generator,
+                relu_shrink=config.relu_shrink,
             )
             ibp_lower, taps_margins = bounds.ibp, bounds.taps
     ibp_term = robust_cross_entropy(ibp_lower).mean()

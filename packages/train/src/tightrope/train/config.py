@@ -29,16 +29,19 @@ from typing import Any
 
 import torch
 
-from tightrope.losses import METHODS
+from tightrope.losses import METHODS, ModelSelection
 from tightrope.train.data import DATASET_INFO, DatasetName, check_available
 from tightrope.train.models import MODELS, build_model
 from tightrope.train.structured import ConfigError, from_mapping, to_plain
 
 # Methods whose loss makes no IBP pass, which Shi et al.'s regularisers read.
 NO_IBP_PASS = ("standard", "pgd", "wong_kolter")
+# Methods whose evaluation reports the TAPS accuracy.
+TAPS_ACCURACY = ("taps", "staps")
 
 __all__ = [
     "NO_IBP_PASS",
+    "TAPS_ACCURACY",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
@@ -163,12 +166,20 @@ class LossSection:
             ``taps``, ``staps``, ``cc_ibp``, ``mtl_ibp``, ``exp_ibp``, ``pgd``, ``standard``).
         options: fields of the method's config class (e.g. ``{alpha: 0.5}`` for CC-IBP;
             nested attack settings as mappings).
-        beta: ``[start, end]`` of CROWN-IBP's ``beta``, moved linearly over the ramp
-            (Zhang et al. 2020: 1 -> 0); ``None`` keeps ``options``.
-        kappa: ``[start, end]`` of the natural-loss weight ``kappa`` over the ramp (IBP and
-            CROWN-IBP; Gowal et al. 2018: 1 -> 0.5); ``None`` keeps ``options``.
-        ibp_during_ramp: train with the plain IBP loss while eps grows (TAPS/STAPS as Mao et al.
-            2023 do); ``None`` means yes for ``taps``/``staps``, no otherwise.
+        beta: ``[start, end]`` of CROWN-IBP's ``beta``, which follows eps as
+            ``start + (end - start) eps_t / eps_max`` (so 1 -> 0 is ``1 - eps_t / eps_max``, as
+            Zhang et al. 2020's and Shi et al. 2021's code compute it); ``None``: the method's
+            reference schedule (:attr:`TrainConfig.beta_schedule`: ``[1, 0]`` for
+            ``crown_ibp``) unless ``options`` sets ``beta``, which is then kept fixed.
+        kappa: ``[start, end]`` of the natural-loss weight ``kappa`` (IBP and CROWN-IBP),
+            following eps the same way (Gowal et al. 2018: 1 -> 0.5); ``None``: the method's
+            reference schedule for the data set (:attr:`TrainConfig.kappa_schedule`: ``[1, 0.5]``
+            for ``crown_ibp`` on MNIST, none, i.e. ``kappa`` 0, elsewhere) unless ``options``
+            sets ``kappa``.
+        ibp_during_ramp: train with the method's ramp loss while eps grows: the one its paper
+            uses there (the registry entry's ``ramp``: plain IBP for TAPS, IBP on SABR's small
+            box, i.e. SABR, for STAPS, as Mao et al. 2023's code), plain IBP for methods
+            without one; ``None`` means yes exactly for methods whose registry entry has one.
     """
 
     method: str = "ibp"
@@ -197,7 +208,7 @@ class LossSection:
     def uses_ibp_during_ramp(self) -> bool:
         if self.ibp_during_ramp is not None:
             return self.ibp_during_ramp
-        return self.method in ("taps", "staps")
+        return METHODS[self.method].ramp is not None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -289,17 +300,25 @@ class RegularizerSection:
             ramp, applied as ``lambda (1 - eps_t / eps_max)`` (0.5; TinyImageNet 0.1-0.2).
         tau: the tightness regulariser's threshold (0.5).
         l1: weight of the L1 norm of the weights (0-5e-5).
+        warmup_eps: during the natural warm-up the two Shi terms apply too, at full weight
+            ``lambda``, read off the IBP bounds of a box of this radius (pixel units) while the
+            loss stays the natural cross-entropy (Shi et al.'s code: ``--min-eps-reg 1e-6``,
+            the default); 0 leaves the warm-up unregularised.
     """
 
     ibp_init: bool = False
     shi_lambda: float = 0.0
     tau: float = 0.5
     l1: float = 0.0
+    warmup_eps: float = 1e-6
 
     def __post_init__(self) -> None:
         if not (0 <= self.shi_lambda < math.inf and 0 <= self.l1 < math.inf
                 and 0 < self.tau < math.inf):
             raise ValueError("shi_lambda and l1 must be >= 0 and tau > 0")
+        if not 0 <= self.warmup_eps <= 1:
+            raise ValueError(f"warmup_eps must lie in [0, 1] (pixel units; 0 = no regularisers "
+                             f"in the warm-up), got {self.warmup_eps}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -311,6 +330,11 @@ class EvalConfig:
         crown_ibp: also report CROWN-IBP-verified accuracy (about 15x a forward pass).
         max_samples: evaluate on at most this many validation samples (``None``: all).
         every_epochs: evaluate every this many epochs (and always after the last).
+        selection: which epoch the run keeps as ``best.pt`` once eps is full: ``last``,
+            ``best_verified`` (IBP/CROWN-IBP-verified, then clean accuracy) or ``best_taps``
+            (TAPS/STAPS only); ``None``: the method's paper's rule
+            (``tightrope.losses.METHODS[method].selection``: ``best_verified`` for IBP,
+            CROWN-IBP and Lee, ``best_taps`` for TAPS/STAPS, ``last`` otherwise).
     """
 
     pgd_steps: int = 10
@@ -318,6 +342,7 @@ class EvalConfig:
     crown_ibp: bool = True
     max_samples: int | None = None
     every_epochs: int = 1
+    selection: ModelSelection | None = None
 
     def __post_init__(self) -> None:
         if self.pgd_steps < 0 or self.pgd_restarts < 1 or self.every_epochs < 1:
@@ -374,7 +399,49 @@ class TrainConfig:
                 f"eps.warmup_epochs + eps.ramp_epochs = "
                 f"{self.eps.warmup_epochs + self.eps.ramp_epochs} exceeds epochs = {self.epochs}"
             )
+        if (self.selection is ModelSelection.BEST_TAPS
+                and self.loss.method not in TAPS_ACCURACY):
+            raise ValueError(
+                f"evaluation.selection: best_taps needs the TAPS accuracy, which is evaluated "
+                f"for {' and '.join(TAPS_ACCURACY)} only, not {self.loss.method!r}; use "
+                "best_verified or last"
+            )
         self._check_model()
+
+    @property
+    def selection(self) -> ModelSelection:
+        """The model-selection rule of the run: ``evaluation.selection``, or the method's."""
+        chosen = self.evaluation.selection
+        return chosen if chosen is not None else METHODS[self.loss.method].selection
+
+    @property
+    def beta_schedule(self) -> tuple[float, float] | None:
+        """CROWN-IBP's ``beta`` ``[start, end]`` over eps (``None``: ``options`` decides).
+
+        ``loss.beta`` when given; else, unless ``options`` sets ``beta``, the reference's
+        1 -> 0 for ``crown_ibp`` (Zhang et al. 2020's ``final-beta`` 0; Shi et al. 2021's
+        ``1 - eps_t / eps_max``).
+        """
+        if self.loss.beta is not None or "beta" in self.loss.options:
+            return self.loss.beta
+        return (1.0, 0.0) if self.loss.method == "crown_ibp" else None
+
+    @property
+    def kappa_schedule(self) -> tuple[float, float] | None:
+        """The natural-loss weight ``kappa`` ``[start, end]`` over eps (``None``: ``options``).
+
+        ``loss.kappa`` when given; else, unless ``options`` sets ``kappa``, CROWN-IBP's
+        reference per data set (huanzhang12/CROWN-IBP): 1 -> 0.5 on MNIST
+        (``config/mnist_dm-large_*.json``: ``robust_natural`` with the default ``final-kappa``
+        0.5), no natural term (``kappa`` 0) on every other data set (CIFAR-10:
+        ``cifar_dm-large_*.json`` train ``robust``; Shi et al. 2021's CIFAR-10/TinyImageNet
+        CROWN-IBP has no natural term; Fashion-MNIST: ``fashion-mnist_crown.json``, ``robust``).
+        """
+        if self.loss.kappa is not None or "kappa" in self.loss.options:
+            return self.loss.kappa
+        if self.loss.method == "crown_ibp" and self.data.dataset is DatasetName.MNIST:
+            return (1.0, 0.5)
+        return None
 
     def _check_model(self) -> None:
         # Build the model once for the data set's shape (a few milliseconds on the CPU, under a

@@ -111,7 +111,7 @@ def _evaluate_batch(model: nn.Module, x: Tensor, y: Tensor, settings: EvalSettin
     else:
         counts["pgd_count"] += float(correct.sum())
     if settings.taps is not None and isinstance(model, nn.Sequential):
-        split = resolve_split(model, settings.taps.split)
+        split = resolve_split(model, settings.taps.split, settings.taps.classifier_relus)
         if split == len(model):
             counts["taps_count"] += float(_verified(ibp(model, box, C).lower).sum())
         else:

@@ -4,11 +4,13 @@ and TensorBoard events.
 Layout of a run directory::
 
     config.yaml     the resolved config (every default filled in, the loss's full config too)
-    meta.json       git SHA, package versions, torch/CUDA, device, world size, start time
+    meta.json       git SHA, package versions, torch/CUDA, device, world size, start time,
+                    the model-selection rule and CROWN-IBP's beta/kappa schedules in use
     metrics.csv     one row per epoch: schedule values, training means, validation accuracies
     tensorboard/    the same scalars for ``tensorboard --logdir <run>/tensorboard``
     last.pt         the latest checkpoint (end of epoch, or every ``checkpoint.every_steps``)
-    best.pt         the best epoch on the validation split (verified, then clean accuracy)
+    best.pt         the epoch the run's model-selection rule keeps once eps is full (the last,
+                    or the best on the validation split by verified or TAPS accuracy)
 """
 
 from __future__ import annotations

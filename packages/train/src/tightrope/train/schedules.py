@@ -1,6 +1,6 @@
 """Per-batch schedules of certified training: the phase (natural warm-up, eps ramp, full eps),
-eps itself, and the weights that follow the ramp (CROWN-IBP's beta and kappa, Shi et al.'s
-regulariser weight).
+eps itself, and the weights that follow eps (CROWN-IBP's beta and kappa, Shi et al.'s
+regulariser weight), each a function of ``eps_t / eps_max`` as in the reference code.
 
 All are pure functions of the global optimiser step, so a resumed run recomputes them exactly.
 """
@@ -87,14 +87,25 @@ class Schedule:
                     if self.eps.shape is EpsShape.SMOOTHED else t)
         return self.eps.start + (self.eps.train - self.eps.start) * fraction
 
+    def eps_fraction(self, step: int) -> float:
+        """``eps_t / eps_max`` at ``step``: 0 in warm-up, 1 once eps is full (1 when eps_max is
+        0)."""
+        if self.eps.train == 0.0:
+            return 1.0
+        return self.eps_at(step) / self.eps.train
+
     def interpolate(self, pair: tuple[float, float], step: int) -> float:
-        """``start + (end - start) * progress``: a weight moved linearly over the ramp (CROWN-IBP's
-        beta and kappa, Zhang et al. 2020)."""
+        """``start + (end - start) * eps_t / eps_max``: a weight that follows eps, not ramp
+        progress, as CROWN-IBP's beta and kappa do in the reference code (Zhang et al. 2020:
+        ``beta = 1 - (1 - final_beta) eps / max_eps``; Shi et al. 2021: ``beta = 1 - eps_t /
+        eps_max``). With the smoothed ramp eps is still small early on: at a quarter of the ramp
+        1 -> 0 gives about 0.92, where progress would give 0.75."""
         start, end = pair
-        return start + (end - start) * self.progress(step)
+        return start + (end - start) * self.eps_fraction(step)
 
     def regularizer_weight(self, shi_lambda: float, step: int) -> float:
-        """Shi et al.'s ``lambda (1 - eps_t / eps_max)`` during the ramp, 0 otherwise."""
-        if self.phase(step) is not Phase.RAMP or self.eps.train == 0.0:
+        """Shi et al.'s ``lambda (1 - eps_t / eps_max)`` in the natural warm-up (where it is
+        ``lambda``, eps being 0) and the ramp, 0 once eps is full."""
+        if self.phase(step) is Phase.FULL or self.eps.train == 0.0:
             return 0.0
         return shi_lambda * (1.0 - self.eps_at(step) / self.eps.train)

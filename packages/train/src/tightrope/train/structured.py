@@ -6,7 +6,9 @@ dataclass back into YAML-able values (enums by value, tuples as lists). Supporte
 ``bool``, ``int``, ``float`` (finite; also written as a fraction such as ``"2/255"``),
 ``str``, ``Enum`` (by value or name), ``X | None``, ``tuple[X, ...]``, ``tuple[X, Y]``,
 ``Mapping[str, Any]``, nested dataclasses and unions of dataclasses (the mapping names its
-class under ``type``).
+class under ``type``). A nested mapping changes the field's default value key by key: the keys it
+leaves out keep that default's values (``attack: {steps: 40}`` keeps the rest of a loss's default
+attack), unless it names another class under ``type``, whose own defaults then apply.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
 
-def _convert(annotation: Any, value: Any, path: str) -> Any:
+def _convert(annotation: Any, value: Any, path: str, default: Any = None) -> Any:
+    # ``default``: the field's default value, which a nested mapping updates key by key.
     if annotation is Any:
         return value
     origin = typing.get_origin(annotation)
@@ -52,7 +55,7 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
         candidates = [option for option in options if option is not type(None)]
         classes = [option for option in candidates if dataclasses.is_dataclass(option)]
         if classes and len(classes) == len(candidates):
-            return _tagged(classes, value, path)
+            return _tagged(classes, value, path, default)
         errors = []
         for option in candidates:
             try:
@@ -94,7 +97,7 @@ def _convert(annotation: Any, value: Any, path: str) -> Any:
     if isinstance(annotation, type) and issubclass(annotation, Enum):
         return _enum(annotation, value, path)
     if dataclasses.is_dataclass(annotation) and isinstance(annotation, type):
-        return from_mapping(annotation, value, path)
+        return _from_mapping(annotation, value, path, default)
     raise ConfigError(f"{_name(path)}: values of type {_type_name(annotation)} cannot be set "
                       "from a config file")
 
@@ -141,7 +144,7 @@ def _enum(kind: type[Enum], value: Any, path: str) -> Enum:
     raise ConfigError(f"{_name(path)}: {value!r} is not one of: {known}")
 
 
-def _tagged(classes: list[Any], value: Any, path: str) -> Any:
+def _tagged(classes: list[Any], value: Any, path: str, default: Any = None) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return value
     if not isinstance(value, Mapping) or "type" not in value:
@@ -152,19 +155,33 @@ def _tagged(classes: list[Any], value: Any, path: str) -> Any:
         names = ", ".join(c.__name__ for c in classes)
         raise ConfigError(f"{_name(path)}.type: {value['type']!r} is not one of {names}")
     rest = {key: item for key, item in value.items() if key != "type"}
-    return from_mapping(chosen[0], rest, path)
+    return _from_mapping(chosen[0], rest, path, default)
 
 
 def from_mapping(cls: type[T], data: Any, path: str = "") -> T:
     """Build the dataclass ``cls`` from ``data`` (a mapping, or ``None`` for all defaults).
 
-    Missing keys keep their defaults. The dataclass's own ``__post_init__`` checks (ranges)
+    Missing keys keep their defaults; in a nested mapping, the defaults of the field's default
+    value (see the module docstring). The dataclass's own ``__post_init__`` checks (ranges)
     run too; their ``ValueError``/``TypeError`` is re-raised as :class:`ConfigError` prefixed
     with the key.
 
     Raises:
         ConfigError: an unknown key, a value of the wrong type, or a value out of range.
     """
+    return _from_mapping(cls, data, path, None)
+
+
+def _field_default(item: dataclasses.Field[Any]) -> Any:
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return None
+
+
+def _from_mapping(cls: type[T], data: Any, path: str, base: Any) -> T:
+    # ``base``: a value of exactly ``cls`` whose fields stand in for the keys ``data`` omits.
     if data is None:
         data = {}
     if dataclasses.is_dataclass(data) and isinstance(data, cls):
@@ -182,17 +199,28 @@ def from_mapping(cls: type[T], data: Any, path: str = "") -> T:
             f"{where}{unknown[0]}: unknown key; known keys{' of ' + path if path else ''}: "
             f"{', '.join(fields)}"
         )
+    base = base if type(base) is cls else None
     values = {
-        name: _convert(hints[name], data[name], f"{path}.{name}" if path else name)
+        name: _convert(hints[name], data[name], f"{path}.{name}" if path else name,
+                       _nested_default(base, fields[name], data[name]))
         for name in fields if name in data
     }
     try:
-        return cls(**values)
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
     except (ValueError, TypeError) as error:
         if isinstance(error, ConfigError):
             raise
         # At the top level the dataclass's own message names the keys.
         raise ConfigError(f"{path}: {error}" if path else str(error)) from error
+
+
+def _nested_default(base: Any, item: dataclasses.Field[Any], value: Any) -> Any:
+    """The default a nested mapping ``value`` for the field ``item`` updates: that field of
+    ``base`` when there is one, else the field's own default; ``None`` for other values."""
+    if not isinstance(value, Mapping):
+        return None
+    default = getattr(base, item.name) if base is not None else _field_default(item)
+    return default if dataclasses.is_dataclass(default) and not isinstance(default, type) else None
 
 
 def _is_dataclass_union(annotation: Any) -> bool:

@@ -2,11 +2,17 @@
 
 Each step (Shi et al. 2021's recipe, shared by SABR, TAPS and the expressive losses): the phase
 and eps of the step from the :class:`~tightrope.train.Schedule` -> the loss of the phase
-(cross-entropy during the natural warm-up; plain IBP during the ramp for TAPS/STAPS; otherwise
-the configured method with its scheduled beta/kappa) wrapped with L1 and Shi's regularisers ->
-non-finite check -> backward -> gradient averaging across processes -> grad-norm clipping ->
-Adam step. Each epoch: evaluation on the validation split, ``metrics.csv``, TensorBoard,
-``last.pt`` and, when the validation result improves once eps is full, ``best.pt``.
+(cross-entropy during the natural warm-up, with an IBP pass on a 1e-6 box for Shi's
+regularisers when they are on; the method's ramp loss during the ramp (plain IBP for TAPS,
+SABR's small-box IBP for STAPS: the registry entry's ``ramp``); otherwise the
+configured method with its beta/kappa following ``eps_t / eps_max``) wrapped with L1 and Shi's
+regularisers -> non-finite check -> backward -> gradient averaging across processes ->
+grad-norm clipping -> Adam step. Each epoch: evaluation on the validation split,
+``metrics.csv``, TensorBoard, ``last.pt`` and, once eps is full, ``best.pt`` when the run's
+model-selection rule (:class:`~tightrope.losses.ModelSelection`, the method's paper's unless
+``evaluation.selection`` says otherwise) picks the epoch: every epoch for ``last``, an
+improvement of the validation metric for ``best_verified``/``best_taps``. The rule is written to
+``meta.json``, announced through ``on_message`` and stored in every checkpoint's ``best``.
 
 The library never prints: progress goes to the ``on_progress`` callback and messages to
 ``on_message``.
@@ -40,12 +46,15 @@ from tightrope.losses import (
     CertifiedLoss,
     IBPConfig,
     IBPLoss,
+    ModelSelection,
     Regularized,
     RegularizerConfig,
     StandardConfig,
     StandardLoss,
     STAPSConfig,
     TAPSConfig,
+    WarmupConfig,
+    WarmupLoss,
     ibp_initialize,
 )
 from tightrope.train.__about__ import __version__
@@ -112,13 +121,14 @@ class Progress:
 
 @dataclass(frozen=True, slots=True)
 class FitResult:
-    """What :meth:`Trainer.fit` returns: the run directory, the last epoch's validation metrics
-    and those of the selected (best) epoch."""
+    """What :meth:`Trainer.fit` returns: the run directory, the last epoch's validation metrics,
+    those of the selected (best) epoch, and the rule that selected it."""
 
     run_dir: Path | None
     last: dict[str, float]
     best: dict[str, float]
     best_epoch: int
+    selection: ModelSelection = ModelSelection.BEST_VERIFIED
 
 
 def _key(*parts: int) -> int:
@@ -203,6 +213,9 @@ class Trainer:
             _key(config.seed, self.distributed.rank, 1)
         )
         self.loss_config = config.loss.loss_config()
+        self.selection = config.selection
+        self.beta_schedule = config.beta_schedule
+        self.kappa_schedule = config.kappa_schedule
         self.epoch = 0
         self.step = 0
         self.batch = 0
@@ -255,23 +268,31 @@ class Trainer:
         phase = self.schedule.phase(step)
         base: CertifiedLoss
         bound_based = config.loss.method not in NO_IBP_PASS
+        regs = config.regularizers
         if phase is Phase.WARMUP:
-            base = StandardLoss(StandardConfig())
-            bound_based = False
+            if bound_based and regs.shi_lambda > 0 and regs.warmup_eps > 0:
+                # Shi et al.'s code regularises the warm-up too, on a box of radius 1e-6.
+                base = WarmupLoss(WarmupConfig(min_eps=regs.warmup_eps,
+                                               batchnorm=self._batchnorm_policy()))
+            else:
+                base = StandardLoss(StandardConfig())
+                bound_based = False
         elif phase is Phase.RAMP and config.loss.uses_ibp_during_ramp:
-            base = IBPLoss(IBPConfig(batchnorm=self._batchnorm_policy()))
+            method = METHODS[config.loss.method]
+            base = (method.build_ramp(self.loss_config, self.loss_generator)
+                    if method.ramp is not None
+                    else IBPLoss(IBPConfig(batchnorm=self._batchnorm_policy())))
             bound_based = True
         else:
             loss_config = self.loss_config
             changes: dict[str, float] = {}
-            if config.loss.beta is not None and hasattr(loss_config, "beta"):
-                changes["beta"] = self.schedule.interpolate(config.loss.beta, step)
-            if config.loss.kappa is not None and hasattr(loss_config, "kappa"):
-                changes["kappa"] = self.schedule.interpolate(config.loss.kappa, step)
+            if self.beta_schedule is not None and hasattr(loss_config, "beta"):
+                changes["beta"] = self.schedule.interpolate(self.beta_schedule, step)
+            if self.kappa_schedule is not None and hasattr(loss_config, "kappa"):
+                changes["kappa"] = self.schedule.interpolate(self.kappa_schedule, step)
             if changes:
                 loss_config = dataclasses.replace(loss_config, **changes)
             base = METHODS[config.loss.method].build(loss_config, self.loss_generator)
-        regs = config.regularizers
         weight = self.schedule.regularizer_weight(regs.shi_lambda, step) if bound_based else 0.0
         if regs.l1 > 0 or weight > 0:
             return Regularized(base, RegularizerConfig(l1=regs.l1, tightness=weight,
@@ -417,7 +438,11 @@ class Trainer:
                 "steps_per_epoch": len(self.train_loader),
                 "train_samples": len(self.splits.train),
                 "validation_samples": len(self.splits.validation),
+                **self.resolved_schedules(),
             })
+        if self.distributed.is_main and self.on_message is not None:
+            self.on_message(f"model selection: {self.selection.value} "
+                            f"({self._selection_source()})")
         if main and self.metrics_table is not None:
             self.metrics_table.load(keep_epochs_up_to=self.epoch)
         try:
@@ -444,24 +469,44 @@ class Trainer:
         if self.distributed.world > 1:
             dist.barrier()  # every process may read the checkpoints once fit returns
         return FitResult(self.run_dir, self.last_metrics, self.best or self.last_metrics,
-                         self.best_epoch if self.best_epoch >= 0 else self.epoch)
+                         self.best_epoch if self.best_epoch >= 0 else self.epoch,
+                         self.selection)
+
+    def resolved_schedules(self) -> dict[str, Any]:
+        """What the run resolved from its config's defaults, for ``meta.json``: the
+        model-selection rule and where it came from, and CROWN-IBP's beta/kappa schedules."""
+        return {
+            "model_selection": self.selection.value,
+            "model_selection_source": self._selection_source(),
+            "beta_schedule": list(self.beta_schedule) if self.beta_schedule else None,
+            "kappa_schedule": list(self.kappa_schedule) if self.kappa_schedule else None,
+        }
+
+    def _selection_source(self) -> str:
+        if self.config.evaluation.selection is not None:
+            return "evaluation.selection"
+        return f"the default of {self.config.loss.method}"
 
     def _select(self, metrics: dict[str, float]) -> None:
-        # Model selection on the validation split once eps has reached its final value.
+        # Model selection on the validation split once eps has reached its final value, by the
+        # run's rule: every such epoch replaces the last (LAST), or the best validation score.
         if self.schedule.phase(self.step - 1) is not Phase.FULL:
             return
-        score = (metrics.get("verified_accuracy", 0.0), metrics.get("clean_accuracy", 0.0))
-        best = (self.best.get("verified_accuracy", -1.0), self.best.get("clean_accuracy", -1.0))
-        if score > best:
-            self.best = dict(metrics)
-            self.best_epoch = self.epoch
-            if self._checkpoints:
-                self.save("best.pt")
-            if self.distributed.is_main and self.on_message is not None:
-                self.on_message(
-                    f"epoch {self.epoch}: new best (verified {score[0]:.4f}, clean "
-                    f"{score[1]:.4f} on validation)"
-                )
+        metric = self.selection.metric
+        if metric is not None:
+            score = (metrics.get(metric, 0.0), metrics.get("clean_accuracy", 0.0))
+            best = (self.best.get(metric, -1.0), self.best.get("clean_accuracy", -1.0))
+            if not score > best:
+                return
+        self.best = dict(metrics)
+        self.best_epoch = self.epoch
+        if self._checkpoints:
+            self.save("best.pt")
+        if metric is not None and self.distributed.is_main and self.on_message is not None:
+            self.on_message(
+                f"epoch {self.epoch}: new best ({metric} {score[0]:.4f}, clean "
+                f"{score[1]:.4f} on validation)"
+            )
 
     def _log(self, train: dict[str, float], val: dict[str, float], seconds: float) -> None:
         row: dict[str, Any] = {"epoch": self.epoch, "step": self.step, "epoch_seconds": seconds}
@@ -526,7 +571,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "rng": rng,
             "progress": dict(self.sums),
-            "best": {"metrics": dict(self.best), "epoch": self.best_epoch},
+            "best": {"metrics": dict(self.best), "epoch": self.best_epoch,
+                     "selection": self.selection.value},
             "last_metrics": dict(self.last_metrics),
             "versions": {"tightrope-train": __version__, **package_versions()},
         }

@@ -56,8 +56,12 @@ overrides:
 run directory (--out/<dataset>-<method>-<model>-<time>/):
   config.yaml (resolved config), meta.json (git SHA, versions, device), metrics.csv (one row
   per epoch), tensorboard/ (view with `tensorboard --logdir <run>/tensorboard`), last.pt
-  (latest state; --resume continues from it), best.pt (best validation epoch once eps is
-  full), test_metrics.json (best.pt on the test split, unless --no-test).
+  (latest state; --resume continues from it), best.pt (the epoch kept once eps is full, by
+  the method's paper's model-selection rule: the last epoch for SABR, CC-/MTL-/Exp-IBP, PGD
+  and standard training; the best IBP/CROWN-IBP-verified validation epoch for IBP, CROWN-IBP
+  and Lee; the best TAPS-estimated one for TAPS/STAPS; evaluation.selection=last,
+  best_verified or best_taps overrides it; the rule is printed and stored in meta.json and the
+  checkpoints), test_metrics.json (best.pt on the test split, unless --no-test).
 
 multi-process:
   torchrun --nproc-per-node N $(which tightrope-train) --config ...  trains data-parallel
@@ -263,7 +267,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if main_process:
             best = result.best
             message(f"trained {config.epochs} epochs in {_duration(wall)} ({wall:.1f} s); "
-                    f"best epoch {result.best_epoch} on validation: clean "
+                    f"kept epoch {result.best_epoch} (model selection: "
+                    f"{result.selection.value}) on validation: clean "
                     f"{best.get('clean_accuracy', float('nan')):.4f}, PGD "
                     f"{best.get('pgd_accuracy', float('nan')):.4f}, verified "
                     f"{best.get('verified_accuracy', float('nan')):.4f}")
@@ -358,15 +363,17 @@ def _test(trainer: Trainer, run_dir: Path, message: Callable[[str], None],
     seconds = time.perf_counter() - started
     if not main_process:
         return
-    report = {k: v for k, v in metrics.items() if not k.endswith("_count")}
+    report: dict[str, float | str] = {
+        k: v for k, v in metrics.items() if not k.endswith("_count")}
     report["eps"] = trainer.config.eps.test_eps
     report["epoch"] = best.epoch
+    report["selection"] = trainer.selection.value
     report["seconds"] = seconds
     write_text_atomic(run_dir / "test_metrics.json", json.dumps(report, indent=2) + "\n")
     parts = [f"{name} {report[name]:.4f}" for name in (
         "clean_accuracy", "pgd_accuracy", "ibp_verified_accuracy", "crown_ibp_verified_accuracy",
         "verified_accuracy", "taps_accuracy") if name in report]
-    message(f"test split ({int(report['samples'])} samples, eps {report['eps']:.4g}, "
+    message(f"test split ({int(metrics['samples'])} samples, eps {report['eps']:.4g}, "
             f"best.pt from epoch {best.epoch}): " + ", ".join(parts))
 
 
