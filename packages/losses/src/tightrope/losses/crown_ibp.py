@@ -33,7 +33,8 @@ class CROWNIBPConfig:
         beta: weight of the CROWN-IBP bound in the mix with IBP (paper: 1 -> 0 over the eps
             ramp; default 1). At ``beta = 0`` no CROWN pass is run; in between, the IBP bound
             is read off the CROWN-IBP pass's own intervals (no second interval pass).
-        kappa: weight of the natural cross-entropy (paper: 1 -> 0 on MNIST, 0 on CIFAR-10).
+        kappa: weight of the natural cross-entropy (the CROWN-IBP code: 1 -> 0.5 on MNIST, 0 on
+            CIFAR-10; tightrope-train schedules it so by default).
         lower_slope: lower slopes of unstable ReLUs in the CROWN pass (paper: adaptive).
         batchnorm: which batch normalises the bound passes (see :class:`BatchNormPolicy`).
 
