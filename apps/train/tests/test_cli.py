@@ -120,6 +120,10 @@ def test_a_run_end_to_end_then_resume(tmp_path: Path, capsys: pytest.CaptureFixt
     report = json.loads((run / "test_metrics.json").read_text())
     assert report["verified_accuracy"] <= report["pgd_accuracy"] <= report["clean_accuracy"]
     assert load_checkpoint(run / "best.pt").epoch == 2
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["argv"] == ["tightrope-train", "--config", str(config), "--out",
+                            str(tmp_path / "runs"), "--device", "cpu", "--quiet",
+                            "checkpoint.every_steps=2"]
     before = torch.load(run / "last.pt", weights_only=True)["model"]["state_dict"]
     assert kernels_compiled(), "tightrope-train compiles the bound kernels by default"
     # A finished run resumes to the same state (nothing left to train).

@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,8 +162,11 @@ class Trainer:
         distributed: Distributed | None = None,
         on_progress: Callable[[Progress], None] | None = None,
         on_message: Callable[[str], None] | None = None,
+        command: Sequence[str] | None = None,
     ) -> None:
         self.config = config
+        #: The command line that started the run, written to ``meta.json`` (``argv``).
+        self.command = None if command is None else list(command)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         if self.run_dir is not None and (distributed is None or distributed.is_main):
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -439,6 +442,7 @@ class Trainer:
                 "train_samples": len(self.splits.train),
                 "validation_samples": len(self.splits.validation),
                 **self.resolved_schedules(),
+                **({} if self.command is None else {"argv": self.command}),
             })
         if self.distributed.is_main and self.on_message is not None:
             self.on_message(f"model selection: {self.selection.value} "

@@ -252,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config, run_dir=run_dir, device=device, distributed=distributed,
             on_progress=ProgressPrinter(sys.stderr, quiet=args.quiet or not main_process),
             on_message=message,
+            command=["tightrope-train", *(sys.argv[1:] if argv is None else argv)],
         )
         if checkpoint is not None:
             trainer.restore(checkpoint)
