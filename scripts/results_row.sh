@@ -2,12 +2,16 @@
 # One row of the results table: train a config on the CPU, then certify its selected checkpoint
 # (best.pt: the epoch the method's model-selection rule keeps) on the whole test split.
 # Usage: scripts/results_row.sh CONFIG [--threads N] [--timeout T] [--samples N]
+#                                [--set KEY=VALUE]... [--name NAME]
 #   CONFIG     configs/<group>/<setting>/<method>.yaml, e.g. configs/mnist_cpu/eps0.3/ibp.yaml;
 #              trained into runs/<group>/<setting>/<method>/<dataset>-<method>-<model>-<time>/
 #   --threads  torch CPU threads for training and certification (default: nproc)
 #   --timeout  seconds per sample for certification (default 10, a CPU-scale budget; the papers
 #              give 100-1800 s)
 #   --samples  certify the first N test samples (default: all, 10000 on MNIST)
+#   --set      a config override for tightrope-train (repeatable), e.g. loss.options.alpha=0.3
+#   --name     the run folder's name in place of <method> (needed with --set, e.g. for sweeps:
+#              --set loss.options.alpha=0.3 --name mtl_ibp_alpha0.3)
 # Both commands are printed before they run. Rerunning is safe: a run whose last.pt exists but
 # whose training has not finished (no test_metrics.json, which tightrope-train writes last) is
 # continued with --resume (its stored config, not CONFIG, is used); a finished one is not
@@ -16,22 +20,26 @@
 # fails.
 set -euo pipefail
 
-usage() { sed -n '4,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '4,14p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
-[[ $# -ge 1 ]] || usage
+[[ $# -ge 1 && "$1" != -h && "$1" != --help ]] || usage
 given="$1"
 shift
 threads="$(nproc)"
 timeout=10
 samples=""
+name=""
+overrides=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
-    --threads|--timeout|--samples)
+    --threads|--timeout|--samples|--set|--name)
       [[ $# -ge 2 ]] || { echo "results_row.sh: $1 needs a value" >&2; exit 2; }
       case "$1" in
         --threads) threads="$2" ;;
         --timeout) timeout="$2" ;;
         --samples) samples="$2" ;;
+        --set) overrides+=("$2") ;;
+        --name) name="$2" ;;
       esac
       shift 2 ;;
     -h|--help) usage ;;
@@ -47,8 +55,16 @@ if [[ "$relative" == "$config" || "$relative" != */*/*.yaml || "$relative" == */
   echo "results_row.sh: CONFIG must be configs/<group>/<setting>/<method>.yaml, got $given" >&2
   exit 2
 fi
+if [[ ${#overrides[@]} -gt 0 && -z "$name" ]]; then
+  echo "results_row.sh: --set needs --name (the run folder of the changed config)" >&2
+  exit 2
+fi
 cd "$root"
 out="runs/${relative%.yaml}"
+if [[ -n "$name" ]]; then
+  [[ "$name" =~ ^[A-Za-z0-9._-]+$ ]] || { echo "results_row.sh: bad --name $name" >&2; exit 2; }
+  out="$(dirname "$out")/$name"
+fi
 bin="${VENV:-.venv}/bin"
 
 show() { printf '+'; printf ' %q' "$@"; printf '\n'; }
@@ -72,7 +88,7 @@ else
     echo "== training: resuming the unfinished run $run from its last.pt"
   else
     train=("$bin/tightrope-train" --config "${config#"$root"/}" --out "$out" --device cpu
-           --threads "$threads")
+           --threads "$threads" ${overrides[@]+"${overrides[@]}"})
     echo "== training into $out/"
   fi
   show "${train[@]}"
