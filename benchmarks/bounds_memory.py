@@ -27,7 +27,7 @@ def child(model_name: str, batch: int, method: str) -> None:
     import torch
     from _models import random_eval_model
 
-    from tightrope.bounds import Box, alpha_crown, crown, crown_ibp, ibp, margin_spec
+    from tightrope.bounds import Box, Intermediate, alpha_crown, crown, crown_ibp, ibp, margin_spec
 
     torch.set_num_threads(2)
     model, shape = random_eval_model(model_name)
@@ -41,7 +41,8 @@ def child(model_name: str, batch: int, method: str) -> None:
         "crown_ibp": lambda: crown_ibp(model, box, spec),
         "crown_ibp_lower": lambda: crown_ibp(model, box, spec, upper=False),
         "crown": lambda: crown(model, box, spec),
-        "alpha_crown_ibp": lambda: alpha_crown(model, box, spec, steps=20, intermediate="ibp"),
+        "alpha_crown_ibp": lambda: alpha_crown(model, box, spec, steps=20,
+                                                       intermediate=Intermediate.IBP),
     }
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     if method == "alpha_crown_ibp":

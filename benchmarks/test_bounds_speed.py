@@ -15,7 +15,7 @@ import pytest
 import torch
 from _models import random_eval_model
 
-from tightrope.bounds import Box, alpha_crown, crown, crown_ibp, ibp, margin_spec
+from tightrope.bounds import Box, Intermediate, alpha_crown, crown, crown_ibp, ibp, margin_spec
 
 EPS = 0.01
 CASES = [("cnn7", 32), ("cnn7", 128), ("cnn3", 256)]
@@ -76,6 +76,7 @@ def test_alpha_crown(benchmark, model_name: str, batch: int, intermediate: str) 
 
     def run() -> object:
         with torch.enable_grad():
-            return alpha_crown(model, box, spec, steps=20, intermediate=intermediate)  # type: ignore[arg-type]
+            return alpha_crown(model, box, spec, steps=20,
+                               intermediate=Intermediate(intermediate))
 
     _run(benchmark, f"{model_name}-b{batch}", run, rounds=1)

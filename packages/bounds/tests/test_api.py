@@ -16,6 +16,7 @@ import tightrope.bounds.linear as linear_module
 from tightrope.bounds import (
     Affine,
     Box,
+    Intermediate,
     LinearBounds,
     LowerSlope,
     Normalize,
@@ -228,14 +229,14 @@ def test_negative_eps_is_a_value_error(eps: float | Tensor) -> None:
         Box.from_linf(torch.full((2, 3), 0.5, dtype=DTYPE), eps)
 
 
-def test_bad_options_are_value_errors() -> None:
+def test_bad_options_are_rejected() -> None:
     model, box = small_mlp(), random_box((2, 3))
     with pytest.raises(ValueError, match="steps"):
         alpha_crown(model, box, steps=-1)
     with pytest.raises(ValueError, match="lr"):
         alpha_crown(model, box, lr=0.0)
-    with pytest.raises(ValueError, match="intermediate"):
-        crown(model, box, intermediate="lp")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Intermediate"):
+        crown(model, box, intermediate="ibp")  # type: ignore[arg-type]
 
 
 def test_train_mode_batch_norm_needs_a_batch() -> None:
@@ -442,9 +443,9 @@ def test_shared_spec_equals_the_expanded_spec() -> None:
 def test_crown_defaults_are_crown_intermediates_and_adaptive_slopes() -> None:
     model, box = small_cnn(), random_box((2, 2, 6, 6), eps=0.2)
     default = crown(model, box)
-    explicit = crown(model, box, intermediate="crown", lower_slope=LowerSlope.ADAPTIVE)
+    explicit = crown(model, box, intermediate=Intermediate.CROWN, lower_slope=LowerSlope.ADAPTIVE)
     torch.testing.assert_close(default.lower, explicit.lower, rtol=0, atol=0)
-    ibp_intermediates = crown(model, box, intermediate="ibp")
+    ibp_intermediates = crown(model, box, intermediate=Intermediate.IBP)
     assert not torch.allclose(default.lower, ibp_intermediates.lower)
 
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from tightrope.bounds import (
     Box,
+    MilpStatus,
     apply_splits,
     crown,
     empty_subdomains,
@@ -193,9 +194,9 @@ def test_milp_search_decides_a_row_like_the_milp_minimum(seed: int) -> None:
     minimum = float(milp_bound(model, box, C, upper=False).lower[0, 0])
     # Just below the minimum the row cannot be met; just above it, a witness exists.
     below = milp_search(model, box, C, torch.tensor([minimum - 0.05], dtype=DTYPE))
-    assert below.status == "infeasible"
+    assert below.status is MilpStatus.INFEASIBLE
     above = milp_search(model, box, C, torch.tensor([minimum + 0.05], dtype=DTYPE))
-    assert above.status == "feasible"
+    assert above.status is MilpStatus.FEASIBLE
     assert above.point is not None
     assert bool(box.contains(above.point, 1e-9).all())
     assert float((model(above.point) * C[0]).sum()) <= minimum + 0.05 + 1e-6
@@ -216,10 +217,10 @@ def test_milp_search_meets_every_row_at_once(seed: int) -> None:
     found = milp_search(model, box, C, thresholds, boxes=boxes)
     points = box.lower + (box.upper - box.lower) * torch.rand(4096, 4, dtype=DTYPE)
     sampled_hit = bool(((model(points) @ C[0].T) <= thresholds).all(dim=1).any())
-    if found.status == "infeasible":
+    if found.status is MilpStatus.INFEASIBLE:
         assert not sampled_hit
     else:
-        assert found.status == "feasible"
+        assert found.status is MilpStatus.FEASIBLE
         assert found.point is not None
         assert bool(((model(found.point) @ C[0].T)[0] <= thresholds + 1e-6).all())
 

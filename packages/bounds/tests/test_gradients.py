@@ -22,6 +22,7 @@ from torch.func import functional_call
 
 from tightrope.bounds import (
     Box,
+    Intermediate,
     LowerSlope,
     Normalize,
     alpha_crown,
@@ -39,7 +40,7 @@ BoundFunction = Callable[[nn.Module, Box, Tensor | None], Box]
 METHODS: dict[str, BoundFunction] = {
     "ibp": lambda m, b, C: ibp(m, b, C),
     "crown": lambda m, b, C: crown(m, b, C),
-    "crown(ibp)": lambda m, b, C: crown(m, b, C, intermediate="ibp"),
+    "crown(ibp)": lambda m, b, C: crown(m, b, C, intermediate=Intermediate.IBP),
     "crown_ibp": lambda m, b, C: crown_ibp(m, b, C),
     "crown(PARALLEL)": lambda m, b, C: crown(m, b, C, lower_slope=LowerSlope.PARALLEL),
     "alpha_crown(steps=0)": lambda m, b, C: alpha_crown(m, b, C, steps=0),

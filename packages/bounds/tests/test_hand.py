@@ -51,6 +51,7 @@ from torch import nn
 
 from tightrope.bounds import (
     Box,
+    Intermediate,
     LowerSlope,
     Normalize,
     alpha_crown,
@@ -108,12 +109,13 @@ def test_ibp() -> None:
         (LowerSlope.PARALLEL, -1.75, 3.0),
     ],
 )
-@pytest.mark.parametrize("intermediate", ["crown", "ibp"])
-def test_crown_policies(policy: LowerSlope, lower: float, upper: float, intermediate: str) -> None:
+@pytest.mark.parametrize("intermediate", list(Intermediate), ids=lambda i: i.value)
+def test_crown_policies(
+    policy: LowerSlope, lower: float, upper: float, intermediate: Intermediate
+) -> None:
     # One hidden layer: IBP and CROWN intermediate bounds coincide (exact), so both modes agree.
     bounds = crown(
-        hand_network(), unit_box(), intermediate=intermediate,  # type: ignore[arg-type]
-        lower_slope=policy,
+        hand_network(), unit_box(), intermediate=intermediate, lower_slope=policy
     )
     assert_box(bounds, [[lower]], [[upper]])
 

@@ -120,7 +120,7 @@ def test_input_lower_bound_equals_the_backward_pass_to_the_input(with_normalize:
     from tightrope.bounds import Box, margin_spec
     from tightrope.bounds.backward import backward_lower, input_lower_bound
     from tightrope.bounds.core import concretize_lower
-    from tightrope.bounds.linear import pre_activation_bounds
+    from tightrope.bounds.linear import Intermediate, pre_activation_bounds
 
     generator = torch.Generator().manual_seed(2)
     torch.manual_seed(2)
@@ -134,7 +134,7 @@ def test_input_lower_bound_equals_the_backward_pass_to_the_input(with_normalize:
     box = Box.from_linf(x, 0.05)
     network = lower(model, x)
     C = margin_spec(torch.arange(5) % 10, 10, dtype=DTYPE)
-    pre = pre_activation_bounds(network, box, "crown")
+    pre = pre_activation_bounds(network, box, Intermediate.CROWN)
     found = input_lower_bound(network, len(network.ops), C, box, pre.relaxations)
     A_in, bias = backward_lower(network, len(network.ops), C, pre.relaxations)
     torch.testing.assert_close(found, concretize_lower(A_in, bias, box))

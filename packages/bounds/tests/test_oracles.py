@@ -19,9 +19,11 @@ from tightrope.bounds import (
     alpha_crown,
     crown,
     ibp,
+    lower,
     lp_bound,
     margin_spec,
     milp_bound,
+    milp_fits,
 )
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
@@ -270,6 +272,11 @@ def test_refuses_large_networks() -> None:
         milp_bound(model, box, max_variables=150)
     with pytest.raises(ValueError, match="max_variables must be positive"):
         lp_bound(model, box, max_variables=0)
+    net = lower(model, box.lower)
+    assert milp_fits(net, max_variables=160)
+    assert not milp_fits(net, max_variables=159)
+    with pytest.raises(ValueError, match="max_variables must be positive"):
+        milp_fits(net, max_variables=0)
     with pytest.raises(ValueError, match="time_limit"):
         milp_bound(model, box, time_limit=0.0)
 

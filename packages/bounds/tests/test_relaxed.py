@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tightrope.bounds import Box, LowerSlope, crown, margin_spec, relax
+from tightrope.bounds import Box, Intermediate, LowerSlope, crown, margin_spec, relax
 
 
 def _net() -> nn.Sequential:
@@ -24,9 +24,9 @@ def _problem() -> tuple[nn.Sequential, Box, torch.Tensor]:
     return _net(), Box.from_linf(x, 0.15), C
 
 
-@pytest.mark.parametrize("intermediate", ["ibp", "crown"])
+@pytest.mark.parametrize("intermediate", list(Intermediate), ids=lambda i: i.value)
 @pytest.mark.parametrize("policy", [LowerSlope.ADAPTIVE, LowerSlope.ZERO, LowerSlope.ONE])
-def test_default_slopes_give_crown(intermediate: str, policy: LowerSlope) -> None:
+def test_default_slopes_give_crown(intermediate: Intermediate, policy: LowerSlope) -> None:
     model, box, C = _problem()
     relaxed = relax(model, box, C, intermediate=intermediate, lower_slope=policy)
     expected = crown(model, box, C, intermediate=intermediate, lower_slope=policy,
@@ -41,7 +41,8 @@ def test_constant_slopes_equal_zero_and_one_policies() -> None:
     assert any(bool(u.any()) for u in relaxed.unstable), "the test needs unstable neurons"
     for value, policy in ((0.0, LowerSlope.ZERO), (1.0, LowerSlope.ONE)):
         slopes = [torch.full_like(s, value) for s in relaxed.default_slopes]
-        expected = crown(model, box, C, intermediate="ibp", lower_slope=policy, upper=False).lower
+        expected = crown(model, box, C, intermediate=Intermediate.IBP, lower_slope=policy,
+                         upper=False).lower
         torch.testing.assert_close(relaxed.lower(slopes), expected, rtol=0, atol=1e-10)
 
 
@@ -95,7 +96,7 @@ def test_interval_lower_is_ibp_without_a_second_pass(with_spec: bool) -> None:
     expected = ibp(model, box, spec).lower.flatten(1)
     torch.testing.assert_close(relax(model, box, spec).interval_lower(), expected,
                                rtol=0, atol=1e-10)
-    tighter = relax(model, box, spec, intermediate="crown").interval_lower()
+    tighter = relax(model, box, spec, intermediate=Intermediate.CROWN).interval_lower()
     assert bool((tighter >= expected - 1e-10).all())
     # Sound: below the specification at sampled points of the box.
     generator = torch.Generator().manual_seed(5)

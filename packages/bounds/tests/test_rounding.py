@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from tightrope.bounds import (
     Box,
+    MilpStatus,
     Normalize,
     apply_splits,
     certified_split_bound,
@@ -211,12 +212,13 @@ def test_highs_answers_outside_its_coefficient_range_are_not_proofs() -> None:
     box = Box(torch.zeros(1, 2, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))
     C = torch.ones(1, 1, 1, dtype=torch.float64)
     # Ordinary numbers: infeasible (f cannot reach -1e3) is a proof.
-    assert milp_search(model, box, C, torch.tensor([-1e3])).status == "infeasible"
+    assert milp_search(model, box, C, torch.tensor([-1e3])).status is MilpStatus.INFEASIBLE
     assert bool(torch.isfinite(milp_minimum(model, box, C).bound).all())
     with torch.no_grad():
         model[0].weight.mul_(1e12)
         model[2].weight.mul_(1e12)
-    assert milp_search(model, box, C, torch.tensor([-1e3])).status in ("untrusted", "feasible")
+    found = milp_search(model, box, C, torch.tensor([-1e3]))
+    assert found.status in (MilpStatus.UNTRUSTED, MilpStatus.FEASIBLE)
     assert bool((milp_minimum(model, box, C).bound == -math.inf).all())
 
 

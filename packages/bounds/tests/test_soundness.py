@@ -11,7 +11,7 @@ stronger: CROWN is not always tighter than IBP):
 
 * ``alpha_crown(steps=0) == crown`` and ``alpha_crown`` is never looser than ``crown`` with the
   same intermediate bounds and starting slopes;
-* ``crown_ibp == crown(intermediate="ibp")``;
+* ``crown_ibp == crown(intermediate=Intermediate.IBP)``;
 * ``linear_bounds(...).concretize(box) == crown(...)`` and the linear functions bound
   ``C f(x)`` pointwise.
 
@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from tightrope.bounds import (
     Box,
+    Intermediate,
     LinearBounds,
     LowerSlope,
     Normalize,
@@ -392,13 +393,15 @@ def check_case(
         "ibp": ibp(model, box, C),
         "crown_ibp": crown_ibp(model, box, C),
         "alpha_crown": alpha_crown(model, box, C, steps=alpha_steps),
-        "alpha_crown(ibp)": alpha_crown(model, box, C, steps=alpha_steps, intermediate="ibp"),
+        "alpha_crown(ibp)": alpha_crown(model, box, C, steps=alpha_steps,
+                                        intermediate=Intermediate.IBP),
     }
     for policy in LowerSlope:
-        for intermediate in ("crown", "ibp"):
-            if intermediate == "ibp" and policy is not LowerSlope.ADAPTIVE and not thorough:
+        for intermediate in Intermediate:
+            ibp_variant = intermediate is Intermediate.IBP and policy is not LowerSlope.ADAPTIVE
+            if ibp_variant and not thorough:
                 continue
-            results[f"crown({intermediate}, {policy.name})"] = crown(
+            results[f"crown({intermediate.value}, {policy.name})"] = crown(
                 model, box, C, intermediate=intermediate, lower_slope=policy
             )
     if thorough:
@@ -418,18 +421,19 @@ def check_case(
     assert_close("alpha steps=0 == crown", alpha_crown(model, box, C, steps=0), crown_box)
     assert_close(
         "alpha(ibp) steps=0 == crown_ibp",
-        alpha_crown(model, box, C, steps=0, intermediate="ibp"),
+        alpha_crown(model, box, C, steps=0, intermediate=Intermediate.IBP),
         results["crown_ibp"],
     )
     assert_not_looser("alpha >= crown", results["alpha_crown"], crown_box)
     assert_not_looser("alpha(ibp) >= crown_ibp", results["alpha_crown(ibp)"], results["crown_ibp"])
 
-    for intermediate in ("crown", "ibp"):
+    for intermediate in Intermediate:
         linear = linear_bounds(model, box, C, intermediate=intermediate)
+        name = f"crown({intermediate.value}, ADAPTIVE)"
         assert_close(
-            f"linear_bounds({intermediate}).concretize == crown",
-            _reshape_like(linear.concretize(box), results[f"crown({intermediate}, ADAPTIVE)"]),
-            results[f"crown({intermediate}, ADAPTIVE)"],
+            f"linear_bounds({intermediate.value}).concretize == crown",
+            _reshape_like(linear.concretize(box), results[name]),
+            results[name],
         )
         assert_linear_bounds_hold(linear, sample_points(case, gen, total=2000), case)
 

@@ -99,7 +99,9 @@ def make_case(kind: str, seed: int) -> Case:
 
 
 @functools.cache
-def bounds_of(kind: str, seed: int, intermediate: Intermediate = "crown") -> dict[str, Box]:
+def bounds_of(
+    kind: str, seed: int, intermediate: Intermediate = Intermediate.CROWN
+) -> dict[str, Box]:
     case = make_case(kind, seed)
     args = (case.model, case.box, case.C)
     base = crown(*args, intermediate=intermediate)
@@ -133,7 +135,7 @@ def test_ordering_with_crown_intermediates(kind: str, seed: int) -> None:
 
 @pytest.mark.parametrize(("kind", "seed"), [("mlp", 3), ("mlp", 5), ("cnn", 0), ("cnn", 2)])
 def test_ordering_with_ibp_intermediates_and_milp_is_exact_either_way(kind: str, seed: int) -> None:
-    found = bounds_of(kind, seed, "ibp")
+    found = bounds_of(kind, seed, Intermediate.IBP)
     _check_ordering(found)
     # The MILP's value is the true worst case, whichever sound big-M bounds it was given.
     exact = bounds_of(kind, seed)["milp"]
@@ -237,7 +239,7 @@ def test_alpha_closes_most_of_the_crown_to_lp_gap(
 @pytest.mark.parametrize(("kind", "seed"), _cases(SLOW_SEEDS))
 def test_ordering_sweep(kind: str, seed: int) -> None:
     _check_ordering(bounds_of(kind, seed))
-    _check_ordering(bounds_of(kind, seed, "ibp"))
+    _check_ordering(bounds_of(kind, seed, Intermediate.IBP))
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tightrope.bounds import Box, LowerSlope, crown, margin_spec, relax
+from tightrope.bounds import Box, Intermediate, LowerSlope, crown, margin_spec, relax
 from tightrope.losses import (
     METHODS,
     LeeConfig,
@@ -34,7 +34,7 @@ def test_lee_uses_the_signed_gradient_slopes_of_its_own_loss(seed: int) -> None:
     eps = 0.15
     out = LeeLoss()(model, x, y, eps)
     box, C = Box.from_linf(x, eps), margin_spec(y, 4, dtype=x.dtype)
-    relaxed = relax(model, box, C, intermediate="ibp")
+    relaxed = relax(model, box, C, intermediate=Intermediate.IBP)
     assert any(bool(u.any()) for u in relaxed.unstable), "the test needs unstable neurons"
     start = [s.clone().requires_grad_(True) for s in relaxed.default_slopes]
     robust_cross_entropy(relaxed.lower(start)).mean().backward()
@@ -74,7 +74,7 @@ def test_wong_kolter_is_robust_ce_of_the_parallel_slope_bound(seed: int) -> None
     x, y = batch(seed, (5, 6), 4)
     out = WongKolterLoss()(model, x, y, 0.1)
     C = margin_spec(y, 4, dtype=x.dtype)
-    lower = crown(model, Box.from_linf(x, 0.1), C, intermediate="crown",
+    lower = crown(model, Box.from_linf(x, 0.1), C, intermediate=Intermediate.CROWN,
                   lower_slope=LowerSlope.PARALLEL).lower
     torch.testing.assert_close(out.loss, robust_cross_entropy(lower).mean(), rtol=1e-12,
                                atol=1e-12)

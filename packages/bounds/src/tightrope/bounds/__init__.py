@@ -5,7 +5,7 @@ every ``x`` in an input box:
 
 * :func:`ibp` — interval bound propagation (Gowal et al. 2018);
 * :func:`crown` — backward linear relaxation (Zhang et al. 2018), with CROWN or IBP
-  intermediate bounds and a :class:`LowerSlope` policy;
+  intermediate bounds (:class:`Intermediate`) and a :class:`LowerSlope` policy;
 * :func:`crown_ibp` — CROWN-IBP (Zhang et al. 2020);
 * :func:`alpha_crown` — CROWN with optimised lower slopes (Xu et al. 2021);
 * :func:`linear_bounds` — the linear functions behind ``crown``;
@@ -16,7 +16,12 @@ every ``x`` in an input box:
   subtracted, the only ones a verifier should close anything with (:mod:`.certificate`,
   :mod:`.rounding`);
 * :func:`lp_bound`, :func:`milp_bound` — LP (triangle relaxation) and exact MILP oracles
-  solved with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``).
+  solved with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``); :func:`milp_search`
+  answers with a :class:`MilpStatus`, and :func:`milp_fits` says whether a network is small
+  enough for the MILP;
+* :func:`prepare` (-> :class:`Problem`), :func:`tail_bounds` — the argument checks and lowering
+  every bound function starts with, and the interval bound of ``C f`` from the trailing affine
+  block's input, for losses that run their own interval pass (SABR's shrunk ReLUs).
 
 Example::
 
@@ -43,7 +48,7 @@ from tightrope.bounds.beta import (
 from tightrope.bounds.certificate import dual_lower, sound_interval
 from tightrope.bounds.core import Box, LinearBounds, margin_spec
 from tightrope.bounds.fused import compile_kernels, kernels_compiled
-from tightrope.bounds.interval import IntervalTrace, ibp, ibp_trace
+from tightrope.bounds.interval import IntervalTrace, ibp, ibp_trace, tail_bounds
 from tightrope.bounds.linear import (
     Intermediate,
     crown,
@@ -56,11 +61,14 @@ from tightrope.bounds.network import Affine, Network, affine_rule, lower, suppor
 from tightrope.bounds.oracles import (
     MilpMinimum,
     MilpSearch,
+    MilpStatus,
     lp_bound,
     milp_bound,
+    milp_fits,
     milp_minimum,
     milp_search,
 )
+from tightrope.bounds.problem import Problem, prepare
 from tightrope.bounds.relaxation import LowerSlope
 from tightrope.bounds.relaxed import Relaxed, relax
 from tightrope.bounds.rounding import Rounding, rounding, sound_lower, unit_roundoff
@@ -75,8 +83,10 @@ __all__ = [
     "LowerSlope",
     "MilpMinimum",
     "MilpSearch",
+    "MilpStatus",
     "Network",
     "Normalize",
+    "Problem",
     "Relaxed",
     "Rounding",
     "SplitBound",
@@ -100,11 +110,13 @@ __all__ = [
     "lp_bound",
     "margin_spec",
     "milp_bound",
+    "milp_fits",
     "milp_minimum",
     "milp_search",
     "optimise_pre_activations",
     "optimise_split_bound",
     "pre_activation_bounds",
+    "prepare",
     "refine_pre_activations",
     "relax",
     "rounding",
@@ -112,5 +124,6 @@ __all__ = [
     "sound_lower",
     "split_lower_bound",
     "supported_layers",
+    "tail_bounds",
     "unit_roundoff",
 ]

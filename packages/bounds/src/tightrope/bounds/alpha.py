@@ -38,7 +38,7 @@ def alpha_crown(
     *,
     steps: int = 20,
     lr: float = 0.1,
-    intermediate: Intermediate = "crown",
+    intermediate: Intermediate = Intermediate.CROWN,
     lower_slope: LowerSlope = LowerSlope.ADAPTIVE,
     upper: bool = True,
 ) -> Box:
@@ -54,7 +54,8 @@ def alpha_crown(
         C: ``(B, K, n_out)`` or ``(K, n_out)`` specification; ``None`` bounds ``f`` itself.
         steps: gradient steps (0 returns ``crown``'s bounds).
         lr: Adam learning rate on the slopes.
-        intermediate: pre-activation bounds by ``"crown"`` or ``"ibp"``, as in ``crown``.
+        intermediate: pre-activation bounds by ``Intermediate.CROWN`` or ``Intermediate.IBP``,
+            as in ``crown``.
         lower_slope: policy of the starting slopes.
         upper: optimise and return upper bounds too (else they are ``+inf``).
 

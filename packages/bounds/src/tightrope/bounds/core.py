@@ -1,4 +1,4 @@
-"""Core value types: boxes, linear bounds and specifications.
+"""Core value types: boxes, linear bounds, specifications and the lower-slope policy.
 
 Everything here is an immutable value. Shapes use ``B`` for the batch, ``K`` for specification
 rows and ``*S`` for one sample's feature shape.
@@ -6,12 +6,27 @@ rows and ``*S`` for one sample's feature shape.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["Box", "LinearBounds", "margin_spec"]
+__all__ = ["Box", "LinearBounds", "LowerSlope", "margin_spec"]
+
+
+class LowerSlope(enum.Enum):
+    """How ``crown`` picks the lower slope ``a`` of an unstable ReLU (see ``relaxation``)."""
+
+    #: CROWN (Zhang et al. 2018): ``a = 1`` if ``u >= -l`` else ``0``, the choice of smaller area.
+    ADAPTIVE = "adaptive"
+    #: ``a = 0`` everywhere.
+    ZERO = "zero"
+    #: ``a = 1`` everywhere.
+    ONE = "one"
+    #: ``a = u / (u - l)``, parallel to the upper chord: the dual network of Wong & Kolter 2018
+    #: and Fast-Lin (Weng et al. 2018).
+    PARALLEL = "parallel"
 
 
 @dataclass(frozen=True, slots=True)

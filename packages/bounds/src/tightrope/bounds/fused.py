@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-from tightrope.bounds.core import features_dot
+from tightrope.bounds.core import LowerSlope, features_dot
 
 __all__ = [
     "compile_kernels",
@@ -272,18 +272,14 @@ def relu_interval_channels_last(center: Tensor, radius: Tensor) -> tuple[Tensor,
 
 Relaxation = tuple[Tensor, Tensor, Tensor, Tensor]
 
-#: Lower-slope policies of unstable ReLUs (the values of ``relaxation.LowerSlope``).
-_POLICIES = ("adaptive", "zero", "one", "parallel")
-
-
-def relu_relaxation_eager(lower: Tensor, upper: Tensor, policy: str) -> Relaxation:
+def relu_relaxation_eager(lower: Tensor, upper: Tensor, policy: LowerSlope) -> Relaxation:
     """The linear relaxation of ``relu`` on ``[lower, upper]`` (same shapes), without gradients:
     ``(lower_slope, upper_slope, upper_intercept, unstable)`` (see ``relaxation.relu_relaxation``).
 
     Stable neurons are exact (``active = lower >= 0``: slopes 1; otherwise 0, no intercept);
     unstable ones (``lower < 0 < upper``) get the chord ``s = u / (u - l)``, ``t = -s l`` and the
-    lower slope of ``policy``: ``"adaptive"`` (``u >= -l``), ``"zero"``, ``"one"`` or
-    ``"parallel"`` (``s``).
+    lower slope of ``policy``: ``ADAPTIVE`` (``u >= -l``), ``ZERO``, ``ONE`` or ``PARALLEL``
+    (``s``).
     """
     return (*_relu_lines(lower, upper, policy), _unstable(lower, upper))
 
@@ -292,7 +288,9 @@ def _unstable(lower: Tensor, upper: Tensor) -> Tensor:
     return (lower < 0) & (upper > 0)
 
 
-def _relu_lines(lower: Tensor, upper: Tensor, policy: str) -> tuple[Tensor, Tensor, Tensor]:
+def _relu_lines(
+    lower: Tensor, upper: Tensor, policy: LowerSlope
+) -> tuple[Tensor, Tensor, Tensor]:
     # The three lines of relu_relaxation_eager. Compiled on its own: inductor's stores of
     # boolean tensors (the unstable mask) made the fused kernel four times slower on CPU
     # (torch 2.13), more than the mask costs eagerly.
@@ -301,20 +299,22 @@ def _relu_lines(lower: Tensor, upper: Tensor, policy: str) -> tuple[Tensor, Tens
     # The chord's division is masked where it is not used (u - l may be 0 there).
     chord = torch.where(unstable, upper / (upper - lower), active)
     intercept = torch.where(unstable, -chord * lower, 0.0)
-    if policy == "adaptive":
+    if policy is LowerSlope.ADAPTIVE:
         slope = torch.where(unstable, (upper >= -lower).to(upper.dtype), active)
-    elif policy == "zero":
+    elif policy is LowerSlope.ZERO:
         slope = torch.where(unstable, 0.0, active)
-    elif policy == "one":
+    elif policy is LowerSlope.ONE:
         slope = torch.where(unstable, 1.0, active)
-    elif policy == "parallel":
+    elif policy is LowerSlope.PARALLEL:
         slope = chord
     else:
-        raise ValueError(f"unknown lower-slope policy {policy!r}; known: {_POLICIES}")
+        raise TypeError(f"policy must be a LowerSlope, got {policy!r}")
     return slope, chord, intercept
 
 
-def _relu_lines_fusable(lower: Tensor, upper: Tensor, policy: str) -> tuple[Tensor, Tensor, Tensor]:
+def _relu_lines_fusable(
+    lower: Tensor, upper: Tensor, policy: LowerSlope
+) -> tuple[Tensor, Tensor, Tensor]:
     return _relu_lines(lower, upper, policy)
 
 
@@ -323,7 +323,7 @@ def _relu_relaxation_backward(
 ) -> tuple[Tensor, Tensor]:
     # The gradients in (lower, upper) of the unstable neurons' chord s = u / w and intercept
     # t = -s l, with w = u - l: ds/dl = u / w^2, ds/du = -l / w^2, dt/dl = -u^2 / w^2,
-    # dt/du = l^2 / w^2; stable neurons have constant lines. (A "parallel" lower slope is the
+    # dt/du = l^2 / w^2; stable neurons have constant lines. (A PARALLEL lower slope is the
     # chord again: its gradient arrives added to grad_chord.)
     unstable = _unstable(lower, upper)
     width = torch.where(unstable, upper - lower, 1.0)
@@ -362,14 +362,14 @@ class _ReluRelaxation(torch.autograd.Function):
     relaxation's forward from 0.28 s to 0.10 s.)"""
 
     @staticmethod
-    def forward(ctx: Any, lower: Tensor, upper: Tensor, policy: str) -> Relaxation:
+    def forward(ctx: Any, lower: Tensor, upper: Tensor, policy: LowerSlope) -> Relaxation:
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(lower, upper)
         ctx.policy = policy
         slope, chord, intercept, unstable = _relaxation_values(lower.detach(), upper.detach(),
                                                                policy)
         ctx.mark_non_differentiable(unstable)
-        if policy != "parallel":
+        if policy is not LowerSlope.PARALLEL:
             ctx.mark_non_differentiable(slope)
         else:
             slope = slope.clone()  # a separate output (it is the chord's tensor)
@@ -381,7 +381,7 @@ class _ReluRelaxation(torch.autograd.Function):
         grad_intercept: Tensor | None, grad_unstable: Tensor | None,
     ) -> tuple[Tensor | None, Tensor | None, None]:
         lower, upper = ctx.saved_tensors
-        if ctx.policy == "parallel" and grad_slope is not None:
+        if ctx.policy is LowerSlope.PARALLEL and grad_slope is not None:
             grad_chord = grad_slope if grad_chord is None else grad_chord + grad_slope
         if grad_chord is None and grad_intercept is None:
             return None, None, None
@@ -398,18 +398,18 @@ class _ReluRelaxation(torch.autograd.Function):
         return grad_lower, grad_upper, None
 
 
-def _relaxation_values(lower: Tensor, upper: Tensor, policy: str) -> Relaxation:
+def _relaxation_values(lower: Tensor, upper: Tensor, policy: LowerSlope) -> Relaxation:
     if not kernels_compiled():
         return relu_relaxation_eager(lower, upper, policy)
     lines = _in_memory_order(_relu_lines, _relu_lines_fusable, (lower, upper), (policy,))
     return (*lines, _unstable(lower, upper))
 
 
-def relu_relaxation(lower: Tensor, upper: Tensor, policy: str) -> Relaxation:
+def relu_relaxation(lower: Tensor, upper: Tensor, policy: LowerSlope) -> Relaxation:
     """:func:`relu_relaxation_eager`, differentiable in ``lower`` and ``upper`` (closed-form
     gradients), compiled when :func:`compile_kernels` is on."""
-    if policy not in _POLICIES:
-        raise ValueError(f"unknown lower-slope policy {policy!r}; known: {_POLICIES}")
+    if not isinstance(policy, LowerSlope):
+        raise TypeError(f"policy must be a LowerSlope (e.g. LowerSlope.ADAPTIVE), got {policy!r}")
     if torch.is_grad_enabled() and (lower.requires_grad or upper.requires_grad):
         result: Relaxation = _ReluRelaxation.apply(  # type: ignore[no-untyped-call]
             lower, upper, policy)

@@ -27,6 +27,7 @@ __all__ = [
     "interval_pre_activations",
     "propagate_center_radius",
     "propagate_interval",
+    "tail_bounds",
 ]
 
 

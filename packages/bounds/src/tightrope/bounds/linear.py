@@ -13,9 +13,9 @@ CROWN bound is intersected with that interval, so it is never looser than either
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal, TypeAlias
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,16 @@ __all__ = [
     "pre_activation_bounds",
 ]
 
-Intermediate: TypeAlias = Literal["crown", "ibp"]
+
+class Intermediate(enum.Enum):
+    """How the bound functions bound every ReLU's pre-activations (the intermediate bounds)."""
+
+    #: A backward CROWN pass per layer (Zhang et al. 2018): tight, cost grows with depth and
+    #: width.
+    CROWN = "crown"
+    #: Interval bound propagation, as CROWN-IBP does (Zhang et al. 2020): one cheap pass.
+    IBP = "ibp"
+
 
 #: Upper limit on the elements of one coefficient tensor ``(B, rows, *S)`` in the intermediate
 #: passes; larger row sets are processed in chunks (about 512 MB in float32).
@@ -54,15 +63,16 @@ class PreActivations:
 def pre_activation_bounds(
     net: Network,
     box: Box,
-    intermediate: Intermediate = "crown",
+    intermediate: Intermediate = Intermediate.CROWN,
     lower_slope: LowerSlope = LowerSlope.ADAPTIVE,
 ) -> PreActivations:
     """Bounds on every ReLU input of ``net`` over ``box`` by IBP or by CROWN."""
-    if intermediate == "ibp":
+    if not isinstance(intermediate, Intermediate):
+        raise TypeError(f"intermediate must be an Intermediate (Intermediate.CROWN or "
+                        f"Intermediate.IBP), got {intermediate!r}")
+    if intermediate is Intermediate.IBP:
         found = interval_pre_activations(net, box)
         return PreActivations(found, {i: relu_relaxation(b, lower_slope) for i, b in found.items()})
-    if intermediate != "crown":
-        raise ValueError(f"intermediate must be 'crown' or 'ibp', got {intermediate!r}")
     boxes: dict[int, Box] = {}
     relaxations: dict[int, ReluRelaxation] = {}
     previous = 0  # first op after the previous ReLU
@@ -270,12 +280,12 @@ def crown(
     box: Box,
     C: Tensor | None = None,
     *,
-    intermediate: Intermediate = "crown",
+    intermediate: Intermediate = Intermediate.CROWN,
     lower_slope: LowerSlope = LowerSlope.ADAPTIVE,
     upper: bool = True,
 ) -> Box:
     """Backward linear relaxation bounds on ``C f(x)`` over ``box`` (CROWN; CROWN-IBP with
-    ``intermediate="ibp"``).
+    ``intermediate=Intermediate.IBP``).
 
     Differentiable with respect to the model's parameters.
 
@@ -283,8 +293,9 @@ def crown(
         model: an ``nn.Sequential`` of supported layers.
         box: input box ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)`` specification; ``None`` bounds ``f`` itself.
-        intermediate: how ReLU pre-activations are bounded: ``"crown"`` (a backward pass per
-            layer; tight, cost grows with depth and width) or ``"ibp"`` (CROWN-IBP; cheap).
+        intermediate: how ReLU pre-activations are bounded: ``Intermediate.CROWN`` (a backward
+            pass per layer; tight, cost grows with depth and width) or ``Intermediate.IBP``
+            (CROWN-IBP; cheap).
         lower_slope: lower-line slope policy for unstable ReLUs (also used for intermediates).
         upper: compute upper bounds too; with ``False`` the upper bounds are ``+inf`` and the
             output pass costs half (margins only need lower bounds).
@@ -307,9 +318,10 @@ def crown_ibp(
 ) -> Box:
     """CROWN-IBP (Zhang et al. 2020): IBP pre-activation bounds, one CROWN pass at the output.
 
-    Same as ``crown(model, box, C, intermediate="ibp", ...)``.
+    Same as ``crown(model, box, C, intermediate=Intermediate.IBP, ...)``.
     """
-    return crown(model, box, C, intermediate="ibp", lower_slope=lower_slope, upper=upper)
+    return crown(model, box, C, intermediate=Intermediate.IBP, lower_slope=lower_slope,
+                 upper=upper)
 
 
 def _output_bounds(problem: Problem, pre: PreActivations, upper: bool) -> Box:
@@ -359,7 +371,7 @@ def linear_bounds(
     box: Box,
     C: Tensor | None = None,
     *,
-    intermediate: Intermediate = "crown",
+    intermediate: Intermediate = Intermediate.CROWN,
     lower_slope: LowerSlope = LowerSlope.ADAPTIVE,
 ) -> LinearBounds:
     """The linear functions of the input behind ``crown``'s bounds.

@@ -35,7 +35,7 @@ def lp_bound(
     box: Box,
     C: Tensor | None = None,
     *,
-    intermediate: Intermediate = "crown",
+    intermediate: Intermediate = Intermediate.CROWN,
     lower_slope: LowerSlope = LowerSlope.ADAPTIVE,
     upper: bool = True,
     max_variables: int = DEFAULT_MAX_VARIABLES,
@@ -53,7 +53,8 @@ def lp_bound(
         model: an ``nn.Sequential`` of supported layers.
         box: input box ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)`` specification; ``None`` bounds ``f`` itself.
-        intermediate: pre-activation bounds by ``"crown"`` or ``"ibp"``, as in ``crown``.
+        intermediate: pre-activation bounds by ``Intermediate.CROWN`` or ``Intermediate.IBP``,
+            as in ``crown``.
         lower_slope: lower-slope policy used for the CROWN intermediate bounds.
         upper: compute upper bounds too (else they are ``+inf``; half the solves).
         max_variables: refuse (``ValueError``) networks whose LP has more variables

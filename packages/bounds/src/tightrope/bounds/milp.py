@@ -11,6 +11,7 @@ Solved with SciPy's HiGHS, one MILP per (sample, specification row, side).
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,11 +33,20 @@ from tightrope.bounds.encoding import (
     to_scipy,
 )
 from tightrope.bounds.linear import Intermediate, PreActivations, pre_activation_bounds
+from tightrope.bounds.network import Network
 from tightrope.bounds.problem import prepare
 from tightrope.bounds.relaxation import LowerSlope, relu_relaxation
 from tightrope.bounds.rounding import rounding
 
-__all__ = ["MilpMinimum", "MilpSearch", "milp_bound", "milp_minimum", "milp_search"]
+__all__ = [
+    "MilpMinimum",
+    "MilpSearch",
+    "MilpStatus",
+    "milp_bound",
+    "milp_fits",
+    "milp_minimum",
+    "milp_search",
+]
 
 #: Relative gap at which HiGHS may stop; the bound returned is the dual bound either way.
 MIP_RELATIVE_GAP = 1e-9
@@ -47,7 +57,7 @@ def milp_bound(
     box: Box,
     C: Tensor | None = None,
     *,
-    intermediate: Intermediate = "crown",
+    intermediate: Intermediate = Intermediate.CROWN,
     lower_slope: LowerSlope = LowerSlope.ADAPTIVE,
     upper: bool = True,
     time_limit: float | None = None,
@@ -66,7 +76,8 @@ def milp_bound(
         model: an ``nn.Sequential`` of supported layers.
         box: input box ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)`` specification; ``None`` bounds ``f`` itself.
-        intermediate: pre-activation bounds (the big-M constants) by ``"crown"`` or ``"ibp"``.
+        intermediate: pre-activation bounds (the big-M constants) by ``Intermediate.CROWN``
+            or ``Intermediate.IBP``.
         lower_slope: lower-slope policy used for the CROWN intermediate bounds.
         upper: compute upper bounds too (else they are ``+inf``; half the solves).
         time_limit: seconds allowed per MILP (one per sample, row and side); None: no limit.
@@ -89,6 +100,19 @@ def milp_bound(
         model, box, C, intermediate=intermediate, lower_slope=lower_slope, upper=upper,
         binaries=True, max_variables=max_variables, caller="milp_bound", solve=solver,
     )
+
+
+def milp_fits(net: Network, max_variables: int = DEFAULT_MAX_VARIABLES) -> bool:
+    """Whether the MILP of the lowered network ``net`` (inputs + 3 variables per ReLU neuron)
+    stays within ``max_variables``: the size rule of :func:`milp_minimum` and
+    :func:`milp_search`, which refuse larger networks with ``ValueError``."""
+    if max_variables < 1:
+        raise ValueError(f"max_variables must be positive, got {max_variables}")
+    try:
+        check_size(net, binaries=True, max_variables=max_variables, caller="milp_fits")
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,7 +221,8 @@ def _one_sample_program(
         check_size(problem.net, binaries=True, max_variables=max_variables, caller=caller)
         if boxes is None or set(boxes) != set(problem.net.relu_indices):
             # CROWN's boxes, widened by their rounding error so the big-M constraints hold.
-            found = pre_activation_bounds(problem.net, box, "crown", LowerSlope.ADAPTIVE)
+            found = pre_activation_bounds(problem.net, box, Intermediate.CROWN,
+                                          LowerSlope.ADAPTIVE)
             errors = rounding(problem.net, box)
             wide = {i: errors.widen(i, b) for i, b in found.boxes.items()}
             pre = PreActivations(wide, {i: relu_relaxation(b, LowerSlope.ADAPTIVE)
@@ -278,21 +303,31 @@ def _milp_solver(program: Program, time_limit: float | None) -> Callable[[int], 
     return solve
 
 
+class MilpStatus(enum.Enum):
+    """What :func:`milp_search` found out about the set it searched."""
+
+    #: HiGHS proved that no input of the box meets every row.
+    INFEASIBLE = "infeasible"
+    #: HiGHS said infeasible, or failed, on a program whose numbers leave
+    #: :data:`TRUSTED_RANGE`: no proof either way.
+    UNTRUSTED = "untrusted"
+    #: ``point`` meets every row, up to the solver's tolerances.
+    FEASIBLE = "feasible"
+    #: Stopped by the time limit first.
+    UNKNOWN = "unknown"
+
+
 @dataclass(frozen=True, slots=True)
 class MilpSearch:
     """The answer of :func:`milp_search`.
 
     Attributes:
-        status: ``"infeasible"`` (HiGHS proved that no input of the box meets every row),
-            ``"untrusted"`` (HiGHS said infeasible, or failed, on a program whose numbers leave
-            :data:`TRUSTED_RANGE`: no proof either way),
-            ``"feasible"`` (``point`` meets every row, up to the solver's tolerances) or
-            ``"unknown"`` (stopped by the time limit first).
-        point: ``(1, *S_in)`` float64 input found (``None`` unless feasible).
-        worst: the solver's ``max_r (C_r f(point) - thresholds_r)`` (NaN unless feasible).
+        status: the outcome (see :class:`MilpStatus`).
+        point: ``(1, *S_in)`` float64 input found (``None`` unless ``FEASIBLE``).
+        worst: the solver's ``max_r (C_r f(point) - thresholds_r)`` (NaN unless ``FEASIBLE``).
     """
 
-    status: str
+    status: MilpStatus
     point: Tensor | None = None
     worst: float = math.nan
 
@@ -312,7 +347,7 @@ def milp_search(
     The conjunction of the rows is one MILP (Tjeng et al. 2019's encoding): minimise ``t``
     subject to ``C_r f(x) - thresholds_r <= t`` for every row and ``t <= 0``. The cap on ``t``
     acts as an objective cut-off, so HiGHS prunes every branch whose relaxation cannot reach
-    the set; "infeasible" is then a proof that the set is empty (as sound as HiGHS's
+    the set; ``MilpStatus.INFEASIBLE`` is then a proof that the set is empty (as sound as HiGHS's
     floating-point LP solves, which hold to about 1e-7: keep a margin in ``thresholds``). A
     verifier asks whether an unsafe set ``C f(x) <= b`` is empty with ``thresholds = b +
     margin`` and re-checks a feasible ``point`` itself.
@@ -358,13 +393,14 @@ def milp_search(
                            options=options)
     reliable = trusted(program, limits - program.offsets)
     if result.status == 2:
-        return MilpSearch("infeasible" if reliable else "untrusted")
+        return MilpSearch(MilpStatus.INFEASIBLE if reliable else MilpStatus.UNTRUSTED)
     if result.x is not None and result.status in (0, 1):
         point = torch.as_tensor(result.x[: int(box.lower[0].numel())], dtype=torch.float64)
-        return MilpSearch("feasible", point.view(1, *box.lower.shape[1:]), float(result.fun))
+        return MilpSearch(MilpStatus.FEASIBLE, point.view(1, *box.lower.shape[1:]),
+                          float(result.fun))
     if result.status == 1:
-        return MilpSearch("unknown")
+        return MilpSearch(MilpStatus.UNKNOWN)
     if not reliable:  # e.g. "unbounded" for a bounded program with coefficients of 1e24
-        return MilpSearch("untrusted")
+        return MilpSearch(MilpStatus.UNTRUSTED)
     raise RuntimeError(f"milp_search: HiGHS failed on the MILP (status {result.status}: "
                        f"{result.message})")

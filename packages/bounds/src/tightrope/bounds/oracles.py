@@ -4,8 +4,17 @@ with SciPy's HiGHS (``pip install tightrope-bounds[oracles]``; SciPy is imported
 so ``tightrope.bounds`` imports without it)."""
 
 from tightrope.bounds.lp import lp_bound
-from tightrope.bounds.milp import MilpMinimum, MilpSearch, milp_bound, milp_minimum, milp_search
+from tightrope.bounds.milp import (
+    MilpMinimum,
+    MilpSearch,
+    MilpStatus,
+    milp_bound,
+    milp_fits,
+    milp_minimum,
+    milp_search,
+)
 
 __all__ = [
-    "MilpMinimum", "MilpSearch", "lp_bound", "milp_bound", "milp_minimum", "milp_search",
+    "MilpMinimum", "MilpSearch", "MilpStatus", "lp_bound", "milp_bound", "milp_fits",
+    "milp_minimum", "milp_search",
 ]

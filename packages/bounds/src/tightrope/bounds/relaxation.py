@@ -11,30 +11,15 @@ optimised (alpha-CROWN).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from tightrope.bounds import fused
-from tightrope.bounds.core import Box
+from tightrope.bounds.core import Box, LowerSlope
 
 __all__ = ["LowerSlope", "ReluRelaxation", "relu_relaxation"]
-
-
-class LowerSlope(enum.Enum):
-    """How ``crown`` picks the lower slope ``a`` of an unstable ReLU."""
-
-    #: CROWN (Zhang et al. 2018): ``a = 1`` if ``u >= -l`` else ``0``, the choice of smaller area.
-    ADAPTIVE = "adaptive"
-    #: ``a = 0`` everywhere.
-    ZERO = "zero"
-    #: ``a = 1`` everywhere.
-    ONE = "one"
-    #: ``a = u / (u - l)``, parallel to the upper chord: the dual network of Wong & Kolter 2018
-    #: and Fast-Lin (Weng et al. 2018).
-    PARALLEL = "parallel"
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,4 +56,4 @@ def relu_relaxation(
     if not isinstance(policy, LowerSlope):
         raise TypeError(f"policy must be a LowerSlope, got {policy!r}")
     return ReluRelaxation(*fused.relu_relaxation(pre_activation.lower, pre_activation.upper,
-                                                 policy.value))
+                                                 policy))

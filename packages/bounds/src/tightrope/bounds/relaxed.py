@@ -105,8 +105,9 @@ class Relaxed:
 
     def interval_lower(self) -> Tensor:
         """Lower bounds ``(B, K)`` of ``C f`` by interval arithmetic from the last ReLU's
-        pre-activation bounds: with ``intermediate="ibp"`` this is ``ibp(model, box, C).lower``
-        without a second interval pass (CROWN-IBP training mixes the two bounds)."""
+        pre-activation bounds: with ``intermediate=Intermediate.IBP`` this is
+        ``ibp(model, box, C).lower`` without a second interval pass (CROWN-IBP training mixes
+        the two bounds)."""
         if self.relu_ops:
             box = self.pre.boxes[self.relu_ops[-1]]
             center, radius = relu_interval(box.center, box.radius)
@@ -121,19 +122,20 @@ def relax(
     box: Box,
     C: Tensor | None = None,
     *,
-    intermediate: Intermediate = "ibp",
+    intermediate: Intermediate = Intermediate.IBP,
     lower_slope: LowerSlope = LowerSlope.ADAPTIVE,
 ) -> Relaxed:
     """The relaxation of ``C f`` over ``box`` that :func:`crown` bounds, slopes left open.
 
-    ``relax(model, box, C, intermediate="ibp").lower()`` equals
+    ``relax(model, box, C, intermediate=Intermediate.IBP).lower()`` equals
     ``crown_ibp(model, box, C, upper=False).lower`` (reshaped to ``(B, K)``).
 
     Args:
         model: an ``nn.Sequential`` of supported layers.
         box: input box ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)``; ``None`` bounds every output.
-        intermediate: pre-activation bounds by ``"ibp"`` (default, CROWN-IBP) or ``"crown"``.
+        intermediate: pre-activation bounds by ``Intermediate.IBP`` (default, CROWN-IBP) or
+            ``Intermediate.CROWN``.
         lower_slope: the policy of :attr:`Relaxed.default_slopes`.
     """
     problem = prepare(model, box, C)

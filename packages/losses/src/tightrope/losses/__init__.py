@@ -13,6 +13,7 @@ in ``[0, 1]``, ``y: (B,)`` labels, ``eps`` the l_inf radius in pixel units.
 * :class:`SABRLoss` — IBP on a small box around a PGD point (Mueller et al. 2023);
 * :class:`TAPSLoss`, :class:`STAPSLoss` — IBP to a split layer, per-class PGD estimators in
   the latent box and a gradient connector, times the IBP loss (Mao et al. 2023);
+  :func:`resolve_split` — the layer index where TAPS splits a model (for evaluation);
 * :class:`LeeLoss` — CROWN-IBP with 0/1 lower slopes from one signed-gradient step
   (Lee et al. 2021);
 * :class:`WongKolterLoss` — robust training with the dual network's bound (Wong & Kolter 2018);
@@ -71,6 +72,7 @@ from tightrope.losses.taps import (
     TAPSConfig,
     TAPSLoss,
     gradient_connector,
+    resolve_split,
     scale_gradient,
     taps_bounds,
 )
@@ -124,6 +126,7 @@ __all__ = [
     "l1_penalty",
     "logit_margins",
     "relu_balance_penalty",
+    "resolve_split",
     "robust_cross_entropy",
     "scale_gradient",
     "signed_step_slopes",

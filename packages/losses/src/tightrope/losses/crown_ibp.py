@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, LowerSlope, crown_ibp, margin_spec, relax
+from tightrope.bounds import Box, Intermediate, LowerSlope, crown_ibp, margin_spec, relax
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (
     LossOutput,
@@ -64,7 +64,7 @@ def crown_ibp_margins(
     box = Box.from_linf(x, eps)
     if beta == 1.0 and not is_recording():
         return crown_ibp(model, box, C, lower_slope=lower_slope, upper=False).lower
-    relaxed = relax(model, box, C, intermediate="ibp", lower_slope=lower_slope)
+    relaxed = relax(model, box, C, intermediate=Intermediate.IBP, lower_slope=lower_slope)
     if is_recording():
         record_pre_activations(box, relaxed.pre_activations)
     if beta == 1.0:

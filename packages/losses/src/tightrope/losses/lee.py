@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, LowerSlope, margin_spec, relax
+from tightrope.bounds import Box, Intermediate, LowerSlope, margin_spec, relax
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (
     LossOutput,
@@ -78,7 +78,8 @@ class LeeLoss:
         box = Box.from_linf(x, eps)
         with clean_pass(model, x, self.config.batchnorm) as logits:
             C = margin_spec(y, logits.shape[1], dtype=x.dtype).to(x.device)
-            relaxed = relax(model, box, C, intermediate="ibp", lower_slope=LowerSlope.ADAPTIVE)
+            relaxed = relax(model, box, C, intermediate=Intermediate.IBP,
+                            lower_slope=LowerSlope.ADAPTIVE)
             record_pre_activations(box, relaxed.pre_activations)
             start = tuple(s.detach().requires_grad_(True) for s in relaxed.default_slopes)
             with torch.enable_grad():

@@ -10,10 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.attacks import MultiStepDecay, PGDConfig, pgd
-from tightrope.bounds import Box, margin_spec
-from tightrope.bounds.interval import tail_bounds
-from tightrope.bounds.network import Affine
-from tightrope.bounds.problem import prepare
+from tightrope.bounds import Affine, Box, margin_spec, prepare, tail_bounds
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (
     LossOutput,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, LowerSlope, crown, margin_spec
+from tightrope.bounds import Box, Intermediate, LowerSlope, crown, margin_spec
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (
     LossOutput,
@@ -60,7 +60,7 @@ class WongKolterLoss:
         check_batch(x, y, eps)
         with clean_pass(model, x, self.config.batchnorm) as logits:
             C = margin_spec(y, logits.shape[1], dtype=x.dtype).to(x.device)
-            lower = crown(model, Box.from_linf(x, eps), C, intermediate="crown",
+            lower = crown(model, Box.from_linf(x, eps), C, intermediate=Intermediate.CROWN,
                           lower_slope=LowerSlope.PARALLEL, upper=False).lower
         robust = robust_cross_entropy(lower).mean()
         metrics = {

@@ -16,8 +16,7 @@ from torch import Tensor, nn
 
 from tightrope.attacks import PGDConfig, pgd
 from tightrope.bounds import Box, crown_ibp, ibp, margin_spec
-from tightrope.losses import TAPSConfig, taps_bounds
-from tightrope.losses.taps import resolve_split
+from tightrope.losses import TAPSConfig, resolve_split, taps_bounds
 
 __all__ = ["EvalSettings", "evaluate"]
 

@@ -1,6 +1,10 @@
 """tightrope.verify: certification of l_inf robustness (cascade, BaB, ONNX/VNNLIB).
 
 Work in progress: today it holds the specification types (:mod:`tightrope.verify.spec`).
+
+* :func:`load_onnx`, :func:`load_vnnlib` — a VNN-COMP instance's network and property;
+* :func:`format_result`, :func:`parse_result`, :func:`status_word` — VNN-COMP result files and
+  the word (``unsat``, ``sat``, ``timeout``, ``unknown``) for a :class:`VerifyStatus`.
 """
 
 from tightrope.verify.__about__ import __version__
@@ -25,7 +29,7 @@ from tightrope.verify.spec import (
     robustness_spec,
 )
 from tightrope.verify.vnnlib import VnnlibError, load_vnnlib, parse_vnnlib
-from tightrope.verify.vnnlib_result import VnnResult, format_result, parse_result
+from tightrope.verify.vnnlib_result import VnnResult, format_result, parse_result, status_word
 
 __all__ = [
     "BabConfig",
@@ -55,5 +59,6 @@ __all__ = [
     "parse_result",
     "parse_vnnlib",
     "robustness_spec",
+    "status_word",
     "verify",
 ]

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, certified_split_bound, pre_activation_bounds
+from tightrope.bounds import Box, Intermediate, certified_split_bound, pre_activation_bounds
 from tightrope.verify.bab import BabOutcome, minimisers
 from tightrope.verify.config import BabConfig
 from tightrope.verify.problem import CompiledRegion, clip_inside, violation
@@ -67,7 +67,8 @@ def input_bab(
                         upper[begin : begin + 2 * config.batch_size])
             with torch.no_grad():
                 # The root box's rounding errors hold on every sub-box (smaller magnitudes).
-                pre = widened(nets.rounding, pre_activation_bounds(net, boxes, "crown").boxes)
+                crown_pre = pre_activation_bounds(net, boxes, Intermediate.CROWN)
+                pre = widened(nets.rounding, crown_pre.boxes)
             C = rows.unsqueeze(0).expand(boxes.lower.shape[0], *rows.shape)
             found, sound = certified_split_bound(net, boxes, C, pre, {}, search=search,
                                                  steps=INPUT_STEPS, lr_alpha=config.lr_alpha,

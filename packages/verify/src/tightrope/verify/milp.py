@@ -21,8 +21,15 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, MilpSearch, Network, milp_minimum, milp_search
-from tightrope.bounds.encoding import DEFAULT_MAX_VARIABLES, check_size
+from tightrope.bounds import (
+    Box,
+    MilpSearch,
+    MilpStatus,
+    Network,
+    milp_fits,
+    milp_minimum,
+    milp_search,
+)
 from tightrope.verify.bab import BabOutcome
 from tightrope.verify.problem import CompiledRegion, clip_inside
 from tightrope.verify.spec import Specification, VerifyStatus
@@ -77,13 +84,7 @@ def milp_eligible(net: Network, boxes: Mapping[int, Box], max_unstable: int) -> 
     if importlib.util.find_spec("scipy") is None or not boxes:
         return False
     unstable = sum(int(((b.lower < 0) & (b.upper > 0)).sum()) for b in boxes.values())
-    if unstable > max_unstable:
-        return False
-    try:  # the same size rule milp_search applies
-        check_size(net, binaries=True, max_variables=DEFAULT_MAX_VARIABLES, caller="milp_search")
-    except ValueError:
-        return False
-    return True
+    return unstable <= max_unstable and milp_fits(net)  # the size rule milp_search applies
 
 
 def milp_exclude(
@@ -117,11 +118,11 @@ def milp_exclude(
                                    boxes=dict(boxes), time_limit=left)
 
     def outcome(found: MilpSearch | None) -> BabOutcome:
-        if found is None or found.status == "unknown":
+        if found is None or found.status is MilpStatus.UNKNOWN:
             return BabOutcome(VerifyStatus.TIMEOUT)
-        if found.status == "infeasible":
+        if found.status is MilpStatus.INFEASIBLE:
             return BabOutcome(VerifyStatus.VERIFIED)
-        if found.status == "untrusted":
+        if found.status is MilpStatus.UNTRUSTED:
             return BabOutcome(VerifyStatus.UNKNOWN)
         if found.point is None:
             return BabOutcome(VerifyStatus.TIMEOUT)

@@ -36,11 +36,11 @@ from torch import Tensor
 from tightrope.bounds import (
     Box,
     Network,
+    SplitBound,
     certified_split_bound,
     empty_subdomains,
     rounding,
 )
-from tightrope.bounds.beta import SplitBound
 from tightrope.verify.bab import refine_after_splits
 from tightrope.verify.branching import LayerIndex, branching_scores, fsb_choice, split_at
 from tightrope.verify.domains import DomainBatch

@@ -133,8 +133,7 @@ def _run_vnnlib(args: argparse.Namespace) -> int:
     import torch
 
     from tightrope.apps.certify.vnnlib_command import run_vnnlib
-    from tightrope.verify.onnx import OnnxImportError
-    from tightrope.verify.vnnlib import VnnlibError
+    from tightrope.verify import OnnxImportError, VnnlibError
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -20,10 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.apps.certify.answer_file import clear_answer, write_answer
-from tightrope.verify.onnx import OnnxImportError, OnnxModel, load_onnx
-from tightrope.verify.spec import Specification, VerifyStatus
-from tightrope.verify.vnnlib import load_vnnlib
-from tightrope.verify.vnnlib_result import format_result, status_word
+from tightrope.verify import (
+    OnnxImportError,
+    OnnxModel,
+    Specification,
+    VerifyStatus,
+    format_result,
+    load_onnx,
+    load_vnnlib,
+    status_word,
+)
 
 __all__ = ["Outcome", "Verdictlike", "Verifier", "check_counterexample", "run_vnnlib"]
 
