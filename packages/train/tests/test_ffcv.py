@@ -39,7 +39,6 @@ def test_beton_round_trip_and_permutations(tmp_path: Path) -> None:
     assert again.path == loader.path  # reused, not rewritten
 
 
-@pytest.mark.slow
 def test_trainer_on_ffcv(tmp_path: Path, make_config: Callable[..., Any]) -> None:
     config = make_config(epochs=2, eps={"train": 0.05, "ramp_epochs": 1},
                          data={"dataset": "synthetic", "batch_size": 32, "validation_size": 32,
