@@ -43,7 +43,14 @@ from tightrope.verify.milp import milp_eligible, milp_exclude, milp_verify
 from tightrope.verify.problem import CompiledRegion, compile_region, confirm, float64_model
 from tightrope.verify.refine import SplitRefinement, refine_by_splitting
 from tightrope.verify.result import Stage, Verdict
-from tightrope.verify.sound import Lowered, bound_copy, check_finite, lowered, widened
+from tightrope.verify.sound import (
+    Lowered,
+    bound_copy,
+    check_finite,
+    lowered,
+    reference,
+    widened,
+)
 from tightrope.verify.spec import Specification, VerifyStatus
 
 __all__ = ["verify"]
@@ -51,11 +58,6 @@ __all__ = ["verify"]
 Progress = Callable[[str, dict[str, float]], None]
 
 
-def _reference(model: nn.Module) -> Tensor:
-    for tensor in [*model.parameters(), *model.buffers()]:
-        if tensor.is_floating_point():
-            return tensor
-    raise TypeError("verify needs a model with floating-point parameters (its dtype and device)")
 
 
 class _Clock:
@@ -104,13 +106,12 @@ def verify(
     if model.training:
         raise ValueError("verify needs an eval-mode model: call model.eval() first")
     clock = _Clock(timeout)
-    _reference(model)
     check_finite(model)
     exact_model = bound_copy(model, config.dtype)
-    like = _reference(exact_model)
+    like = reference(exact_model)
     model64 = exact_model if like.dtype == torch.float64 else float64_model(model)
     regions = [compile_region(region, like) for region in spec.regions]
-    search_like = _reference(model)
+    search_like = reference(model)
     search_regions = regions if search_like.dtype == like.dtype else [
         compile_region(region, search_like) for region in spec.regions]
     generator = torch.Generator().manual_seed(config.seed)

@@ -38,7 +38,7 @@ from tightrope.verify.cascade import verify
 from tightrope.verify.config import VerifierConfig
 from tightrope.verify.problem import float64_model, rounded_box
 from tightrope.verify.result import Stage, Verdict
-from tightrope.verify.sound import bound_copy, check_finite, lowered, widened
+from tightrope.verify.sound import bound_copy, check_finite, lowered, reference, widened
 from tightrope.verify.spec import VerifyStatus, linf_box, robustness_spec
 
 __all__ = ["Certification", "certify"]
@@ -186,7 +186,7 @@ def certify(
             return
         start = time.monotonic()
         index = torch.tensor(todo, device=x.device)
-        like = next(t for t in bounded.parameters() if t.is_floating_point())
+        like = reference(bounded)
         box = rounded_box(linf_box(x[index], eps), like)[0]
         C = margin_spec(y[index], num_classes, dtype=like.dtype)
         with torch.no_grad():

@@ -29,7 +29,7 @@ from tightrope.bounds import (
     rounding,
 )
 
-__all__ = ["Lowered", "bound_copy", "check_finite", "lowered", "widened"]
+__all__ = ["Lowered", "bound_copy", "check_finite", "lowered", "reference", "widened"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +66,7 @@ def lowered(exact_model: nn.Module, search_model: nn.Module, box: Box, rows: int
     if exact_model is search_model:
         search = exact
     else:
-        dtype = next(t for t in search_model.parameters() if t.is_floating_point()).dtype
-        search = lower(search_model, box.center.to(dtype))
+        search = lower(search_model, box.center.to(reference(search_model).dtype))
     return Lowered(exact, search, rounding(exact, box, rows=rows))
 
 
@@ -81,12 +80,18 @@ def check_finite(model: nn.Module) -> None:
                          "a network with such weights cannot be verified: fix or retrain it")
 
 
+def reference(model: nn.Module) -> Tensor:
+    """The first floating-point parameter or buffer of ``model``: its dtype and device."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.is_floating_point():
+            return tensor
+    raise TypeError("verify needs a model with floating-point parameters (its dtype and device)")
+
+
 def bound_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """``model`` in ``dtype`` (a copy in eval mode), or itself when ``dtype`` is ``None`` or
     already its dtype."""
-    reference = next((t for t in [*model.parameters(), *model.buffers()]
-                      if t.is_floating_point()), None)
-    if dtype is None or reference is None or reference.dtype == dtype:
+    if dtype is None or reference(model).dtype == dtype:
         return model
     return copy.deepcopy(model).to(dtype).eval()
 
