@@ -158,6 +158,25 @@ def small_box(
     return Box(torch.maximum(centre - tau, lo), torch.minimum(centre + tau, hi))
 
 
+def attacked_small_box(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    eps: float | Tensor,
+    *,
+    shrink: float,
+    attack: PGDConfig,
+    radius: SmallBoxRadius,
+    generator: torch.Generator | None,
+) -> Box:
+    """The small box of SABR and STAPS: :func:`small_box` around the point ``attack`` finds;
+    at ``shrink = 1`` the clipped eps box, wherever the attack would land (no attack runs)."""
+    if shrink == 1.0:
+        return Box.from_linf(x, eps)
+    x_adv = pgd(model, x, y, eps, config=attack, generator=generator).x_adv
+    return small_box(x, x_adv, eps, shrink, radius=radius)
+
+
 @dataclass(frozen=True, slots=True)
 class SABRLoss:
     """``mean_b robust CE(lb)``, ``lb: (B, K-1)`` the IBP margin bounds on :func:`small_box`.
@@ -172,11 +191,8 @@ class SABRLoss:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
         check_batch(x, y, eps)
         config = self.config
-        if config.shrink == 1.0:  # the box is the eps box wherever the attack lands
-            box = Box.from_linf(x, eps)
-        else:
-            x_adv = pgd(model, x, y, eps, config=config.attack, generator=self.generator).x_adv
-            box = small_box(x, x_adv, eps, config.shrink, radius=config.radius)
+        box = attacked_small_box(model, x, y, eps, shrink=config.shrink, attack=config.attack,
+                                 radius=config.radius, generator=self.generator)
         with clean_pass(model, x, config.batchnorm) as logits:
             C = margin_spec(y, logits.shape[1], dtype=x.dtype).to(x.device)
             if config.relu_shrink == 1.0:

@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from tightrope.attacks import PGDConfig, pgd
-from tightrope.bounds import Box
+from tightrope.attacks import PGDConfig
 from tightrope.losses.core import LossOutput, check_batch
-from tightrope.losses.sabr import SABRConfig, SmallBoxRadius, small_box
+from tightrope.losses.sabr import SABRConfig, SmallBoxRadius, attacked_small_box
 from tightrope.losses.taps import TAPSConfig, taps_loss
 
 __all__ = ["STAPSConfig", "STAPSLoss"]
@@ -85,10 +84,7 @@ class STAPSLoss:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, eps: float | Tensor) -> LossOutput:
         check_batch(x, y, eps)
         config = self.config
-        if config.shrink == 1.0:  # the box is the eps box wherever the attack lands
-            box = Box.from_linf(x, eps)
-        else:
-            x_adv = pgd(model, x, y, eps, config=config.attack, generator=self.generator).x_adv
-            box = small_box(x, x_adv, eps, config.shrink, radius=config.radius)
+        box = attacked_small_box(model, x, y, eps, shrink=config.shrink, attack=config.attack,
+                                 radius=config.radius, generator=self.generator)
         return taps_loss(model, x, y, box, config.taps, self.generator)
 
