@@ -4,14 +4,13 @@ as ``numpy.savez`` writes it) or a ``.json`` object mapping each name to a list 
 
 from __future__ import annotations
 
-import json
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from tightrope.apps.report.inputs import ReportError
+from tightrope.apps.report.inputs import ReportError, read_json
 
 if TYPE_CHECKING:
     from numpy.typing import NDArray
@@ -51,15 +50,7 @@ def load_arrays(path: Path) -> dict[str, NDArray[np.float64]]:
                 raise
             raise ReportError(f"{path}: not a readable .npz file ({error})") from error
     elif suffix == ".json":
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as error:
-            raise ReportError(f"{path}: cannot read it ({error.strerror or error})") from error
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ReportError(f"{path}: not valid JSON ({error})") from error
-        if not isinstance(data, dict):
-            raise ReportError(f"{path}: expected a JSON object mapping names to lists of "
-                              "numbers")
+        data = read_json(path, "a JSON object mapping names to lists of numbers")
         arrays = {str(key): _as_numbers(value, path, str(key)) for key, value in data.items()}
     else:
         raise ReportError(f"{path}: --histogram takes a .npz or .json file")

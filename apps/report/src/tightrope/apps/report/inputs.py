@@ -25,7 +25,7 @@ from typing import Any
 from tightrope.apps.certify.records import Summary, merge_records, summarise
 
 __all__ = ["Certification", "ReportError", "Run", "collect", "load_certification", "load_run",
-           "lookup"]
+           "lookup", "read_json"]
 
 CERTIFY_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
@@ -131,7 +131,9 @@ def lookup(config: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
     return node
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, expected: str = "a JSON object") -> dict[str, Any]:
+    """The JSON object in ``path``; a :class:`ReportError` naming the file when it cannot be
+    read, is no JSON or is not an object (``expected`` says what was expected)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except OSError as error:
@@ -139,7 +141,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ReportError(f"{path}: not valid JSON ({error})") from error
     if not isinstance(data, dict):
-        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ReportError(f"{path}: expected {expected}, got {type(data).__name__}")
     return data
 
 
@@ -214,7 +216,7 @@ def _summary(data: dict[str, Any], path: Path) -> Summary:
 
 def load_certification(path: Path) -> Certification:
     """Read a ``tightrope-certify checkpoint`` results directory."""
-    settings = _read_json(path / CERTIFY_FILE)
+    settings = read_json(path / CERTIFY_FILE)
     try:
         checkpoint = Path(str(settings["checkpoint"]))
         eps = float(settings["eps"])
@@ -227,7 +229,7 @@ def load_certification(path: Path) -> Certification:
                           "tightrope-certify") from None
     summary_path = path / "summary.json"
     if summary_path.is_file():
-        data = _read_json(summary_path)
+        data = read_json(summary_path)
         summary = _summary(data, summary_path)
         from_records = False
     else:
@@ -256,9 +258,9 @@ def load_run(path: Path, extra: Sequence[Certification] = ()) -> Run:
                           "one that has not finished an epoch")
     config = _read_config(path / "config.yaml")
     meta_path = path / "meta.json"
-    meta = _read_json(meta_path) if meta_path.is_file() else {}
+    meta = read_json(meta_path) if meta_path.is_file() else {}
     test_path = path / "test_metrics.json"
-    test = _read_json(test_path) if test_path.is_file() else None
+    test = read_json(test_path) if test_path.is_file() else None
     inside = [load_certification(child) for child in sorted(path.iterdir())
               if child.is_dir() and (child / CERTIFY_FILE).is_file()]
     seen = {c.path.resolve() for c in inside}
