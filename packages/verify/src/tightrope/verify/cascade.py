@@ -240,6 +240,17 @@ def verify(
         milp_after = bab.milp_share(depth)
         exact_fallback = (not use_input and milp_after < 1.0
                           and milp_eligible(net, boxes, bab.milp_max_unstable))
+        if use_input:
+            # One search for all the region's open unsafe sets: each sub-box is bounded once.
+            outcome = input_bab(model, found, region, search_region, open_sets[number], checked,
+                                config=bab, margin=config.margin, deadline=clock.deadline,
+                                generator=generator)
+            total_domains += outcome.domains
+            final = settle(outcome, Stage.BAB, total_domains)
+            if final is not None:
+                return final
+            unknown |= outcome.status is VerifyStatus.UNKNOWN
+            continue
         deferred: list[int] = []
         for target in targets:
             if clock.expired():
@@ -247,19 +258,12 @@ def verify(
             deadline = clock.deadline
             if exact_fallback:
                 deadline = time.monotonic() + milp_after * (clock.deadline - time.monotonic())
-            outcome: BabOutcome
-            if use_input:
-                outcome = input_bab(model, found, region, search_region, target, checked,
-                                    config=bab, margin=config.margin,
-                                    deadline=clock.deadline, generator=generator)
-            else:
-                outcome = relu_bab(
-                    model, found, region, search_region, target, boxes, checked, config=bab,
-                    margin=config.margin, root_steps=config.alpha_steps,
-                    lr_alpha=config.alpha_lr, deadline=deadline, generator=generator,
-                    progress=None if progress is None else _bab_progress(progress, number,
-                                                                          target),
-                )
+            outcome = relu_bab(
+                model, found, region, search_region, target, boxes, checked, config=bab,
+                margin=config.margin, root_steps=config.alpha_steps,
+                lr_alpha=config.alpha_lr, deadline=deadline, generator=generator,
+                progress=None if progress is None else _bab_progress(progress, number, target),
+            )
             total_domains += outcome.domains
             if exact_fallback and outcome.status in (VerifyStatus.TIMEOUT, VerifyStatus.UNKNOWN):
                 deferred.append(target)  # branch-and-bound used its share or got stuck

@@ -110,9 +110,13 @@ class BabConfig:
         refine_intermediate: recompute CROWN pre-activation bounds of the layers after a split
             (tighter, a backward pass per unstable neuron).
         input_split: when to split the input box instead of ReLUs.
-        input_split_max_dim: input dimension at or below which ``InputSplit.AUTO`` splits inputs.
+        input_split_max_dim: input dimension at or below which ``InputSplit.AUTO`` splits inputs
+            (bisecting a box halves one of its sides, so the number of sub-boxes a search
+            needs grows with the input dimension; ReLU splitting is the better search above a
+            few tens of inputs).
         attack_every: run a PGD attack biased by the queue's worst subdomains every this many
-            iterations (0: never).
+            iterations (0: never); input splitting attacks after every bound call unless 0
+            (:mod:`tightrope.verify.input_bab`).
         milp_after: on networks small enough for the exact MILP (see ``milp_max_unstable``),
             the share of the time left when an unsafe set's search starts that
             branch-and-bound gets for it; the sets it leaves undecided then get one MILP

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Keep the record of finished runs in the repository: copy what tightrope-report reads (and the
+# selected weights) from each run directory under runs/ into the same path under results/runs/,
+# so that the tables and figures of results/ can be regenerated on any checkout (runs/ is not
+# version-controlled; last.pt and the TensorBoard logs stay there).
+# Usage: scripts/keep_run.sh RUN_DIR...
+#   RUN_DIR   a tightrope-train run directory under runs/, e.g.
+#             runs/mnist_cpu/eps0.1/ibp/mnist-ibp-cnn3-20261207-152916
+# Copied: config.yaml, meta.json, metrics.csv, test_metrics.json, best.pt (the selected
+# checkpoint, ~300 KB for CNN3) and, of each certification directory inside
+# it (certify*/ with run.json), run.json, summary.json, summary.txt and samples.csv (gzipped:
+# samples.csv.gz). A run whose training or certification has not finished is refused (keep it
+# once it has).
+set -euo pipefail
+
+[[ $# -ge 1 && "$1" != -h && "$1" != --help ]] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+root="$(cd "$(dirname "$0")/.." && pwd)"
+
+for given in "$@"; do
+  [[ -d "$given" ]] || { echo "keep_run.sh: no such directory: $given" >&2; exit 2; }
+  run="$(cd "$given" && pwd)"
+  relative="${run#"$root"/runs/}"
+  if [[ "$relative" == "$run" ]]; then
+    echo "keep_run.sh: $given is not under $root/runs/" >&2
+    exit 2
+  fi
+  for file in config.yaml meta.json metrics.csv test_metrics.json best.pt; do
+    [[ -f "$run/$file" ]] || { echo "keep_run.sh: $given has no $file (training unfinished?)" >&2; exit 1; }
+  done
+  target="$root/results/runs/$relative"
+  mkdir -p "$target"
+  cp "$run"/{config.yaml,meta.json,metrics.csv,test_metrics.json,best.pt} "$target/"
+  for certify in "$run"/certify*/; do
+    [[ -f "$certify/run.json" ]] || continue
+    name="$(basename "$certify")"
+    [[ -f "$certify/summary.json" ]] || {
+      echo "keep_run.sh: $given/$name has no summary.json (certification unfinished?)" >&2; exit 1; }
+    mkdir -p "$target/$name"
+    for file in run.json summary.json summary.txt; do
+      cp "$certify/$file" "$target/$name/"
+    done
+    if [[ -f "$certify/samples.csv" ]]; then
+      gzip -9 -n -c "$certify/samples.csv" > "$target/$name/samples.csv.gz"
+    fi
+  done
+  echo "kept $relative -> results/runs/$relative"
+done
