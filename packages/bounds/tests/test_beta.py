@@ -9,6 +9,7 @@ Phases are taken from a sampled point so the subdomain is never empty.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -231,6 +232,18 @@ def test_milp_search_checks_its_thresholds() -> None:
     box = Box.from_linf(torch.rand(1, 4, dtype=DTYPE), 0.1)
     with pytest.raises(ValueError, match="one value per row"):
         milp_search(model, box, torch.randn(1, 2, 3, dtype=DTYPE), torch.zeros(3, dtype=DTYPE))
+
+
+def test_milp_search_answers_unknown_once_its_deadline_has_passed() -> None:
+    """Building the program counts against the deadline; HiGHS never starts after it."""
+    pytest.importorskip("scipy")
+    model = mlp(5)
+    box = Box.from_linf(torch.rand(1, 4, dtype=DTYPE), 0.3)
+    C = torch.randn(1, 1, 3, dtype=DTYPE)
+    threshold = torch.tensor([1e6], dtype=DTYPE)  # met everywhere: a solve would say FEASIBLE
+    assert milp_search(model, box, C, threshold).status is MilpStatus.FEASIBLE
+    late = milp_search(model, box, C, threshold, deadline=time.monotonic() - 1.0)
+    assert late.status is MilpStatus.UNKNOWN
 
 
 def test_a_passed_deadline_stops_the_ascent_at_its_start() -> None:

@@ -98,7 +98,8 @@ def test_input_splitting_never_verifies_a_sampled_violation() -> None:
             assert not sampled_violation(model, spec, seed), seed
             counts["verified"] += 1
         else:
-            assert verdict.counterexample is not None and verdict.output is not None
+            assert verdict.counterexample is not None
+            assert verdict.output is not None
             assert spec.violated_by(verdict.counterexample, verdict.output), seed
             counts["falsified"] += 1
         counts["bab"] += verdict.stage is Stage.BAB
@@ -145,5 +146,6 @@ def test_input_splitting_never_verifies_a_sampled_violation_on_hundreds() -> Non
         if verdict.status is VerifyStatus.VERIFIED:
             assert not sampled_violation(model, spec, seed), seed
         elif verdict.status is VerifyStatus.FALSIFIED:
-            assert verdict.counterexample is not None and verdict.output is not None
+            assert verdict.counterexample is not None
+            assert verdict.output is not None
             assert spec.violated_by(verdict.counterexample, verdict.output), seed

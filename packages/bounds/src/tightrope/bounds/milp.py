@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -340,6 +341,7 @@ def milp_search(
     *,
     boxes: dict[int, Box] | None = None,
     time_limit: float | None = None,
+    deadline: float | None = None,
     max_variables: int = DEFAULT_MAX_VARIABLES,
 ) -> MilpSearch:
     """Search the box for an input with ``C f(x) <= thresholds`` in every row, exactly.
@@ -360,8 +362,16 @@ def milp_search(
             network (e.g. alpha-CROWN's, which make the program much easier); CROWN's when
             ``None``.
         time_limit: seconds for the solve (``None``: no limit).
+        deadline: ``time.monotonic()`` value by which the call returns (``None``: none): the
+            time building the program takes counts against it, HiGHS gets what is left
+            (``MilpStatus.UNKNOWN`` without solving when nothing is).
     """
     program = _one_sample_program(model, box, C, boxes, max_variables, "milp_search")
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return MilpSearch(MilpStatus.UNKNOWN)
+        time_limit = left if time_limit is None else min(time_limit, left)
     optimize = load_scipy("milp_search")
     import numpy as np
 

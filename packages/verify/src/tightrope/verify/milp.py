@@ -115,7 +115,7 @@ def milp_exclude(
         mine = region.owner == target
         rows = region.rows[mine].unsqueeze(0)
         return target, milp_search(model, region.box, rows, region.offsets[mine] + margin,
-                                   boxes=dict(boxes), time_limit=left)
+                                   boxes=dict(boxes), deadline=deadline)
 
     def outcome(found: MilpSearch | None) -> BabOutcome:
         if found is None or found.status is MilpStatus.UNKNOWN:
