@@ -69,6 +69,12 @@ def test_summary_adds_up_and_beats_ibp_and_crown(
     assert sum(summary["stages"].values()) == SAMPLES
     records = read_records(shard_file(out, 0, 1))
     assert sorted(r.index for r in records) == list(range(SAMPLES))
+    # The time by stage adds up to each sample's time and to the summary's.
+    for record in records:
+        assert "clean" in record.stage_seconds
+        assert sum(record.stage_seconds.values()) == pytest.approx(record.seconds, abs=1e-9)
+    assert sum(summary["stage_seconds"].values()) == pytest.approx(summary["total_seconds"])
+    assert "  in ibp" in (out / "summary.txt").read_text()
     for record in records:
         if record.prediction != record.label:
             assert (record.status, record.stage) == ("falsified", "clean")

@@ -120,7 +120,31 @@ def test_summary_counts_and_accuracies() -> None:
     text = format_summary(summary, 0.1)
     assert "certified accuracy" in text
     assert "40.00 %" in text
+    assert summary.stage_seconds == {}  # records written before the time by stage was kept
     with pytest.raises(ValueError, match="no sample records"):
         summarise([])
     with pytest.raises(ValueError, match="status"):
         _record(0, "proved", "ibp")
+
+
+def test_time_by_stage_is_summed_written_and_read_back(tmp_path: Path) -> None:
+    records = [
+        SampleRecord(index=0, label=1, prediction=1, status="verified", stage="ibp",
+                     seconds=0.3, eps=0.1, stage_seconds={"clean": 0.1, "ibp": 0.2}),
+        SampleRecord(index=1, label=1, prediction=1, status="timeout", stage="none",
+                     seconds=2.4, eps=0.1,
+                     stage_seconds={"clean": 0.1, "ibp": 0.2, "bab": 2.1}),
+    ]
+    summary = summarise(records)
+    assert summary.stage_seconds == pytest.approx({"clean": 0.2, "ibp": 0.4, "bab": 2.1})
+    assert "  in bab" in format_summary(summary, 0.1)
+    path = tmp_path / "s.jsonl"
+    append_records(path, records)
+    assert read_records(path) == records
+    write_csv(tmp_path / "s.csv", records)
+    rows = list(csv.DictReader((tmp_path / "s.csv").open()))
+    assert float(rows[1]["seconds_bab"]) == pytest.approx(2.1)
+    assert rows[0]["seconds_bab"] == ""
+    with pytest.raises(ValueError, match="stage_seconds"):
+        SampleRecord(index=0, label=1, prediction=1, status="verified", stage="ibp",
+                     seconds=0.3, eps=0.1, stage_seconds={"lunch": 0.3})

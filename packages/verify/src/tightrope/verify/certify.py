@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -49,9 +49,17 @@ CertifyProgress = Callable[[Stage, int, int], None]
 
 @dataclass(frozen=True, slots=True)
 class Certification:
-    """Per-sample verdicts of :func:`certify`, in input order."""
+    """Per-sample verdicts of :func:`certify`, in input order.
+
+    Attributes:
+        verdicts: one per sample.
+        stage_seconds: per sample, the seconds each stage spent on it (its share of a batched
+            stage; ``Stage.BAB``: its own run of :func:`tightrope.verify.verify`, the MILP
+            stage included); they sum to the verdict's ``seconds``.
+    """
 
     verdicts: tuple[Verdict, ...]
+    stage_seconds: tuple[Mapping[Stage, float], ...] = ()
 
     def __len__(self) -> int:
         return len(self.verdicts)
@@ -115,6 +123,7 @@ def certify(
     generator = torch.Generator().manual_seed(config.seed) if generator is None else generator
     total = x.shape[0]
     seconds = [0.0] * total
+    spent_in: list[dict[Stage, float]] = [{} for _ in range(total)]
     decided: dict[int, Verdict] = {}
     check_finite(model)
     model64 = float64_model(model)
@@ -124,10 +133,11 @@ def certify(
     num_classes = int(logits.shape[1])
     specs = [robustness_spec(x[i : i + 1], int(y[i]), eps, num_classes) for i in range(total)]
 
-    def share(indices: list[int], start: float) -> None:
+    def share(indices: list[int], start: float, stage: Stage) -> None:
         spent = (time.monotonic() - start) / max(1, len(indices))
         for i in indices:
             seconds[i] += spent
+            spent_in[i][stage] = spent_in[i].get(stage, 0.0) + spent
 
     def falsify(i: int, point: Tensor, stage: Stage) -> bool:
         box = specs[i].regions[0].box
@@ -146,7 +156,7 @@ def certify(
     # 1. clean predictions
     start = time.monotonic()
     wrong = (logits.argmax(dim=1) != y).nonzero().flatten().tolist()
-    share(list(range(total)), start)
+    share(list(range(total)), start, Stage.CLEAN)
     for i in wrong:
         falsify(i, x[i : i + 1], Stage.CLEAN)
     report(Stage.CLEAN)
@@ -174,7 +184,7 @@ def certify(
                           config=APGDConfig(steps=config.strong_attack_steps,
                                             restarts=max(1, config.strong_attack_restarts // 8),
                                             objective=Objective.DLR))
-        share(todo, start)
+        share(todo, start, stage)
         for position in result.success.nonzero().flatten().tolist():
             i = todo[position]
             falsify(i, result.x_adv[position : position + 1], stage)
@@ -199,7 +209,7 @@ def certify(
             steps = 0 if stage is Stage.CROWN else config.alpha_steps
             _, sound = certified_split_bound(nets.exact, box, C, boxes, {}, search=nets.search,
                                              steps=steps, lr_alpha=config.alpha_lr)
-        share(todo, start)
+        share(todo, start, stage)
         for position in ((sound > config.margin).all(dim=1)).nonzero().flatten().tolist():
             i = todo[position]
             decided[i] = Verdict(VerifyStatus.VERIFIED, stage, seconds[i])
@@ -220,8 +230,10 @@ def certify(
                 continue
             verdict = verify(model, specs[i], timeout=left, config=single)
             seconds[i] += verdict.seconds
+            spent_in[i][Stage.BAB] = spent_in[i].get(Stage.BAB, 0.0) + verdict.seconds
             decided[i] = replace(verdict, seconds=seconds[i])
             report(Stage.BAB)
     for i in open_():
         decided[i] = Verdict(VerifyStatus.UNKNOWN, Stage.NONE, seconds[i])
-    return Certification(tuple(replace(decided[i], seconds=seconds[i]) for i in range(total)))
+    return Certification(tuple(replace(decided[i], seconds=seconds[i]) for i in range(total)),
+                         tuple(spent_in))

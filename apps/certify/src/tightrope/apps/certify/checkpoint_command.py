@@ -238,10 +238,11 @@ def run_checkpoint(job: CheckpointJob, *, stream: TextIO | None = None, quiet: b
 
         def progress(stage: object, decided: int, total: int, processed: int = processed) -> None:
             name = getattr(stage, "value", str(stage))
+            elapsed = time.monotonic() - started
             write(f"[{processed + decided}/{len(mine)}] verified {counts['verified']} "
                   f"falsified {counts['falsified']} open {counts['open']}  stage {name} "
-                  f"({decided}/{total} of this chunk decided)  "
-                  f"{time.monotonic() - started:.0f} s", False)
+                  f"({decided}/{total} of this chunk decided)  {elapsed:.0f} s, "
+                  f"ETA {_eta(elapsed, processed - len(done), len(todo))}", False)
 
         with torch.no_grad():
             predictions = model(x).argmax(dim=1).tolist()
@@ -251,9 +252,11 @@ def run_checkpoint(job: CheckpointJob, *, stream: TextIO | None = None, quiet: b
         for position, verdict in enumerate(result.verdicts):
             status = verdict.status.value
             counts[status if status in counts else "open"] += 1
+            spent = result.stage_seconds[position] if result.stage_seconds else {}
             records.append(SampleRecord(
                 index=chunk[position], label=int(y[position]), prediction=predictions[position],
                 status=status, stage=verdict.stage.value, seconds=verdict.seconds, eps=eps,
+                stage_seconds={stage.value: seconds for stage, seconds in spent.items()},
             ))
         append_records(records_path, records)
     write(f"[{len(mine)}/{len(mine)}] verified {counts['verified']} falsified "
@@ -262,6 +265,15 @@ def run_checkpoint(job: CheckpointJob, *, stream: TextIO | None = None, quiet: b
     if job.shards > 1:
         return out, None
     return out, _finish(out, [records_path], eps)
+
+
+def _eta(elapsed: float, finished: int, todo: int) -> str:
+    """Time left for ``todo`` samples at the pace of the ``finished`` ones (whole chunks), as
+    ``h:mm:ss``; ``?`` before the first chunk has finished."""
+    if finished <= 0:
+        return "?"
+    left = int(elapsed / finished * max(0, todo - finished))
+    return f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d}"
 
 
 def _write_run_file(out: Path, job: CheckpointJob, eps: float, end: int, dataset: str) -> None:

@@ -14,7 +14,7 @@ import json
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 __all__ = [
@@ -32,6 +32,8 @@ __all__ = [
 ]
 
 STATUSES = ("verified", "falsified", "unknown", "timeout")
+#: The stages whose time a record keeps (``bab``: the per-sample search, MILP included).
+TIMED_STAGES = ("clean", "attack", "ibp", "crown", "alpha_crown", "strong_attack", "bab")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +49,8 @@ class SampleRecord:
             ``alpha_crown``, ``strong_attack``, ``bab``, ``milp``; ``none`` when undecided).
         seconds: verification wall time of the sample (its share of batched stages).
         eps: the l_inf radius certified.
+        stage_seconds: ``seconds`` split by stage (names of :data:`TIMED_STAGES`); empty in
+            records written before it was kept.
     """
 
     index: int
@@ -56,10 +60,17 @@ class SampleRecord:
     stage: str
     seconds: float
     eps: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
             raise ValueError(f"status must be one of {STATUSES}, got {self.status!r}")
+        if not isinstance(self.stage_seconds, dict) or not all(
+            name in TIMED_STAGES and isinstance(value, (int, float)) and not isinstance(value, bool)
+            for name, value in self.stage_seconds.items()
+        ):
+            raise ValueError(f"stage_seconds must map stages of {TIMED_STAGES} to seconds, got "
+                             f"{self.stage_seconds!r}")
 
 
 def shard_file(directory: Path, shard: int, shards: int) -> Path:
@@ -150,13 +161,18 @@ def merge_records(paths: Sequence[Path]) -> list[SampleRecord]:
 
 
 def write_csv(path: Path, records: Sequence[SampleRecord]) -> None:
-    """``records`` as a CSV file with a header."""
-    fields = list(SampleRecord.__dataclass_fields__)
+    """``records`` as a CSV file with a header; the time by stage in columns
+    ``seconds_<stage>`` (empty where a record has none)."""
+    fields = [name for name in SampleRecord.__dataclass_fields__ if name != "stage_seconds"]
+    timed = [f"seconds_{stage}" for stage in TIMED_STAGES]
     with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer = csv.DictWriter(handle, fieldnames=fields + timed)
         writer.writeheader()
         for record in records:
-            writer.writerow(asdict(record))
+            row: dict[str, object] = {name: getattr(record, name) for name in fields}
+            row.update({f"seconds_{stage}": record.stage_seconds.get(stage, "")
+                        for stage in TIMED_STAGES})
+            writer.writerow(row)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +189,7 @@ class Summary:
     mean_seconds: float
     median_seconds: float
     max_seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
 
 def summarise(records: Sequence[SampleRecord]) -> Summary:
@@ -195,6 +212,8 @@ def summarise(records: Sequence[SampleRecord]) -> Summary:
         mean_seconds=sum(times) / n,
         median_seconds=statistics.median(times),
         max_seconds=max(times),
+        stage_seconds={stage: sum(r.stage_seconds.get(stage, 0.0) for r in records)
+                       for stage in TIMED_STAGES if any(stage in r.stage_seconds for r in records)},
     )
 
 
@@ -212,6 +231,8 @@ def format_summary(summary: Summary, eps: float) -> str:
              for stage, count in summary.stages.items()]
     rows += [
         ("time, total", f"{summary.total_seconds:.1f} s"),
+        *[(f"  in {stage}", f"{seconds:.1f} s")
+          for stage, seconds in summary.stage_seconds.items()],
         ("time per sample", f"mean {summary.mean_seconds:.3f} s, median "
          f"{summary.median_seconds:.3f} s, max {summary.max_seconds:.3f} s"),
     ]

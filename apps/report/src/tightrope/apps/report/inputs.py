@@ -204,11 +204,15 @@ def _summary(data: dict[str, Any], path: Path) -> Summary:
         raise ReportError(f"{path}: not a tightrope-certify summary (its entries are "
                           f"{', '.join(sorted(data))})") from None
     numbers = [getattr(summary, name) for name in Summary.__dataclass_fields__
-               if name not in ("counts", "stages")]
+               if name not in ("counts", "stages", "stage_seconds")]
     tables = [summary.counts, summary.stages]
+    times = summary.stage_seconds
     if not (all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers)
             and all(isinstance(t, dict) and all(isinstance(v, int) for v in t.values())
-                    for t in tables)):
+                    for t in tables)
+            and isinstance(times, dict)
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                    for v in times.values())):
         raise ReportError(f"{path}: not a tightrope-certify summary (an entry has the wrong "
                           "type)")
     return summary
