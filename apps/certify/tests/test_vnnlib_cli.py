@@ -301,24 +301,19 @@ def test_engine_on_an_exported_convolutional_network(tmp_path: Path) -> None:
 def test_counterexamples_of_a_reordering_network_are_written_in_onnx_order(
     tmp_path: Path,
 ) -> None:
-    from tightrope.verify.onnx.proto import (
-        Attribute,
-        Graph,
-        Model,
-        Node,
-        TensorProto,
-        ValueInfo,
-        encode_model,
-    )
+    from onnx import TensorProto, helper, numpy_helper
 
     weight = torch.tensor([[[[1.0]], [[-2.0]]]])  # Conv 2 -> 1 channels, 1x1
-    nodes = (Node("Transpose", ("x",), ("t",), "to_nchw",
-                  {"perm": Attribute("perm", ints=(0, 3, 1, 2))}),
-             Node("Conv", ("t", "W"), ("c",), "conv"), Node("Flatten", ("c",), ("y",), "flat"))
-    graph = Graph(nodes, {"W": TensorProto("W", (1, 2, 1, 1), weight)},
-                  (ValueInfo("x", 1, (1, 2, 2, 2)),), (ValueInfo("y", 1, (1, 4)),))
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], "to_nchw", perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "W"], ["c"], "conv"),
+             helper.make_node("Flatten", ["c"], ["y"], "flat")]
+    graph = helper.make_graph(
+        nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 2, 2, 2))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, 4))],
+        initializer=[numpy_helper.from_array(weight.numpy(), "W")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     onnx_path = tmp_path / "nhwc.onnx"
-    onnx_path.write_bytes(encode_model(Model(graph, opset=13)))
+    onnx_path.write_bytes(model.SerializeToString())
     # X_i in [i, i + 0.5]: a value written at the wrong index falls outside its interval.
     lines = [f"(declare-const X_{i} Real)" for i in range(8)]
     lines += [f"(declare-const Y_{j} Real)" for j in range(4)]

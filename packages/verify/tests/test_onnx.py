@@ -1,37 +1,25 @@
-"""The ONNX reader: wire format, conversion against an independent ONNX interpreter, errors."""
+"""The ONNX reader and writer: conversion against an independent ONNX interpreter, what the
+``onnx`` package adds (tensor encodings, external data, opsets, valid exports), errors."""
 
 from __future__ import annotations
 
 import math
-import struct
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from onnx import NodeProto, TensorProto, helper, numpy_helper
+from onnx.external_data_helper import uses_external_data
+from onnx.reference import ReferenceEvaluator
 from torch import Tensor, nn
 
 from tightrope.bounds import Box, Normalize, crown, ibp
 from tightrope.verify.onnx import OnnxImportError, export_onnx, load_onnx
 from tightrope.verify.onnx.export import LinearOp
-from tightrope.verify.onnx.proto import (
-    Attribute,
-    Graph,
-    Model,
-    Node,
-    TensorProto,
-    ValueInfo,
-    decode_model,
-    encode_model,
-)
-from tightrope.verify.onnx.wire import (
-    WireError,
-    encode_key,
-    encode_varint,
-    fields,
-    packed_varints,
-    signed64,
-)
 
 SUITE = Path("/work/shared/benchmarks/vnncomp2021")
 
@@ -39,28 +27,39 @@ SUITE = Path("/work/shared/benchmarks/vnncomp2021")
 # --- an independent ONNX interpreter (the operators' definitions from onnx.ai) -------------
 
 
-def _i(node: Node, name: str, default: int) -> int:
-    a = node.attributes.get(name)
-    return default if a is None or a.i is None else a.i
+def _attrs(node: NodeProto) -> dict[str, object]:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _f(node: Node, name: str, default: float) -> float:
-    a = node.attributes.get(name)
-    return default if a is None or a.f is None else a.f
+def _i(node: NodeProto, name: str, default: int) -> int:
+    value = _attrs(node).get(name, default)
+    assert isinstance(value, int)
+    return value
 
 
-def _ints(node: Node, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
-    a = node.attributes.get(name)
-    return default if a is None else a.ints
+def _f(node: NodeProto, name: str, default: float) -> float:
+    value = _attrs(node).get(name, default)
+    assert isinstance(value, float)
+    return value
 
 
-def run_onnx(graph: Graph, x: Tensor) -> Tensor:
+def _ints(node: NodeProto, name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    value = _attrs(node).get(name, default)
+    assert isinstance(value, (list, tuple))
+    return tuple(value)
+
+
+def _values(tensor: TensorProto) -> Tensor:
+    values = torch.from_numpy(np.array(numpy_helper.to_array(tensor)))
+    return values.double() if values.is_floating_point() else values
+
+
+def run_onnx(graph: onnx.GraphProto, x: Tensor) -> Tensor:
     """Evaluate ``graph`` on one input ``x`` (its declared shape) in float64."""
-    env: dict[str, Tensor] = {k: v.values.double() if v.values.is_floating_point() else v.values
-                              for k, v in graph.initializers.items()}
-    env[next(v.name for v in graph.inputs if v.name not in env)] = x.double()
-    for node in graph.nodes:
-        a = [env[n] for n in node.inputs if n]
+    env = {t.name: _values(t) for t in graph.initializer}
+    env[next(v.name for v in graph.input if v.name not in env)] = x.double()
+    for node in graph.node:
+        a = [env[n] for n in node.input if n]
         op = node.op_type
         if op == "Gemm":
             A = a[0].T if _i(node, "transA", 0) else a[0]
@@ -86,20 +85,22 @@ def run_onnx(graph: Graph, x: Tensor) -> Tensor:
         elif op == "Transpose":
             y = a[0].permute(*_ints(node, "perm", ()))
         elif op == "Constant":
-            tensor = next(iter(node.attributes.values())).t
-            assert tensor is not None
-            y = tensor.values
+            tensor = _attrs(node)["value"]
+            assert isinstance(tensor, TensorProto)
+            y = _values(tensor)
         elif op == "Shape":
             y = torch.tensor(a[0].shape)
         elif op == "Gather":
             y = a[0][a[1]]
         elif op == "Unsqueeze":
             y = a[0]
-            for axis in sorted(a[1].tolist()):
+            axes = a[1].tolist() if len(a) > 1 else list(_ints(node, "axes", ()))
+            for axis in sorted(axes):
                 y = y.unsqueeze(axis)
         elif op == "Squeeze":
             y = a[0]
-            for axis in sorted(a[1].tolist(), reverse=True):
+            axes = a[1].tolist() if len(a) > 1 else list(_ints(node, "axes", ()))
+            for axis in sorted(axes, reverse=True):
                 y = y.squeeze(axis)
         elif op == "Concat":
             y = torch.cat(a, dim=_i(node, "axis", 0))
@@ -123,26 +124,39 @@ def run_onnx(graph: Graph, x: Tensor) -> Tensor:
             y = a[0]
         else:
             raise NotImplementedError(op)
-        env[node.outputs[0]] = y
-    return env[graph.outputs[0].name]
+        env[node.output[0]] = y
+    return env[graph.output[0].name]
 
 
 def _tensor(name: str, value: Tensor) -> TensorProto:
     stored = value.float() if value.is_floating_point() else value
-    return TensorProto(name, tuple(value.shape), stored)
+    return numpy_helper.from_array(stored.numpy(), name)
 
 
-def _graph_model(nodes: list[Node], constants: dict[str, Tensor], input_shape: tuple[int, ...],
-                 output: str, output_shape: tuple[int, ...]) -> bytes:
-    graph = Graph(tuple(nodes), {k: _tensor(k, v) for k, v in constants.items()},
-                  (ValueInfo("x", 1, input_shape),), (ValueInfo(output, 1, output_shape),))
-    return encode_model(Model(graph, opset=13, ir_version=8))
+def _node(op: str, inputs: Sequence[str], outputs: Sequence[str], name: str,
+          attributes: dict[str, object] | None = None) -> NodeProto:
+    return helper.make_node(op, list(inputs), list(outputs), name=name, **(attributes or {}))
+
+
+def _model(nodes: list[NodeProto], constants: dict[str, Tensor], input_shape: tuple[int, ...],
+           output: str, output_shape: tuple[int, ...], opset: int = 13) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes, "test", [helper.make_tensor_value_info("x", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info(output, TensorProto.FLOAT, output_shape)],
+        initializer=[_tensor(k, v) for k, v in constants.items()])
+    return helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _graph_model(nodes: list[NodeProto], constants: dict[str, Tensor],
+                 input_shape: tuple[int, ...], output: str, output_shape: tuple[int, ...]) -> bytes:
+    data: bytes = _model(nodes, constants, input_shape, output, output_shape).SerializeToString()
+    return data
 
 
 def _check_against_interpreter(path: Path, samples: int = 16, seed: int = 0) -> None:
     """The converted module agrees with the ONNX interpreter on random inputs (float64)."""
     net = load_onnx(path, dtype=torch.float64)
-    graph = decode_model(path.read_bytes()).graph
+    graph = onnx.load(path).graph
     generator = torch.Generator().manual_seed(seed)
     for _ in range(samples):
         x = torch.rand(net.onnx_input_shape, generator=generator, dtype=torch.float64) * 2 - 1
@@ -150,54 +164,6 @@ def _check_against_interpreter(path: Path, samples: int = 16, seed: int = 0) -> 
         got = net.module(net.from_onnx_order(x)).reshape(-1)
         assert got.shape == (net.num_outputs,)
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
-
-
-# --- wire format ---------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("value", [0, 1, 127, 128, 300, 2**31, 2**63 - 1, -1, -(2**63)])
-def test_varints_round_trip_including_negative_int64(value: int) -> None:
-    data = encode_key(3, 0) + encode_varint(value)
-    ((number, wire_type, decoded),) = list(fields(data))
-    assert (number, wire_type) == (3, 0)
-    assert isinstance(decoded, int)
-    assert signed64(decoded) == value
-
-
-def test_packed_fields_and_fixed_width_values() -> None:
-    packed = b"".join(encode_varint(v) for v in (1, 300, 5))
-    data = encode_key(1, 2) + encode_varint(len(packed)) + packed
-    data += encode_key(2, 5) + struct.pack("<f", 1.5) + encode_key(3, 1) + struct.pack("<d", -2.0)
-    (_, _, first), (_, _, second), (_, _, third) = list(fields(data))
-    assert isinstance(first, memoryview)
-    assert packed_varints(first) == [1, 300, 5]
-    assert isinstance(second, memoryview)
-    assert isinstance(third, memoryview)
-    assert struct.unpack("<f", bytes(second))[0] == 1.5
-    assert struct.unpack("<d", bytes(third))[0] == -2.0
-
-
-@pytest.mark.parametrize(
-    "data", [b"\x0a\x05ab", b"\x08\x80", b"\x0b", b"\x00\x01", b"\x0d\x01\x02"]
-)
-def test_malformed_wire_data_raises(data: bytes) -> None:
-    with pytest.raises(WireError):
-        list(fields(data))
-
-
-def test_tensor_proto_reads_float_data_int64_data_and_raw_data() -> None:
-    floats = struct.pack("<3f", 1.0, -2.5, 4.0)
-    message = b"".join(encode_key(1, 0) + encode_varint(d) for d in (3,))
-    message += encode_key(2, 0) + encode_varint(1) + encode_key(4, 2) + encode_varint(12) + floats
-    assert TensorProto.decode(memoryview(message)).values.tolist() == [1.0, -2.5, 4.0]
-    ints = b"".join(encode_varint(v) for v in (5, -1))
-    message = encode_key(1, 0) + encode_varint(2) + encode_key(2, 0) + encode_varint(7)
-    message += encode_key(7, 2) + encode_varint(len(ints)) + ints
-    assert TensorProto.decode(memoryview(message)).values.tolist() == [5, -1]
-    value = torch.arange(6, dtype=torch.float64).reshape(2, 3)
-    decoded = TensorProto.decode(memoryview(TensorProto("w", (2, 3), value).encode()))
-    assert decoded.name == "w"
-    assert torch.equal(decoded.values, value)
 
 
 # --- conversion ----------------------------------------------------------------------------
@@ -261,19 +227,19 @@ def test_affine_constants_fold_into_layers_and_normalize(tmp_path: Path) -> None
         "axes": torch.tensor([0]),
     }
     nodes = [
-        Node("Sub", ("x", "m"), ("a",), "sub"), Node("Div", ("a", "s"), ("d",), "div"),
-        Node("Mul", ("k", "d"), ("e",), "mul"),
-        Node("Shape", ("e",), ("shape",), "shape"),
-        Node("Gather", ("shape", "idx"), ("batch",), "gather"),
-        Node("Unsqueeze", ("batch", "axes"), ("batch1",), "unsqueeze"),
-        Node("Concat", ("batch1", "minus1"), ("target",), "concat",
-             {"axis": Attribute("axis", i=0)}),
-        Node("Reshape", ("e", "target"), ("flat",), "reshape"),
-        Node("MatMul", ("flat", "W"), ("h",), "matmul"), Node("Add", ("h", "b"), ("h2",), "add"),
-        Node("Sub", ("c", "h2"), ("h3",), "subc"), Node("Relu", ("h3",), ("r",), "relu"),
-        Node("Gemm", ("r", "W2", "b2"), ("y",), "gemm",
-             {"alpha": Attribute("alpha", f=0.5), "beta": Attribute("beta", f=2.0),
-              "transB": Attribute("transB", i=1)}),
+        _node("Sub", ("x", "m"), ("a",), "sub"), _node("Div", ("a", "s"), ("d",), "div"),
+        _node("Mul", ("k", "d"), ("e",), "mul"),
+        _node("Shape", ("e",), ("shape",), "shape"),
+        _node("Gather", ("shape", "idx"), ("batch",), "gather"),
+        _node("Unsqueeze", ("batch", "axes"), ("batch1",), "unsqueeze"),
+        _node("Concat", ("batch1", "minus1"), ("target",), "concat",
+             {"axis": 0}),
+        _node("Reshape", ("e", "target"), ("flat",), "reshape"),
+        _node("MatMul", ("flat", "W"), ("h",), "matmul"), _node("Add", ("h", "b"), ("h2",), "add"),
+        _node("Sub", ("c", "h2"), ("h3",), "subc"), _node("Relu", ("h3",), ("r",), "relu"),
+        _node("Gemm", ("r", "W2", "b2"), ("y",), "gemm",
+             {"alpha": 0.5, "beta": 2.0,
+              "transB": 1}),
     ]
     path = tmp_path / "folded.onnx"
     path.write_bytes(_graph_model(nodes, const, (1, 2, 3, 3), "y", (1, 4)))
@@ -290,10 +256,10 @@ def test_vector_inputs_without_batch_dimension_and_left_matmul(tmp_path: Path) -
     const = {"W": torch.tensor([[1.0, -2.0, 0.5], [0.3, 0.2, -1.0]]),
              "B": torch.tensor([0.1, -0.2]), "k": torch.tensor([-1.5, 2.0]),
              "W2": torch.tensor([[1.0, 1.0]])}
-    nodes = [Node("Mul", ("x", "k3"), ("xs",), "scale_in"),
-             Node("MatMul", ("W", "xs"), ("m",), "m"), Node("Add", ("m", "B"), ("h",), "a"),
-             Node("Relu", ("h",), ("r",), "r"), Node("Mul", ("r", "k"), ("rk",), "mul"),
-             Node("Relu", ("rk",), ("r2",), "r2"), Node("MatMul", ("W2", "r2"), ("y",), "out")]
+    nodes = [_node("Mul", ("x", "k3"), ("xs",), "scale_in"),
+             _node("MatMul", ("W", "xs"), ("m",), "m"), _node("Add", ("m", "B"), ("h",), "a"),
+             _node("Relu", ("h",), ("r",), "r"), _node("Mul", ("r", "k"), ("rk",), "mul"),
+             _node("Relu", ("rk",), ("r2",), "r2"), _node("MatMul", ("W2", "r2"), ("y",), "out")]
     const["k3"] = torch.tensor([-1.0, 2.0, 3.0])
     path = tmp_path / "vector.onnx"
     path.write_bytes(_graph_model(nodes, const, (3,), "y", (1,)))
@@ -318,16 +284,16 @@ def nhwc_graph() -> bytes:
              "W": torch.randn(3, 2, 3, 3, generator=g), "b": torch.randn(3, generator=g),
              "W2": torch.randn(48, 5, generator=g), "b2": torch.randn(5, generator=g)}
     nodes = [
-        Node("Transpose", ("x",), ("nchw",), "to_nchw",
-             {"perm": Attribute("perm", ints=(0, 3, 1, 2))}),
-        Node("Sub", ("nchw", "mean"), ("c",), "centre"),
-        Node("Conv", ("c", "W", "b"), ("conv",), "conv",
-             {"pads": Attribute("pads", ints=(1, 1, 1, 1))}),
-        Node("Relu", ("conv",), ("r",), "relu"),
-        Node("Transpose", ("r",), ("nhwc",), "to_nhwc",
-             {"perm": Attribute("perm", ints=(0, 2, 3, 1))}),
-        Node("Flatten", ("nhwc",), ("f",), "flatten"),
-        Node("MatMul", ("f", "W2"), ("m",), "dense"), Node("Add", ("m", "b2"), ("y",), "bias"),
+        _node("Transpose", ("x",), ("nchw",), "to_nchw",
+             {"perm": (0, 3, 1, 2)}),
+        _node("Sub", ("nchw", "mean"), ("c",), "centre"),
+        _node("Conv", ("c", "W", "b"), ("conv",), "conv",
+             {"pads": (1, 1, 1, 1)}),
+        _node("Relu", ("conv",), ("r",), "relu"),
+        _node("Transpose", ("r",), ("nhwc",), "to_nhwc",
+             {"perm": (0, 2, 3, 1)}),
+        _node("Flatten", ("nhwc",), ("f",), "flatten"),
+        _node("MatMul", ("f", "W2"), ("m",), "dense"), _node("Add", ("m", "b2"), ("y",), "bias"),
     ]
     return _graph_model(nodes, const, (1, 4, 4, 2), "y", (1, 5))
 
@@ -350,17 +316,16 @@ def test_value_reordering_transposes_fold_into_the_input_and_the_next_linear(
 def test_reordering_at_the_output_and_before_a_later_conv(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(12)
     const = {"W": torch.randn(6, 6, generator=g), "shape": torch.tensor([1, 2, 3])}
-    nodes = [Node("MatMul", ("x", "W"), ("m",), "dense"), Node("Relu", ("m",), ("r",), "relu"),
-             Node("Reshape", ("r", "shape"), ("t",), "reshape"),
-             Node("Transpose", ("t",), ("y",), "swap", {"perm": Attribute("perm", ints=(0, 2, 1))})]
+    nodes = [_node("MatMul", ("x", "W"), ("m",), "dense"), _node("Relu", ("m",), ("r",), "relu"),
+             _node("Reshape", ("r", "shape"), ("t",), "reshape"),
+             _node("Transpose", ("t",), ("y",), "swap", {"perm": (0, 2, 1)})]
     path = tmp_path / "out.onnx"
     path.write_bytes(_graph_model(nodes, const, (1, 6), "y", (1, 3, 2)))
     _check_against_interpreter(path)
     const = {"W": torch.randn(1, 2, 1, 1, generator=g), "W2": torch.randn(2, 2, 1, 1)}
-    nodes = [Node("Conv", ("x", "W2"), ("c",), "conv1"),
-             Node("Transpose", ("c",), ("t",), "swap", {"perm": Attribute("perm",
-                                                                          ints=(0, 1, 3, 2))}),
-             Node("Conv", ("t", "W"), ("y",), "conv2")]
+    nodes = [_node("Conv", ("x", "W2"), ("c",), "conv1"),
+             _node("Transpose", ("c",), ("t",), "swap", {"perm": (0, 1, 3, 2)}),
+             _node("Conv", ("t", "W"), ("y",), "conv2")]
     path.write_bytes(_graph_model(nodes, const, (1, 2, 2, 3), "y", (1, 1, 3, 2)))
     with pytest.raises(OnnxImportError, match="Conv 'conv2': would need to reorder"):
         load_onnx(path)
@@ -368,7 +333,7 @@ def test_reordering_at_the_output_and_before_a_later_conv(tmp_path: Path) -> Non
 
 def test_nodes_out_of_order_are_sorted(tmp_path: Path) -> None:
     const = {"W": torch.randn(3, 2, generator=torch.Generator().manual_seed(4))}
-    nodes = [Node("Relu", ("h",), ("y",), "relu"), Node("MatMul", ("x", "W"), ("h",), "mm")]
+    nodes = [_node("Relu", ("h",), ("y",), "relu"), _node("MatMul", ("x", "W"), ("h",), "mm")]
     path = tmp_path / "unsorted.onnx"
     path.write_bytes(_graph_model(nodes, const, (1, 3), "y", (1, 2)))
     net = load_onnx(path)
@@ -379,8 +344,8 @@ def test_nodes_out_of_order_are_sorted(tmp_path: Path) -> None:
 
 def test_left_matmul_on_a_column_input(tmp_path: Path) -> None:
     const = {"W": torch.tensor([[1.0, -1.0, 2.0], [0.5, 0.0, -3.0]]), "b": torch.ones(2, 1)}
-    nodes = [Node("MatMul", ("W", "x"), ("m",), "mm"), Node("Add", ("m", "b"), ("a",), "add"),
-             Node("Relu", ("a",), ("y",), "relu")]
+    nodes = [_node("MatMul", ("W", "x"), ("m",), "mm"), _node("Add", ("m", "b"), ("a",), "add"),
+             _node("Relu", ("a",), ("y",), "relu")]
     path = tmp_path / "column.onnx"
     path.write_bytes(_graph_model(nodes, const, (3, 1), "y", (2, 1)))
     _check_against_interpreter(path)
@@ -389,11 +354,11 @@ def test_left_matmul_on_a_column_input(tmp_path: Path) -> None:
 
 def test_order_keeping_transpose_and_constant_node(tmp_path: Path) -> None:
     const = {"W": torch.randn(6, 4, generator=torch.Generator().manual_seed(5))}
-    value = Attribute("value", t=_tensor("v", torch.full((1, 4), 0.25)))
-    nodes = [Node("Transpose", ("x",), ("t",), "t", {"perm": Attribute("perm", ints=(1, 0, 2))}),
-             Node("Reshape", ("t", "shape"), ("f",), "r"),
-             Node("Constant", (), ("cst",), "c", {"value": value}),
-             Node("MatMul", ("f", "W"), ("h",), "mm"), Node("Add", ("h", "cst"), ("y",), "add")]
+    value = _tensor("v", torch.full((1, 4), 0.25))
+    nodes = [_node("Transpose", ("x",), ("t",), "t", {"perm": (1, 0, 2)}),
+             _node("Reshape", ("t", "shape"), ("f",), "r"),
+             _node("Constant", (), ("cst",), "c", {"value": value}),
+             _node("MatMul", ("f", "W"), ("h",), "mm"), _node("Add", ("h", "cst"), ("y",), "add")]
     const["shape"] = torch.tensor([1, 6])
     path = tmp_path / "transpose.onnx"
     path.write_bytes(_graph_model(nodes, const, (1, 1, 6), "y", (1, 4)))
@@ -411,14 +376,119 @@ def test_the_shared_suite_networks_match_the_interpreter(path: Path) -> None:
         assert (net.input_size, net.num_outputs, net.dtype) == (784, 10, torch.float32)
 
 
+# --- what the onnx package adds: tensor encodings, external data, opsets, valid exports ---
+
+
+def test_tensor_encodings_read_to_the_same_values(tmp_path: Path) -> None:
+    # The same weights as raw_data, float_data, double_data and float16 bit patterns in
+    # int32_data; the Reshape target as int64_data.
+    g = torch.Generator().manual_seed(21)
+    W = torch.randn(3, 6, generator=g).half().double()  # exact in every encoding
+    encodings = {
+        "raw": numpy_helper.from_array(W.float().numpy(), "W"),
+        "float_data": helper.make_tensor("W", TensorProto.FLOAT, (3, 6), W.reshape(-1).tolist()),
+        "double_data": helper.make_tensor("W", TensorProto.DOUBLE, (3, 6),
+                                          W.reshape(-1).tolist()),
+        "float16": helper.make_tensor("W", TensorProto.FLOAT16, (3, 6),
+                                      W.half().numpy().reshape(-1)),
+    }
+    shape = helper.make_tensor("shape", TensorProto.INT64, (2,), [1, 3])
+    nodes = [_node("Reshape", ("x", "shape"), ("f",), "flat"),
+             _node("MatMul", ("f", "W"), ("y",), "mm")]
+    for encoding, weight in encodings.items():
+        model = _model(nodes, {}, (1, 1, 3), "y", (1, 6))
+        model.graph.initializer.extend([weight, shape])
+        onnx.checker.check_model(model)  # not full_check: MatMul of float by double is mixed
+        path = tmp_path / f"{encoding}.onnx"
+        path.write_bytes(model.SerializeToString())
+        net = load_onnx(path, dtype=torch.float64)
+        linear = net.module[-1]
+        assert isinstance(linear, nn.Linear), encoding
+        torch.testing.assert_close(linear.weight, W.T, rtol=0, atol=0)
+    model = _model(nodes, {}, (1, 1, 3), "y", (1, 6))
+    model.graph.initializer.extend(
+        [helper.make_tensor("W", TensorProto.STRING, (1,), [b"w"]), shape])
+    (tmp_path / "text.onnx").write_bytes(model.SerializeToString())
+    with pytest.raises(OnnxImportError, match="tensor 'W' has data type STRING"):
+        load_onnx(tmp_path / "text.onnx")
+
+
+def test_tensors_in_an_external_data_file_are_read(tmp_path: Path) -> None:
+    torch.manual_seed(22)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    proto = onnx.load_model_from_string(export_onnx(model, (5,)))
+    path = tmp_path / "net.onnx"
+    onnx.save_model(proto, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="net.onnx.data", size_threshold=0)
+    stored = onnx.load(path, load_external_data=False).graph.initializer
+    assert all(uses_external_data(tensor) for tensor in stored)
+    net = load_onnx(path)
+    x = torch.rand(4, 5)
+    torch.testing.assert_close(net.module(x), model(x))
+    (tmp_path / "net.onnx.data").unlink()
+    with pytest.raises(OnnxImportError, match=r"net\.onnx: .*external file"):
+        load_onnx(path)
+    # A location outside the model's directory is refused, not read.
+    escaping = onnx.load(path, load_external_data=False)
+    for tensor in escaping.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../outside.data"
+    path.write_bytes(escaping.SerializeToString())
+    with pytest.raises(OnnxImportError, match="points outside the directory"):
+        load_onnx(path)
+
+
+def test_squeeze_and_unsqueeze_axes_before_and_after_opset_13(tmp_path: Path) -> None:
+    # Opset 13 moved Squeeze/Unsqueeze ``axes`` from an attribute to an input; both read the
+    # same (the models pass onnx's checker for their opset).
+    g = torch.Generator().manual_seed(23)
+    W = torch.randn(4, 3, generator=g)
+    modules = []
+    for opset in (11, 13):
+        if opset < 13:
+            const = {"W": W}
+            squeeze = [_node("Unsqueeze", ("x",), ("u",), "unsqueeze", {"axes": (0,)}),
+                       _node("Squeeze", ("u",), ("s",), "squeeze", {"axes": (0,)})]
+        else:
+            const = {"W": W, "axes": torch.tensor([0])}
+            squeeze = [_node("Unsqueeze", ("x", "axes"), ("u",), "unsqueeze"),
+                       _node("Squeeze", ("u", "axes"), ("s",), "squeeze")]
+        nodes = [*squeeze, _node("MatMul", ("s", "W"), ("m",), "mm"),
+                 _node("Relu", ("m",), ("y",), "relu")]
+        model = _model(nodes, const, (1, 4), "y", (1, 3), opset=opset)
+        onnx.checker.check_model(model, full_check=True)
+        path = tmp_path / f"opset{opset}.onnx"
+        path.write_bytes(model.SerializeToString())
+        _check_against_interpreter(path, samples=4)
+        modules.append(load_onnx(path).module)
+    x = torch.rand(6, 4)
+    torch.testing.assert_close(modules[0](x), modules[1](x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("linear_op", list(LinearOp))
+def test_exports_are_valid_onnx_that_onnx_runs_to_the_torch_output(linear_op: LinearOp) -> None:
+    torch.manual_seed(24)
+    model = _conv_net()
+    # Opset 15: onnx's reference BatchNormalization-9 (opsets 9-13) normalises with the batch's
+    # statistics (its default momentum), not the running ones the operator's definition uses.
+    data = export_onnx(model, (2, 16, 16), linear_op=linear_op, dtype=torch.float64, opset=15)
+    proto = onnx.load_model_from_string(data)
+    onnx.checker.check_model(proto, full_check=True)
+    x = torch.rand(1, 2, 16, 16, dtype=torch.float64)
+    (y,) = ReferenceEvaluator(proto).run(None, {"input": x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(np.asarray(y)), model(x), rtol=1e-10,
+                               atol=1e-10)
+
+
 # --- errors --------------------------------------------------------------------------------
 
 
 def test_every_unsupported_node_is_listed_at_once(tmp_path: Path) -> None:
-    nodes = [Node("MaxPool", ("x",), ("p",), "pool1",
-                  {"kernel_shape": Attribute("kernel_shape", ints=(2, 2))}),
-             Node("Sigmoid", ("p",), ("s",), "act"), Node("Flatten", ("s",), ("f",), "flat"),
-             Node("Tanh", ("f",), ("y",), "act2")]
+    nodes = [_node("MaxPool", ("x",), ("p",), "pool1",
+                  {"kernel_shape": (2, 2)}),
+             _node("Sigmoid", ("p",), ("s",), "act"), _node("Flatten", ("s",), ("f",), "flat"),
+             _node("Tanh", ("f",), ("y",), "act2")]
     path = tmp_path / "bad.onnx"
     path.write_bytes(_graph_model(nodes, {}, (1, 1, 4, 4), "y", (1, 4)))
     with pytest.raises(OnnxImportError) as info:
@@ -433,15 +503,15 @@ def test_every_unsupported_node_is_listed_at_once(tmp_path: Path) -> None:
 
 def test_branching_graph_and_asymmetric_padding_are_reported(tmp_path: Path) -> None:
     const = {"W": torch.ones(2, 1, 3, 3)}
-    nodes = [Node("Relu", ("x",), ("r",), "relu"), Node("Add", ("r", "x"), ("s",), "residual"),
-             Node("Conv", ("s", "W"), ("y",), "conv",
-                  {"pads": Attribute("pads", ints=(1, 1, 0, 0))})]
+    nodes = [_node("Relu", ("x",), ("r",), "relu"), _node("Add", ("r", "x"), ("s",), "residual"),
+             _node("Conv", ("s", "W"), ("y",), "conv",
+                  {"pads": (1, 1, 0, 0)})]
     path = tmp_path / "branch.onnx"
     path.write_bytes(_graph_model(nodes, const, (1, 1, 4, 4), "y", (1, 2, 3, 3)))
     with pytest.raises(OnnxImportError, match="residual"):
         load_onnx(path)
-    nodes = [Node("Conv", ("x", "W"), ("y",), "conv",
-                  {"pads": Attribute("pads", ints=(1, 1, 0, 0))})]
+    nodes = [_node("Conv", ("x", "W"), ("y",), "conv",
+                  {"pads": (1, 1, 0, 0)})]
     path.write_bytes(_graph_model(nodes, const, (1, 1, 4, 4), "y", (1, 2, 3, 3)))
     with pytest.raises(OnnxImportError, match="asymmetric pads"):
         load_onnx(path)
@@ -450,10 +520,10 @@ def test_branching_graph_and_asymmetric_padding_are_reported(tmp_path: Path) -> 
 def test_nan_or_inf_constants_and_overflowing_weights_are_named(tmp_path: Path) -> None:
     const = {"W": torch.ones(2, 4), "unused": torch.full((3,), float("nan"))}
     const["W"][1, 2] = float("inf")
-    value = Attribute("value", t=_tensor("v", torch.tensor([0.5, float("nan")])))
-    nodes = [Node("Constant", (), ("shift",), "c", {"value": value}),
-             Node("Gemm", ("x", "W"), ("h",), "gemm", {"transB": Attribute("transB", i=1)}),
-             Node("Add", ("h", "shift"), ("y",), "add")]
+    value = _tensor("v", torch.tensor([0.5, float("nan")]))
+    nodes = [_node("Constant", (), ("shift",), "c", {"value": value}),
+             _node("Gemm", ("x", "W"), ("h",), "gemm", {"transB": 1}),
+             _node("Add", ("h", "shift"), ("y",), "add")]
     path = tmp_path / "nan.onnx"
     path.write_bytes(_graph_model(nodes, const, (1, 4), "y", (1, 2)))
     with pytest.raises(OnnxImportError) as info:
@@ -504,23 +574,23 @@ def test_flat_input_reshaped_to_an_image_pooling_and_unit_axes(tmp_path: Path) -
         "var": torch.rand(3, generator=g) + 0.5, "axes": torch.tensor([0]),
         "W2": torch.randn(2, 27, generator=g),
     }
-    pool = {"kernel_shape": Attribute("kernel_shape", ints=(2, 2)),
-            "strides": Attribute("strides", ints=(2, 2)),
-            "pads": Attribute("pads", ints=(1, 1, 1, 1)),
-            "count_include_pad": Attribute("count_include_pad", i=0)}
-    conv = {"pads": Attribute("pads", ints=(2, 2, 2, 2)),
-            "dilations": Attribute("dilations", ints=(2, 2))}
+    pool = {"kernel_shape": (2, 2),
+            "strides": (2, 2),
+            "pads": (1, 1, 1, 1),
+            "count_include_pad": 0}
+    conv = {"pads": (2, 2, 2, 2),
+            "dilations": (2, 2)}
     nodes = [
-        Node("Reshape", ("x", "shape"), ("img",), "reshape"),
-        Node("Conv", ("img", "W", "b"), ("c",), "conv", conv),
-        Node("BatchNormalization", ("c", "gamma", "beta", "mean", "var"), ("n",), "bn"),
-        Node("Relu", ("n",), ("r",), "relu"),
-        Node("AveragePool", ("r",), ("p",), "pool", pool),
-        Node("Neg", ("p",), ("q",), "neg"),
-        Node("Unsqueeze", ("q", "axes"), ("u",), "unsqueeze"),
-        Node("Squeeze", ("u", "axes"), ("s",), "squeeze"),
-        Node("Flatten", ("s",), ("f",), "flatten"),
-        Node("Gemm", ("f", "W2"), ("y",), "gemm", {"transB": Attribute("transB", i=1)}),
+        _node("Reshape", ("x", "shape"), ("img",), "reshape"),
+        _node("Conv", ("img", "W", "b"), ("c",), "conv", conv),
+        _node("BatchNormalization", ("c", "gamma", "beta", "mean", "var"), ("n",), "bn"),
+        _node("Relu", ("n",), ("r",), "relu"),
+        _node("AveragePool", ("r",), ("p",), "pool", pool),
+        _node("Neg", ("p",), ("q",), "neg"),
+        _node("Unsqueeze", ("q", "axes"), ("u",), "unsqueeze"),
+        _node("Squeeze", ("u", "axes"), ("s",), "squeeze"),
+        _node("Flatten", ("s",), ("f",), "flatten"),
+        _node("Gemm", ("f", "W2"), ("y",), "gemm", {"transB": 1}),
     ]
     path = tmp_path / "image.onnx"
     path.write_bytes(_graph_model(nodes, const, (1, 16), "y", (1, 2)))
@@ -536,8 +606,8 @@ def test_elementwise_map_varying_inside_channels_becomes_per_value(
     tmp_path: Path,
 ) -> None:
     const = {"k": torch.arange(1.0, 17.0).reshape(1, 1, 4, 4), "W": torch.ones(1, 1, 2, 2)}
-    nodes = [Node("Mul", ("x", "k"), ("m",), "scale"), Node("Relu", ("m",), ("r",), "relu"),
-             Node("Conv", ("r", "W"), ("y",), "conv")]
+    nodes = [_node("Mul", ("x", "k"), ("m",), "scale"), _node("Relu", ("m",), ("r",), "relu"),
+             _node("Conv", ("r", "W"), ("y",), "conv")]
     path = tmp_path / "pixelwise.onnx"
     path.write_bytes(_graph_model(nodes, const, (1, 1, 4, 4), "y", (1, 1, 3, 3)))
     with pytest.raises(OnnxImportError, match="Conv 'conv': would need to reshape a flat"):
@@ -547,8 +617,8 @@ def test_elementwise_map_varying_inside_channels_becomes_per_value(
     _check_against_interpreter(path)
     assert isinstance(load_onnx(path).module[1], nn.BatchNorm1d)
     # On a flat value the same map is per feature: an eval-mode BatchNorm1d.
-    nodes = [Node("Flatten", ("x",), ("f",), "flatten"),
-             Node("Mul", ("f", "k16"), ("m",), "scale"), Node("Relu", ("m",), ("y",), "relu")]
+    nodes = [_node("Flatten", ("x",), ("f",), "flatten"),
+             _node("Mul", ("f", "k16"), ("m",), "scale"), _node("Relu", ("m",), ("y",), "relu")]
     path.write_bytes(_graph_model(nodes, {"k16": -torch.arange(1.0, 17.0)}, (1, 1, 4, 4), "y",
                                   (1, 16)))
     _check_against_interpreter(path)

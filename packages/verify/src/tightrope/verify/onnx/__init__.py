@@ -1,5 +1,6 @@
-"""ONNX import without the ``onnx`` package: a protobuf decoder, a graph-to-``nn.Sequential``
-converter for the layers ``tightrope.bounds`` supports, and an exporter for such models.
+"""ONNX import and export: files are parsed and written with the ``onnx`` package; a
+graph-to-``nn.Sequential`` converter for the layers ``tightrope.bounds`` supports turns the
+parsed graph into a torch module, and an exporter writes such modules back.
 
 Example::
 
@@ -15,13 +16,14 @@ import gzip
 import os
 from dataclasses import dataclass
 
+import onnx
 import torch
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import load_external_data_for_model
 from torch import Tensor, nn
 
 from tightrope.verify.onnx.convert import OnnxImportError, convert_graph
 from tightrope.verify.onnx.export import export_onnx
-from tightrope.verify.onnx.proto import decode_model
-from tightrope.verify.onnx.wire import WireError
 
 __all__ = ["OnnxImportError", "OnnxModel", "export_onnx", "load_onnx"]
 
@@ -92,16 +94,17 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
     constants; the graph must be a chain from one input to one output.
 
     Args:
-        path: the ``.onnx`` file (all tensors stored inside it), or a gzip-compressed
-            ``.onnx.gz``.
+        path: the ``.onnx`` file, or a gzip-compressed ``.onnx.gz``. Tensors kept in external
+            data files are read from the file's directory.
         dtype: the module's parameter dtype; the ONNX input's element type by default. The
             conversion itself is done in float64.
 
     Raises:
-        OnnxImportError: the file is missing or corrupt (message names the file and the
-            problem), nodes cannot be converted (message lists every one of them), or weights,
-            biases or constants hold NaN or inf (message names the initializers and
-            ``Constant`` nodes; or the layers, when only folding or the cast made them so).
+        OnnxImportError: the file (or an external data file) is missing or corrupt (message
+            names the file and the problem), nodes cannot be converted (message lists every
+            one of them), or weights, biases or constants hold NaN or inf (message names the
+            initializers and ``Constant`` nodes; or the layers, when only folding or the cast
+            made them so).
     """
     source = os.fspath(path)
     try:
@@ -110,11 +113,12 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
     except (OSError, EOFError) as error:
         reason = getattr(error, "strerror", None) or str(error)
         raise OnnxImportError(source, [f"cannot read the file: {reason}"]) from error
-    try:
-        model = decode_model(data)
-    except WireError as error:
-        raise OnnxImportError(source, [f"not a valid ONNX (protobuf) file: {error}"]) from error
-    converted = convert_graph(model.graph, model.opset, source)
+    model = _parse(data, source)
+    opset = 0
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            opset = entry.version
+    converted = convert_graph(model.graph, opset, source)
     module_dtype = dtype or converted.dtype
     module = converted.module.to(module_dtype)
     tensors = [*module.named_parameters(), *module.named_buffers()]
@@ -139,3 +143,22 @@ def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None)
         output_name=converted.output_name,
         input_order=converted.input_order,
     )
+
+
+def _parse(data: bytes, source: str) -> onnx.ModelProto:
+    """The ``ModelProto`` in ``data``, with tensors in external data files (named relative to
+    ``source``'s directory) loaded into it."""
+    try:
+        model = onnx.load_model_from_string(data)
+    except DecodeError as error:
+        raise OnnxImportError(source, [f"not a valid ONNX (protobuf) file: {error}"]) from error
+    if not model.HasField("graph"):  # protobuf reads b"" (or any stray field) as a message
+        raise OnnxImportError(source, ["not a valid ONNX (protobuf) file: no graph in it"])
+    try:
+        load_external_data_for_model(model, os.path.dirname(os.path.abspath(source)))
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
+        # missing, too short, or outside the model's directory
+        raise OnnxImportError(source, [
+            f"cannot read the tensor data kept in an external file: {error} (external data "
+            "files are looked up next to the .onnx file)"]) from error
+    return model

@@ -1,5 +1,6 @@
-"""Constant folding for the ONNX converter: attribute access and the operators that appear on
-constants (shape computations, weight transposes, arithmetic between initializers).
+"""Constant folding for the ONNX converter: attribute and tensor access on the ``onnx``
+package's protobuf messages, and the operators that appear on constants (shape computations,
+weight transposes, arithmetic between initializers).
 
 Each function evaluates an operator by its definition on https://onnx.ai/onnx/operators/ for
 the cases a feed-forward network needs; anything else raises :class:`UnsupportedError`, which
@@ -11,12 +12,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from onnx import AttributeProto, NodeProto, TensorProto, numpy_helper
 from torch import Tensor
 
-from tightrope.verify.onnx.proto import DTYPES, Attribute, Node
-
 __all__ = [
+    "DTYPES",
     "Shape",
     "UnsupportedError",
     "attr_float",
@@ -27,60 +29,109 @@ __all__ = [
     "axis_list",
     "constant_of",
     "fold_constant",
+    "label",
     "reshape_target",
+    "tensor_values",
 ]
 
 Shape = tuple[int, ...]
+
+
+#: ONNX ``TensorProto.DataType`` codes -> torch dtypes (the numeric ones torch can hold).
+DTYPES: dict[int, torch.dtype] = {
+    TensorProto.FLOAT: torch.float32,
+    TensorProto.UINT8: torch.uint8,
+    TensorProto.INT8: torch.int8,
+    TensorProto.INT16: torch.int16,
+    TensorProto.INT32: torch.int32,
+    TensorProto.INT64: torch.int64,
+    TensorProto.BOOL: torch.bool,
+    TensorProto.FLOAT16: torch.float16,
+    TensorProto.DOUBLE: torch.float64,
+    TensorProto.BFLOAT16: torch.bfloat16,
+}
 
 
 class UnsupportedError(Exception):
     """One node cannot be converted; the message says why."""
 
 
-def attr_int(node: Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None or attribute.i is None else attribute.i
+def label(node: NodeProto) -> str:
+    """How error messages name a node: ``Gemm 'fc1'`` (or its first output)."""
+    return f"{node.op_type} {node.name or (node.output[0] if node.output else '?')!r}"
 
 
-def attr_float(node: Node, name: str, default: float) -> float:
-    attribute = node.attributes.get(name)
-    return default if attribute is None or attribute.f is None else attribute.f
+def tensor_values(tensor: TensorProto) -> Tensor:
+    """The values of an initializer or ``Constant`` tensor, with its shape and torch dtype.
+
+    Raises:
+        UnsupportedError: a non-numeric data type, or data that does not fit the shape.
+    """
+    code = tensor.data_type
+    if code not in DTYPES:
+        name = TensorProto.DataType.Name(code) if code in TensorProto.DataType.values() else code
+        raise UnsupportedError(f"tensor {tensor.name!r} has data type {name}, which is not "
+                               "numeric or not supported")
+    try:
+        array = numpy_helper.to_array(tensor)
+    except (ValueError, TypeError) as error:  # e.g. raw data of the wrong size
+        raise UnsupportedError(f"tensor {tensor.name!r} of shape {list(tensor.dims)} cannot be "
+                               f"read: {error}") from error
+    if DTYPES[code] is torch.bfloat16:  # numpy has no bfloat16 (onnx gives ml_dtypes')
+        return torch.from_numpy(array.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(np.array(array, copy=True))
 
 
-def attr_ints(node: Node, name: str) -> tuple[int, ...] | None:
-    attribute = node.attributes.get(name)
-    return None if attribute is None else attribute.ints
+def _attribute(node: NodeProto, name: str) -> AttributeProto | None:
+    return next((a for a in node.attribute if a.name == name), None)
 
 
-def attr_str(node: Node, name: str, default: str) -> str:
-    attribute = node.attributes.get(name)
-    return default if attribute is None or attribute.s is None else attribute.s.decode()
+def attr_int(node: NodeProto, name: str, default: int) -> int:
+    attribute = _attribute(node, name)
+    return default if attribute is None or not attribute.HasField("i") else int(attribute.i)
 
 
-def constant_of(attribute: Attribute) -> Tensor:
-    if attribute.t is not None:
-        return attribute.t.values
-    if attribute.name == "value_float" and attribute.f is not None:
+def attr_float(node: NodeProto, name: str, default: float) -> float:
+    attribute = _attribute(node, name)
+    return default if attribute is None or not attribute.HasField("f") else float(attribute.f)
+
+
+def attr_ints(node: NodeProto, name: str) -> tuple[int, ...] | None:
+    attribute = _attribute(node, name)
+    return None if attribute is None else tuple(int(v) for v in attribute.ints)
+
+
+def attr_str(node: NodeProto, name: str, default: str) -> str:
+    attribute = _attribute(node, name)
+    if attribute is None or not attribute.HasField("s"):
+        return default
+    return bytes(attribute.s).decode()
+
+
+def constant_of(attribute: AttributeProto) -> Tensor:
+    if attribute.HasField("t"):
+        return tensor_values(attribute.t)
+    if attribute.name == "value_float" and attribute.HasField("f"):
         return torch.tensor(attribute.f, dtype=torch.float32)
-    if attribute.name == "value_int" and attribute.i is not None:
+    if attribute.name == "value_int" and attribute.HasField("i"):
         return torch.tensor(attribute.i, dtype=torch.int64)
     if attribute.name == "value_floats":
-        return torch.tensor(attribute.floats, dtype=torch.float32)
+        return torch.tensor(list(attribute.floats), dtype=torch.float32)
     if attribute.name == "value_ints":
-        return torch.tensor(attribute.ints, dtype=torch.int64)
+        return torch.tensor(list(attribute.ints), dtype=torch.int64)
     raise UnsupportedError(f"Constant with attribute {attribute.name!r} is not supported")
 
 
-def axis_list(node: Node, constants: dict[str, Tensor], rank: int) -> list[int]:
+def axis_list(node: NodeProto, constants: dict[str, Tensor], rank: int) -> list[int]:
     """The ``axes`` of Squeeze/Unsqueeze (attribute before opset 13, input after), in
     ``[0, rank)``."""
     axes = attr_ints(node, "axes")
-    if axes is None and len(node.inputs) > 1 and node.inputs[1]:
-        axes = tuple(int(a) for a in constants[node.inputs[1]].reshape(-1).tolist())
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        axes = tuple(int(a) for a in constants[node.input[1]].reshape(-1).tolist())
     return [a + rank if a < 0 else a for a in (axes or ())]
 
 
-def axes_count(node: Node, constants: dict[str, Tensor]) -> int:
+def axes_count(node: NodeProto, constants: dict[str, Tensor]) -> int:
     return len(axis_list(node, constants, 0))
 
 
@@ -98,7 +149,7 @@ def reshape_target(shape: Shape, target: list[int], allow_zero: bool) -> Shape:
     return tuple(out)
 
 
-def fold_constant(node: Node, args: list[Tensor], opset: int) -> Tensor:
+def fold_constant(node: NodeProto, args: list[Tensor], opset: int) -> Tensor:
     """Evaluate ``node`` on constant inputs (the ops that appear in shape computations)."""
     op = node.op_type
     binary: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
@@ -131,12 +182,12 @@ def fold_constant(node: Node, args: list[Tensor], opset: int) -> Tensor:
         return args[0].permute(*perm)
     if op == "Unsqueeze":
         out = args[0]
-        constants = {node.inputs[1]: args[1]} if len(args) > 1 else {}
+        constants = {node.input[1]: args[1]} if len(args) > 1 else {}
         for axis in sorted(axis_list(node, constants, out.dim() + axes_count(node, constants))):
             out = out.unsqueeze(axis)
         return out
     if op == "Squeeze":
-        constants = {node.inputs[1]: args[1]} if len(args) > 1 else {}
+        constants = {node.input[1]: args[1]} if len(args) > 1 else {}
         axes = axis_list(node, constants, args[0].dim())
         keep = [d for i, d in enumerate(args[0].shape) if (axes and i not in axes)
                 or (not axes and d != 1)]

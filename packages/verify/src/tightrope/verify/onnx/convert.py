@@ -30,14 +30,16 @@ bound over such a network means anything).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from onnx import GraphProto, NodeProto, ValueInfoProto
 from torch import Tensor, nn
 
 from tightrope.bounds import Normalize
 from tightrope.verify.onnx.constants import (
+    DTYPES,
     Shape,
     UnsupportedError,
     attr_float,
@@ -48,9 +50,10 @@ from tightrope.verify.onnx.constants import (
     axis_list,
     constant_of,
     fold_constant,
+    label,
     reshape_target,
+    tensor_values,
 )
-from tightrope.verify.onnx.proto import DTYPES, Graph, Node
 
 __all__ = ["Converted", "OnnxImportError", "convert_graph"]
 
@@ -134,7 +137,7 @@ def _elementwise(var: _Variable, scale: Tensor, shift: Tensor) -> None:
         var.scale, var.shift = scale * var.scale, scale * var.shift + shift
 
 
-def _broadcast_constant(var: _Variable, constant: Tensor, node: Node) -> Tensor:
+def _broadcast_constant(var: _Variable, constant: Tensor, node: NodeProto) -> Tensor:
     """``constant`` broadcast to the variable's ONNX shape, flat, float64."""
     shape = tuple(constant.shape)
     if len(shape) > len(var.shape) or any(
@@ -242,7 +245,7 @@ def _emit_linear(var: _Variable, builder: _Builder, weight: Tensor, bias: Tensor
     var.layout = (math.prod(out_shape),)
 
 
-def _need_image_layout(var: _Variable, builder: _Builder, node: Node) -> None:
+def _need_image_layout(var: _Variable, builder: _Builder, node: NodeProto) -> None:
     if len(var.shape) != 4 or var.shape[0] != 1:
         raise UnsupportedError(f"needs a (1, C, H, W) input, got {var.shape}")
     if var.layout != var.shape[1:] or var.order is not None:
@@ -266,7 +269,7 @@ def _pair(values: tuple[int, ...]) -> tuple[int, int]:
     return (values[0], values[1])
 
 
-def _pads(node: Node, spatial: int) -> tuple[int, int]:
+def _pads(node: NodeProto, spatial: int) -> tuple[int, int]:
     auto_pad = attr_str(node, "auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
         raise UnsupportedError(f"auto_pad={auto_pad} (export with explicit pads)")
@@ -277,11 +280,11 @@ def _pads(node: Node, spatial: int) -> tuple[int, int]:
 
 
 def _convert_variable_node(
-    node: Node, var: _Variable, constants: dict[str, Tensor], builder: _Builder, opset: int
+    node: NodeProto, var: _Variable, constants: dict[str, Tensor], builder: _Builder, opset: int
 ) -> None:
     """Turn one node on the input-dependent chain into layers; updates ``var`` in place."""
     op = node.op_type
-    inputs = list(node.inputs)
+    inputs = list(node.input)
     position = inputs.index(var.name)
 
     def const(index: int) -> Tensor:
@@ -392,8 +395,8 @@ def _convert_variable_node(
         raise UnsupportedError(f"operator {op} is not supported")
 
 
-def _convert_conv(node: Node, var: _Variable, const: Callable[[int], Tensor], builder: _Builder,
-                  inputs: list[str]) -> None:
+def _convert_conv(node: NodeProto, var: _Variable, const: Callable[[int], Tensor],
+                  builder: _Builder, inputs: list[str]) -> None:
     if inputs.index(var.name) != 0:
         raise UnsupportedError("Conv with input-dependent weights")
     weight = const(1).to(torch.float64)
@@ -425,7 +428,7 @@ def _convert_conv(node: Node, var: _Variable, const: Callable[[int], Tensor], bu
     var.layout = var.shape[1:]
 
 
-def _reshape_variable(node: Node, shape: Shape, constants: dict[str, Tensor]) -> Shape:
+def _reshape_variable(node: NodeProto, shape: Shape, constants: dict[str, Tensor]) -> Shape:
     """The new ONNX shape of a reshaping node; raises unless it keeps the element order."""
     op = node.op_type
     if op == "Flatten":
@@ -433,9 +436,9 @@ def _reshape_variable(node: Node, shape: Shape, constants: dict[str, Tensor]) ->
         axis = axis + len(shape) if axis < 0 else axis
         return (math.prod(shape[:axis]), math.prod(shape[axis:]))
     if op == "Reshape":
-        if node.inputs[1] not in constants:
+        if node.input[1] not in constants:
             raise UnsupportedError("Reshape with an input-dependent target shape")
-        target = [int(v) for v in constants[node.inputs[1]].reshape(-1).tolist()]
+        target = [int(v) for v in constants[node.input[1]].reshape(-1).tolist()]
         return reshape_target(shape, target, bool(attr_int(node, "allowzero", 0)))
     if op == "Squeeze":
         axes = axis_list(node, constants, len(shape))
@@ -453,11 +456,11 @@ def _finite(values: Tensor) -> bool:
     return not values.is_floating_point() or bool(torch.isfinite(values).all())
 
 
-def _topological(nodes: tuple[Node, ...], available: set[str]) -> list[Node]:
+def _topological(nodes: Sequence[NodeProto], available: set[str]) -> list[NodeProto]:
     """``nodes`` in an order where every node comes after the producers of its inputs (file
     order where possible; ONNX requires it, not every exporter honours it). Nodes whose inputs
     never become available stay at the end, in file order, to be reported."""
-    ordered: list[Node] = []
+    ordered: list[NodeProto] = []
     pending = list(nodes)
     known = set(available)
     progress = True
@@ -465,9 +468,9 @@ def _topological(nodes: tuple[Node, ...], available: set[str]) -> list[Node]:
         progress = False
         waiting = []
         for node in pending:
-            if all(not name or name in known for name in node.inputs):
+            if all(not name or name in known for name in node.input):
                 ordered.append(node)
-                known.update(node.outputs)
+                known.update(node.output)
                 progress = True
             else:
                 waiting.append(node)
@@ -475,75 +478,93 @@ def _topological(nodes: tuple[Node, ...], available: set[str]) -> list[Node]:
     return ordered + pending
 
 
-def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
+def _declared(info: ValueInfoProto) -> tuple[int, tuple[int | None, ...] | None]:
+    """The element type (0 if none) and shape (``None`` for symbolic dims; ``None`` if not
+    declared) of a graph input."""
+    if not info.type.HasField("tensor_type"):
+        return 0, None
+    tensor_type = info.type.tensor_type
+    if not tensor_type.HasField("shape"):
+        return tensor_type.elem_type, None
+    return tensor_type.elem_type, tuple(
+        int(d.dim_value) if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+
+
+def convert_graph(graph: GraphProto, opset: int, source: str) -> Converted:
     """Convert ``graph`` (one input, one output) into a :class:`Converted` float64 module.
+
+    ``opset`` is the model's default-domain opset version (0 when not declared).
 
     Raises:
         OnnxImportError: listing every node that cannot be converted and every initializer or
             ``Constant`` node the graph uses that holds NaN or inf.
     """
     problems: list[str] = []
-    constants: dict[str, Tensor] = {n: t.values for n, t in graph.initializers.items()}
-    used = {name for node in graph.nodes for name in node.inputs}
+    try:
+        constants = {tensor.name: tensor_values(tensor) for tensor in graph.initializer}
+    except UnsupportedError as error:
+        raise OnnxImportError(source, [str(error)]) from error
+    used = {name for node in graph.node for name in node.input}
     non_finite = [f"initializer {name!r}" for name, values in constants.items()
                   if name in used and not _finite(values)]
-    real_inputs = [v for v in graph.inputs if v.name not in constants]
+    real_inputs = [v for v in graph.input if v.name not in constants]
     if len(real_inputs) != 1:
         names = [v.name for v in real_inputs]
         raise OnnxImportError(source, [f"the graph needs exactly one input, has {names}"])
-    if len(graph.outputs) != 1:
-        names = [v.name for v in graph.outputs]
+    if len(graph.output) != 1:
+        names = [v.name for v in graph.output]
         raise OnnxImportError(source, [f"the graph needs exactly one output, has {names}"])
     info = real_inputs[0]
-    if info.shape is None:
+    elem_type, shape = _declared(info)
+    if shape is None:
         raise OnnxImportError(source, [f"input {info.name!r} has no declared shape"])
-    if any(d is None or d <= 0 for d in info.shape[1:]):
-        raise OnnxImportError(source, [f"input {info.name!r} has shape {info.shape}: only "
+    if any(d is None or d <= 0 for d in shape[1:]):
+        raise OnnxImportError(source, [f"input {info.name!r} has shape {shape}: only "
                                        "the leading (batch) dimension may be symbolic"])
-    if info.elem_type not in (1, 11, 10):
+    if elem_type not in (1, 11, 10):
         raise OnnxImportError(source, [f"input {info.name!r} is not a float tensor "
-                                       f"(data type {info.elem_type})"])
-    onnx_shape = tuple(1 if d is None or d <= 0 else d for d in info.shape)
+                                       f"(data type {elem_type})"])
+    onnx_shape = tuple(1 if d is None or d <= 0 else d for d in shape)
     layout = onnx_shape[1:] if len(onnx_shape) >= 2 and onnx_shape[0] == 1 else onnx_shape
     var: _Variable | None = _Variable(info.name, onnx_shape, layout or (1,))
     builder = _Builder(input_layout=layout or (1,))
     dead: set[str] = set()  # outputs of nodes that failed: skip what depends on them
-    for node in _topological(graph.nodes, set(constants) | {info.name}):
-        missing = [n for n in node.inputs if n and n not in constants and n not in dead
+    for node in _topological(graph.node, set(constants) | {info.name}):
+        missing = [n for n in node.input if n and n not in constants and n not in dead
                    and (var is None or n != var.name)]
         if missing:
-            problems.append(f"{node.label}: uses {missing}, which no earlier node produces "
+            problems.append(f"{label(node)}: uses {missing}, which no earlier node produces "
                             "(a branch of the graph, or nodes out of order)")
-            dead.update(node.outputs)
+            dead.update(node.output)
             continue
-        if any(n in dead for n in node.inputs):
+        if any(n in dead for n in node.input):
             if node.op_type not in _KNOWN_OPS:
-                problems.append(f"{node.label}: operator {node.op_type} is not supported")
-            dead.update(node.outputs)
+                problems.append(f"{label(node)}: operator {node.op_type} is not supported")
+            dead.update(node.output)
             continue
         try:
             if node.op_type == "Constant":
-                constants[node.outputs[0]] = constant_of(next(iter(node.attributes.values())))
-                if not _finite(constants[node.outputs[0]]):
-                    non_finite.append(f"{node.label} (output {node.outputs[0]!r})")
-            elif node.op_type == "Shape" and var is not None and node.inputs[0] == var.name:
-                constants[node.outputs[0]] = torch.tensor(var.shape, dtype=torch.int64)
-            elif var is None or var.name not in node.inputs:
-                value = fold_constant(node, [constants[n] for n in node.inputs if n], opset)
-                constants[node.outputs[0]] = value
+                constants[node.output[0]] = constant_of(node.attribute[0])
+                if not _finite(constants[node.output[0]]):
+                    non_finite.append(f"{label(node)} (output {node.output[0]!r})")
+            elif node.op_type == "Shape" and var is not None and node.input[0] == var.name:
+                constants[node.output[0]] = torch.tensor(var.shape, dtype=torch.int64)
+            elif var is None or var.name not in node.input:
+                value = fold_constant(node, [constants[n] for n in node.input if n], opset)
+                constants[node.output[0]] = value
             else:
                 _convert_variable_node(node, var, constants, builder, opset)
-                var.name = node.outputs[0]
-        except (UnsupportedError, RuntimeError, IndexError, KeyError, StopIteration, TypeError,
+                var.name = node.output[0]
+        except (UnsupportedError, RuntimeError, IndexError, KeyError, TypeError,
                 ValueError) as error:
-            problems.append(f"{node.label}: {error}")
-            dead.update(node.outputs)
-            if var is not None and var.name in node.inputs:
+            problems.append(f"{label(node)}: {error}")
+            dead.update(node.output)
+            if var is not None and var.name in node.input:
                 var = None
     if non_finite:
         problems.insert(0, f"NaN or inf values in {', '.join(non_finite)}: such a network "
                         "cannot be verified; fix or re-export it with finite weights")
-    output = graph.outputs[0].name
+    output = graph.output[0].name
     if var is not None and var.name != output and not problems:
         problems.append(f"the graph output {output!r} is not the end of the input-dependent "
                         f"chain (which ends at {var.name!r})")
@@ -563,7 +584,7 @@ def convert_graph(graph: Graph, opset: int, source: str) -> Converted:
             permutation.bias.zero_()
         builder.layers.append(permutation)
     module = nn.Sequential(*builder.layers).to(torch.float64).eval()
-    dtype = DTYPES.get(info.elem_type, torch.float32)
+    dtype = DTYPES.get(elem_type, torch.float32)
     order = None if builder.input_order is None else tuple(builder.input_order.tolist())
     return Converted(module, builder.input_layout, onnx_shape, var.shape, info.name, output, dtype,
                      order)

@@ -5,7 +5,7 @@ model read back must compute what the torch model computes. Layers map to operat
 Linear -> Gemm (``transB=1``) or MatMul + Add, Conv2d -> Conv, ReLU -> Relu, Flatten ->
 Flatten, BatchNorm1d/2d (eval) -> BatchNormalization, AvgPool2d -> AveragePool, Normalize ->
 Sub + Div, Identity/Dropout -> Identity. Tensors are stored as float32 (``TensorProto`` raw
-data) unless ``dtype=torch.float64``.
+data) unless ``dtype=torch.float64``. The messages are built with ``onnx.helper``.
 """
 
 from __future__ import annotations
@@ -13,24 +13,17 @@ from __future__ import annotations
 import enum
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
+from onnx import NodeProto, TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from tightrope.bounds import Normalize
-from tightrope.verify.onnx.proto import (
-    Attribute,
-    Graph,
-    Model,
-    Node,
-    TensorProto,
-    ValueInfo,
-    encode_model,
-)
 
 __all__ = ["LinearOp", "export_onnx"]
 
-_ELEM_TYPES = {torch.float32: 1, torch.float64: 11}
+_ELEM_TYPES = {torch.float32: TensorProto.FLOAT, torch.float64: TensorProto.DOUBLE}
 
 
 class LinearOp(enum.Enum):
@@ -46,10 +39,6 @@ def _leaves(module: nn.Module) -> Iterator[nn.Module]:
             yield from _leaves(child)
     else:
         yield module
-
-
-def _ints(name: str, values: tuple[int, ...] | list[int]) -> Attribute:
-    return Attribute(name, ints=tuple(int(v) for v in values), type=7)
 
 
 def _pair(value: int | tuple[int, ...] | str) -> tuple[int, int]:
@@ -77,16 +66,19 @@ def export_onnx(
     """
     if dtype not in _ELEM_TYPES:
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    nodes: list[Node] = []
-    tensors: dict[str, TensorProto] = {}
+    nodes: list[NodeProto] = []
+    tensors: list[TensorProto] = []
     unsupported: list[str] = []
     current = "input"
     reference = next(iter(model.parameters()), None)
     x = torch.zeros(1, *input_shape, dtype=reference.dtype if reference is not None else dtype)
 
     def constant(name: str, value: Tensor) -> str:
-        tensors[name] = TensorProto(name, tuple(value.shape), value.detach().to(dtype).cpu())
+        tensors.append(numpy_helper.from_array(value.detach().to(dtype).cpu().numpy(), name))
         return name
+
+    def node(op: str, inputs: list[str], output: str, name: str, **attributes: Any) -> None:
+        nodes.append(helper.make_node(op, inputs, [output], name=name, **attributes))
 
     for index, layer in enumerate(_leaves(model)):
         out = f"t{index}"
@@ -96,33 +88,25 @@ def export_onnx(
                 inputs = [current, constant(f"W{index}", weight)]
                 if bias is not None:
                     inputs.append(constant(f"b{index}", bias))
-                nodes.append(Node("Gemm", tuple(inputs), (out,), f"gemm{index}",
-                                  {"transB": Attribute("transB", i=1, type=2)}))
+                node("Gemm", inputs, out, f"gemm{index}", transB=1)
             else:
                 product = out if bias is None else f"m{index}"
-                nodes.append(Node("MatMul", (current, constant(f"W{index}", weight.T)),
-                                  (product,), f"matmul{index}"))
+                node("MatMul", [current, constant(f"W{index}", weight.T)], product,
+                     f"matmul{index}")
                 if bias is not None:
-                    nodes.append(Node("Add", (product, constant(f"b{index}", bias)), (out,),
-                                      f"add{index}"))
+                    node("Add", [product, constant(f"b{index}", bias)], out, f"add{index}")
         elif isinstance(layer, nn.Conv2d):
             inputs = [current, constant(f"W{index}", layer.weight)]
             if layer.bias is not None:
                 inputs.append(constant(f"b{index}", layer.bias))
             pad = _pair(layer.padding)
-            attributes = {
-                "kernel_shape": _ints("kernel_shape", layer.kernel_size),
-                "strides": _ints("strides", layer.stride),
-                "pads": _ints("pads", [*pad, *pad]),
-                "dilations": _ints("dilations", layer.dilation),
-                "group": Attribute("group", i=layer.groups, type=2),
-            }
-            nodes.append(Node("Conv", tuple(inputs), (out,), f"conv{index}", attributes))
+            node("Conv", inputs, out, f"conv{index}", kernel_shape=list(layer.kernel_size),
+                 strides=list(layer.stride), pads=[*pad, *pad], dilations=list(layer.dilation),
+                 group=layer.groups)
         elif isinstance(layer, nn.ReLU):
-            nodes.append(Node("Relu", (current,), (out,), f"relu{index}"))
+            node("Relu", [current], out, f"relu{index}")
         elif isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1:
-            nodes.append(Node("Flatten", (current,), (out,), f"flatten{index}",
-                              {"axis": Attribute("axis", i=1, type=2)}))
+            node("Flatten", [current], out, f"flatten{index}", axis=1)
         elif isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) and not layer.training:
             mean, var = layer.running_mean, layer.running_var
             if mean is None or var is None:
@@ -133,28 +117,22 @@ def export_onnx(
             beta = layer.bias if layer.bias is not None else torch.zeros(channels)
             inputs = [current] + [constant(f"bn{index}_{k}", v)
                                   for k, v in enumerate((gamma, beta, mean, var))]
-            nodes.append(Node("BatchNormalization", tuple(inputs), (out,), f"bn{index}",
-                              {"epsilon": Attribute("epsilon", f=layer.eps, type=1)}))
+            node("BatchNormalization", inputs, out, f"bn{index}", epsilon=float(layer.eps))
         elif isinstance(layer, nn.AvgPool2d) and not layer.ceil_mode:
             pad = _pair(layer.padding)
             stride = _pair(layer.stride if layer.stride is not None else layer.kernel_size)
-            attributes = {
-                "kernel_shape": _ints("kernel_shape", _pair(layer.kernel_size)),
-                "strides": _ints("strides", stride),
-                "pads": _ints("pads", [*pad, *pad]),
-                "count_include_pad": Attribute("count_include_pad",
-                                               i=int(layer.count_include_pad), type=2),
-            }
-            nodes.append(Node("AveragePool", (current,), (out,), f"pool{index}", attributes))
+            node("AveragePool", [current], out, f"pool{index}",
+                 kernel_shape=list(_pair(layer.kernel_size)), strides=list(stride),
+                 pads=[*pad, *pad], count_include_pad=int(layer.count_include_pad))
         elif isinstance(layer, Normalize):
             view = (1, -1, *([1] * (x.dim() - 2)))
             centred = f"c{index}"
-            nodes.append(Node("Sub", (current, constant(f"mean{index}", layer.mean.view(view))),
-                              (centred,), f"sub{index}"))
-            nodes.append(Node("Div", (centred, constant(f"std{index}", layer.std.view(view))),
-                              (out,), f"div{index}"))
+            node("Sub", [current, constant(f"mean{index}", layer.mean.view(view))], centred,
+                 f"sub{index}")
+            node("Div", [centred, constant(f"std{index}", layer.std.view(view))], out,
+                 f"div{index}")
         elif isinstance(layer, (nn.Identity, nn.Dropout)):
-            nodes.append(Node("Identity", (current,), (out,), f"identity{index}"))
+            node("Identity", [current], out, f"identity{index}")
         else:
             unsupported.append(f"{index} ({type(layer).__name__})")
             continue
@@ -165,14 +143,15 @@ def export_onnx(
     if unsupported:
         raise TypeError("export_onnx cannot write these layers: " + ", ".join(unsupported))
     elem = _ELEM_TYPES[dtype]
-    graph = Graph(
-        nodes=tuple(nodes),
-        initializers=tensors,
-        inputs=(ValueInfo("input", elem, (1, *input_shape)),),
-        outputs=(ValueInfo(current, elem, tuple(x.shape)),),
-        name="tightrope",
+    graph = helper.make_graph(
+        nodes, "tightrope",
+        inputs=[helper.make_tensor_value_info("input", elem, (1, *input_shape))],
+        outputs=[helper.make_tensor_value_info(current, elem, tuple(x.shape))],
+        initializer=tensors,
     )
-    data = encode_model(Model(graph, opset=opset, ir_version=8))
+    onnx_model = helper.make_model(graph, producer_name="tightrope", ir_version=8,
+                                   opset_imports=[helper.make_opsetid("", opset)])
+    data: bytes = onnx_model.SerializeToString()
     if path is not None:
         with open(path, "wb") as handle:
             handle.write(data)
