@@ -220,6 +220,22 @@ def test_eps_text() -> None:
     assert eps_text(8 / 255) == "8/255"
 
 
+def test_notes_and_published_rows_go_where_they_belong(workspace: Path, tmp_path: Path) -> None:
+    notes = tmp_path / "notes.md"
+    notes.write_text("## What the numbers say\n\nIBP is below CC-IBP here.\n")
+    published = tmp_path / "published.csv"
+    published.write_text("dataset,eps,method,model,clean,certified,source\n"
+                         "synthetic,0.05,ibp,cnn7,98.84,97.95,Shi et al. 2021\n"
+                         "synthetic,0.3,sabr,cnn7,98.75,93.40,Mueller et al. 2023\n")
+    out = tmp_path / "results"
+    assert _report(workspace, out, "--notes", str(notes), "--published", str(published)) == 0
+    markdown = (out / "README.md").read_text()
+    assert markdown.index("## What the numbers say") < markdown.index("## synthetic, eps = 0.05")
+    assert "| ibp | cnn7 | 98.84 | 97.95 | Shi et al. 2021 |" in markdown
+    assert "Mueller" not in markdown  # no runs at eps 0.3: its published row is not listed
+    assert [row["method"] for row in _table(markdown)] == ["cc_ibp", "ibp"]
+
+
 def test_help_documents_every_option(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -265,6 +281,12 @@ def _broken(kind: str, workspace: Path, tmp_path: Path) -> list[str]:
         (run / "config.yaml").write_text("epochs: [1\n")
     elif kind == "orphan-certification":
         return [str(run / "certify")]
+    elif kind == "bad-published":
+        (tmp_path / "p.csv").write_text("dataset,eps,method,model,clean,certified,source\n"
+                                        "synthetic,0.05,ibp,cnn7,high,50,a paper\n")
+        return [str(run), "--published", str(tmp_path / "p.csv")]
+    elif kind == "missing-notes":
+        return [str(run), "--notes", str(tmp_path / "no-notes.md")]
     elif kind == "bad-histogram":
         (tmp_path / "h.json").write_text("[1, 2]")
         return [str(run), "--histogram", str(tmp_path / "h.json")]
@@ -274,7 +296,7 @@ def _broken(kind: str, workspace: Path, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize("kind", [
     "missing", "glob-without-match", "no-metrics", "not-a-run", "bad-test-json",
     "bad-meta-json", "bad-summary", "bad-run-json", "bad-metrics", "bad-config",
-    "orphan-certification", "bad-histogram",
+    "orphan-certification", "bad-histogram", "bad-published", "missing-notes",
 ])
 def test_bad_input_exits_2_with_one_line(kind: str, workspace: Path, tmp_path: Path,
                                          capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tightrope.apps.report.__about__ import __version__
 from tightrope.apps.report.arrays import load_arrays
-from tightrope.apps.report.inputs import ReportError, collect
+from tightrope.apps.report.inputs import ReportError, collect, read_published, read_text
 from tightrope.apps.report.rows import Row, Setting, group_rows
 
 __all__ = ["build_parser", "main"]
@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "axes (repeatable)")
     parser.add_argument("--bins", type=int, default=50, metavar="N",
                         help="histogram bins (default: 50)")
+    parser.add_argument("--notes", type=Path, metavar="FILE",
+                        help="a markdown file inserted after the legend (the analysis of the "
+                        "results, kept beside them so that regenerating keeps it)")
+    parser.add_argument("--published", type=Path, metavar="FILE",
+                        help="a CSV file of published results (columns dataset, eps, method, "
+                        "model, clean, certified, source; accuracies in %%), listed for "
+                        "context under the table of their setting")
     parser.add_argument("--force", action="store_true",
                         help="overwrite a markdown file that tightrope-report did not write")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -157,6 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = collect(args.inputs)
         arrays = [(path, load_arrays(path)) for path in args.histogram]
+        notes = read_text(args.notes) if args.notes is not None else ""
+        published = read_published(args.published) if args.published is not None else []
         if out.exists() and not out.is_dir():
             raise ReportError(f"--out {out}: not a directory")
         markdown_path = out / args.markdown
@@ -192,7 +201,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             draw_histogram(named, path.name, out / image, bins=args.bins)
             histograms.append(Histogram(path, named, image))
         text = render(groups, title=args.title, arguments=arguments, figures=figures,
-                      histograms=histograms, label_key=args.label, configs=args.configs)
+                      histograms=histograms, label_key=args.label, configs=args.configs,
+                      notes=notes, published=published)
         temporary = markdown_path.with_name(markdown_path.name + ".tmp")
         temporary.write_text(text, encoding="utf-8")
         temporary.replace(markdown_path)

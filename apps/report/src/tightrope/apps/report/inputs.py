@@ -24,8 +24,8 @@ from typing import Any
 
 from tightrope.apps.certify.records import Summary, merge_records, summarise
 
-__all__ = ["Certification", "ReportError", "Run", "collect", "load_certification", "load_run",
-           "lookup", "read_json"]
+__all__ = ["Certification", "Published", "ReportError", "Run", "collect", "load_certification",
+           "load_run", "lookup", "read_json", "read_published", "read_text"]
 
 CERTIFY_FILE = "run.json"
 METRICS_FILE = "metrics.csv"
@@ -143,6 +143,66 @@ def read_json(path: Path, expected: str = "a JSON object") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ReportError(f"{path}: expected {expected}, got {type(data).__name__}")
     return data
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One published result (a ``--published`` row): accuracies in %, for context."""
+
+    dataset: str
+    eps: float
+    method: str
+    model: str
+    clean: float
+    certified: float
+    source: str
+
+
+PUBLISHED_COLUMNS = ("dataset", "eps", "method", "model", "clean", "certified", "source")
+
+
+def read_text(path: Path) -> str:
+    """The text of ``path`` (UTF-8); a :class:`ReportError` naming it when unreadable."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ReportError(f"{path}: cannot read it ({error.strerror or error})") from error
+    except UnicodeDecodeError as error:
+        raise ReportError(f"{path}: not UTF-8 text ({error})") from error
+
+
+def _eps_value(text: str) -> float:
+    """``0.1`` or ``2/255``."""
+    numerator, _, denominator = text.partition("/")
+    value = float(numerator) / float(denominator) if denominator else float(numerator)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(text)
+    return value
+
+
+def read_published(path: Path) -> list[Published]:
+    """The rows of a ``--published`` CSV file (columns :data:`PUBLISHED_COLUMNS`; ``eps`` as
+    ``0.1`` or ``2/255``, accuracies in %)."""
+    rows = list(csv.DictReader(read_text(path).splitlines()))
+    found: list[Published] = []
+    for number, row in enumerate(rows, start=2):
+        missing = [c for c in PUBLISHED_COLUMNS if not (row.get(c) or "").strip()]
+        if missing:
+            raise ReportError(f"{path}:{number}: missing {', '.join(missing)} (columns: "
+                              f"{', '.join(PUBLISHED_COLUMNS)})")
+        try:
+            eps = _eps_value(row["eps"].strip())
+            clean, certified = float(row["clean"]), float(row["certified"])
+        except ValueError:
+            raise ReportError(f"{path}:{number}: eps, clean and certified must be numbers "
+                              "(eps also as 2/255)") from None
+        if not (0 <= certified <= 100 and 0 <= clean <= 100):
+            raise ReportError(f"{path}:{number}: accuracies are percentages in [0, 100]")
+        found.append(Published(row["dataset"].strip(), eps, row["method"].strip(),
+                               row["model"].strip(), clean, certified, row["source"].strip()))
+    if not found:
+        raise ReportError(f"{path}: no rows (columns: {', '.join(PUBLISHED_COLUMNS)})")
+    return found
 
 
 def _read_config(path: Path) -> dict[str, Any]:
