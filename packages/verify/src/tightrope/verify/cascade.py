@@ -37,7 +37,7 @@ from tightrope.bounds import (
 )
 from tightrope.verify.attack import spec_pgd
 from tightrope.verify.bab import BabOutcome, relu_bab
-from tightrope.verify.config import InputSplit, Mode, VerifierConfig
+from tightrope.verify.config import BabConfig, InputSplit, Mode, VerifierConfig
 from tightrope.verify.input_bab import input_bab
 from tightrope.verify.milp import milp_eligible, milp_exclude, milp_verify
 from tightrope.verify.problem import CompiledRegion, compile_region, confirm, float64_model
@@ -58,8 +58,6 @@ __all__ = ["verify"]
 Progress = Callable[[str, dict[str, float]], None]
 
 
-
-
 class _Clock:
     def __init__(self, timeout: float) -> None:
         if not timeout > 0:
@@ -72,6 +70,63 @@ class _Clock:
 
     def seconds(self) -> float:
         return time.monotonic() - self.start
+
+
+class _Run:
+    """What one :func:`verify` call carries from stage to stage: the model in both dtypes, the
+    compiled regions, which unsafe sets are still open, and what the bound stages computed
+    (each region's lowered networks, root pre-activation boxes and best set bounds), so that
+    no later stage recomputes it."""
+
+    def __init__(self, model: nn.Module, spec: Specification, timeout: float,
+                 config: VerifierConfig, progress: Progress | None) -> None:
+        self.clock = _Clock(timeout)
+        check_finite(model)
+        self.model, self.spec, self.config, self.progress = model, spec, config, progress
+        self.exact_model = bound_copy(model, config.dtype)
+        like = reference(self.exact_model)
+        self.model64 = (self.exact_model if like.dtype == torch.float64
+                        else float64_model(model))
+        self.regions = [compile_region(region, like) for region in spec.regions]
+        search_like = reference(model)
+        self.search_regions = self.regions if search_like.dtype == like.dtype else [
+            compile_region(region, search_like) for region in spec.regions]
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.open_sets = [torch.ones(r.n_sets, dtype=torch.bool, device=like.device)
+                          for r in self.regions]
+        self.nets: dict[int, Lowered] = {}
+        self.boxes_of: dict[int, dict[int, Box]] = {}
+        self.set_bounds: dict[int, Tensor] = {}
+        self.last_stage = Stage.IBP
+        self.domains = 0
+
+    def checked(self, candidates: Tensor) -> tuple[Tensor, Tensor] | None:
+        """A float64-confirmed counterexample among ``candidates``, else ``None``."""
+        return confirm(self.spec, self.model64, candidates) if candidates.shape[0] else None
+
+    def falsified(self, hit: tuple[Tensor, Tensor], stage: Stage) -> Verdict:
+        return Verdict(VerifyStatus.FALSIFIED, stage, self.clock.seconds(), hit[0], hit[1],
+                       self.domains)
+
+    def ending(self, status: VerifyStatus, stage: Stage) -> Verdict:
+        if status is not VerifyStatus.VERIFIED:
+            stage = Stage.NONE
+        return Verdict(status, stage, self.clock.seconds(), domains=self.domains)
+
+    def settle(self, outcome: BabOutcome, stage: Stage) -> Verdict | None:
+        """The verdict a search's outcome forces on the whole property (a counterexample or
+        the deadline), else ``None``; counts its subdomains."""
+        self.domains += outcome.domains
+        if outcome.status is VerifyStatus.FALSIFIED:
+            if outcome.counterexample is None or outcome.output is None:
+                raise RuntimeError(f"{stage.value} reported FALSIFIED without a witness")
+            return self.falsified((outcome.counterexample, outcome.output), stage)
+        if outcome.status is VerifyStatus.TIMEOUT:
+            return self.ending(VerifyStatus.TIMEOUT, stage)
+        return None
+
+    def all_closed(self) -> bool:
+        return not any(bool(o.any()) for o in self.open_sets)
 
 
 def verify(
@@ -105,187 +160,209 @@ def verify(
         raise TypeError(f"spec must be a tightrope.verify.Specification, got {type(spec)}")
     if model.training:
         raise ValueError("verify needs an eval-mode model: call model.eval() first")
-    clock = _Clock(timeout)
-    check_finite(model)
-    exact_model = bound_copy(model, config.dtype)
-    like = reference(exact_model)
-    model64 = exact_model if like.dtype == torch.float64 else float64_model(model)
-    regions = [compile_region(region, like) for region in spec.regions]
-    search_like = reference(model)
-    search_regions = regions if search_like.dtype == like.dtype else [
-        compile_region(region, search_like) for region in spec.regions]
-    generator = torch.Generator().manual_seed(config.seed)
+    run = _Run(model, spec, timeout, config, progress)
+    for stage in (_attack, _milp_mode, _interval, _linear, _strong_attack, _branch_and_bound):
+        verdict = stage(run)
+        if verdict is not None:
+            return verdict
+    raise AssertionError("the branch-and-bound stage always answers")
 
-    def checked(candidates: Tensor) -> tuple[Tensor, Tensor] | None:
-        return confirm(spec, model64, candidates) if candidates.shape[0] else None
 
-    def falsified(hit: tuple[Tensor, Tensor], stage: Stage, domains: int = 0) -> Verdict:
-        return Verdict(VerifyStatus.FALSIFIED, stage, clock.seconds(), hit[0], hit[1], domains)
-
-    def ending(status: VerifyStatus, stage: Stage, domains: int = 0) -> Verdict:
-        if status is not VerifyStatus.VERIFIED:
-            stage = Stage.NONE
-        return Verdict(status, stage, clock.seconds(), domains=domains)
-
-    def settle(outcome: BabOutcome, stage: Stage, domains: int) -> Verdict | None:
-        """The verdict a search's outcome forces on the whole property (a counterexample or
-        the deadline), else ``None``."""
-        if outcome.status is VerifyStatus.FALSIFIED:
-            if outcome.counterexample is None or outcome.output is None:
-                raise RuntimeError(f"{stage.value} reported FALSIFIED without a witness")
-            return falsified((outcome.counterexample, outcome.output), stage, domains)
-        if outcome.status is VerifyStatus.TIMEOUT:
-            return ending(VerifyStatus.TIMEOUT, stage, domains)
-        return None
-
+def _attack(run: _Run) -> Verdict | None:
+    """PGD in every region (the cheap attack)."""
+    config = run.config
     with torch.no_grad():
-        for region in search_regions:
-            hit = checked(spec_pgd(model, region, steps=config.attack_steps,
-                                   restarts=config.attack_restarts, generator=generator,
-                                   deadline=clock.deadline))
+        for region in run.search_regions:
+            hit = run.checked(spec_pgd(run.model, region, steps=config.attack_steps,
+                                       restarts=config.attack_restarts,
+                                       generator=run.generator, deadline=run.clock.deadline))
             if hit is not None:
-                return falsified(hit, Stage.ATTACK)
-    if config.mode is Mode.MILP:
-        status, hit = milp_verify(exact_model, spec, regions, checked, clock.deadline,
-                                  config.milp_time_limit, config.margin)
-        if hit is not None:
-            return falsified(hit, Stage.MILP)
-        return ending(status, Stage.MILP)
+                return run.falsified(hit, Stage.ATTACK)
+    return None
 
-    open_sets = [torch.ones(r.n_sets, dtype=torch.bool, device=like.device) for r in regions]
-    nets: dict[int, Lowered] = {}
+
+def _milp_mode(run: _Run) -> Verdict | None:
+    """``Mode.MILP``: every row minimised exactly; the answer whatever it is."""
+    if run.config.mode is not Mode.MILP:
+        return None
+    status, hit = milp_verify(run.exact_model, run.spec, run.regions, run.checked,
+                              run.clock.deadline, run.config.milp_time_limit, run.config.margin)
+    if hit is not None:
+        return run.falsified(hit, Stage.MILP)
+    return run.ending(status, Stage.MILP)
+
+
+def _interval(run: _Run) -> Verdict | None:
+    """Sound interval bounds of every row; lowers each region's network once for all later
+    stages."""
     with torch.no_grad():
-        for number, region in enumerate(regions):
-            nets[number] = lowered(exact_model, model, region.box, int(region.rows.shape[0]))
-            bounds = sound_interval(nets[number].exact, region.box, region.rows.unsqueeze(0),
-                                    region.offsets)
-            _exclude(region, open_sets[number], bounds[0], config.margin)
-    if not any(bool(o.any()) for o in open_sets):
-        return ending(VerifyStatus.VERIFIED, Stage.IBP)
-    boxes_of: dict[int, dict[int, Box]] = {}
-    set_bounds: dict[int, Tensor] = {}
-    last_stage = Stage.IBP
+        for number, region in enumerate(run.regions):
+            run.nets[number] = lowered(run.exact_model, run.model, region.box,
+                                       int(region.rows.shape[0]))
+            bounds = sound_interval(run.nets[number].exact, region.box,
+                                    region.rows.unsqueeze(0), region.offsets)
+            _exclude(region, run.open_sets[number], bounds[0], run.config.margin)
+    return run.ending(VerifyStatus.VERIFIED, Stage.IBP) if run.all_closed() else None
+
+
+def _linear(run: _Run) -> Verdict | None:
+    """CROWN, then alpha-CROWN (its slopes optimised for the intermediate bounds too when
+    ``optimise_intermediate``), on the sets still open; keeps each region's root boxes."""
+    config = run.config
     for stage, steps in ((Stage.CROWN, 0), (Stage.ALPHA_CROWN, config.alpha_steps)):
         if stage is Stage.ALPHA_CROWN and steps == 0:
             continue
-        for number, region in enumerate(regions):
-            if not bool(open_sets[number].any()):
+        for number, region in enumerate(run.regions):
+            if not bool(run.open_sets[number].any()):
                 continue
-            found = nets[number]
-            if number not in boxes_of:
+            found = run.nets[number]
+            if number not in run.boxes_of:
                 with torch.no_grad():
                     crown_boxes = pre_activation_bounds(found.exact, region.box).boxes
-                    boxes_of[number] = widened(found.rounding, crown_boxes)
-            boxes = boxes_of[number]
+                    run.boxes_of[number] = widened(found.rounding, crown_boxes)
+            boxes = run.boxes_of[number]
             if stage is Stage.ALPHA_CROWN and config.optimise_intermediate:
                 boxes = optimise_pre_activations(
                     found.exact, region.box, boxes, steps=steps, lr_alpha=config.alpha_lr,
-                    deadline=clock.deadline, search=found.search)
-                boxes_of[number] = boxes
-            set_bounds[number] = _bound_open_sets(found, region, boxes, open_sets[number],
-                                                  steps, config.alpha_lr, clock.deadline,
-                                                  config.margin)
-        last_stage = stage
-        if not any(bool(o.any()) for o in open_sets):
-            return ending(VerifyStatus.VERIFIED, last_stage)
-        if clock.expired():
-            return ending(VerifyStatus.TIMEOUT, last_stage)
+                    deadline=run.clock.deadline, search=found.search)
+                run.boxes_of[number] = boxes
+            run.set_bounds[number] = _bound_open_sets(
+                found, region, boxes, run.open_sets[number], steps, config.alpha_lr,
+                run.clock.deadline, config.margin)
+        run.last_stage = stage
+        if run.all_closed():
+            return run.ending(VerifyStatus.VERIFIED, stage)
+        if run.clock.expired():
+            return run.ending(VerifyStatus.TIMEOUT, stage)
+    return None
 
+
+def _strong_attack(run: _Run) -> Verdict | None:
+    """PGD with many restarts, one open unsafe set per restart in turn."""
+    config = run.config
     with torch.no_grad():
-        for number, region in enumerate(search_regions):
-            hit = checked(spec_pgd(model, region, steps=config.strong_attack_steps,
-                                   restarts=config.strong_attack_restarts, generator=generator,
-                                   active=open_sets[number], targeted=True,
-                                   deadline=clock.deadline))
+        for number, region in enumerate(run.search_regions):
+            hit = run.checked(spec_pgd(run.model, region, steps=config.strong_attack_steps,
+                                       restarts=config.strong_attack_restarts,
+                                       generator=run.generator, active=run.open_sets[number],
+                                       targeted=True, deadline=run.clock.deadline))
             if hit is not None:
-                return falsified(hit, Stage.STRONG_ATTACK)
-    if config.bab is None:
-        return ending(VerifyStatus.UNKNOWN, last_stage)
-    bab = config.bab
-    total_domains = 0
+                return run.falsified(hit, Stage.STRONG_ATTACK)
+    return None
+
+
+def _branch_and_bound(run: _Run) -> Verdict:
+    """Input or ReLU splitting on every region's open sets (and the MILP for those a ReLU
+    search leaves); the final answer."""
+    bab = run.config.bab
+    if bab is None:
+        return run.ending(VerifyStatus.UNKNOWN, run.last_stage)
     unknown = False
     used_milp = False
-    for number, region in enumerate(regions):
-        targets = open_sets[number].nonzero().flatten().tolist()
-        if not targets:
+    for number, region in enumerate(run.regions):
+        if not bool(run.open_sets[number].any()):
             continue
-        # Weakest bound first: a counterexample, if any, is likeliest there.
-        targets.sort(key=lambda t: float(set_bounds[number][t]) if number in set_bounds else 0.0)
         input_dim = int(region.box.lower[0].numel())
-        use_input = bab.input_split is InputSplit.ALWAYS or (
+        if bab.input_split is InputSplit.ALWAYS or (
             bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
-        )
-        found = nets[number]
-        net, search_region, boxes = found.exact, search_regions[number], boxes_of[number]
-        depth = len(net.relu_indices)
-        refine = bab.refine_share(depth)
-        if not use_input and refine > 0 and depth > 2:
-            # Tighter hidden-layer bounds first (per-neuron branch-and-bound), then alpha-CROWN
-            # through them on the sets still open.
-            report = SplitRefinement()
-            boxes = refine_by_splitting(
-                net, region.box, boxes, range(1, depth - 1),
-                time.monotonic() + refine * (clock.deadline - time.monotonic()),
-                steps=bab.steps, lr_alpha=bab.lr_alpha, lr_beta=bab.lr_beta, report=report,
-                nets=found)
-            total_domains += report.domains
-            boxes = optimise_pre_activations(
-                net, region.box, boxes, steps=config.alpha_steps, lr_alpha=config.alpha_lr,
-                deadline=clock.deadline, search=found.search)
-            boxes_of[number] = boxes
-            set_bounds[number] = _bound_open_sets(found, region, boxes, open_sets[number],
-                                                  config.alpha_steps, config.alpha_lr,
-                                                  clock.deadline, config.margin)
-            targets = [t for t in targets if bool(open_sets[number][t])]
-        milp_after = bab.milp_share(depth)
-        exact_fallback = (not use_input and milp_after < 1.0
-                          and milp_eligible(net, boxes, bab.milp_max_unstable))
-        if use_input:
+        ):
             # One search for all the region's open unsafe sets: each sub-box is bounded once.
-            outcome = input_bab(model, found, region, search_region, open_sets[number], checked,
-                                config=bab, margin=config.margin, deadline=clock.deadline,
-                                generator=generator)
-            total_domains += outcome.domains
-            final = settle(outcome, Stage.BAB, total_domains)
+            outcome = input_bab(run.model, run.nets[number], region,
+                                run.search_regions[number], run.open_sets[number], run.checked,
+                                config=bab, margin=run.config.margin,
+                                deadline=run.clock.deadline, generator=run.generator)
+            final = run.settle(outcome, Stage.BAB)
             if final is not None:
                 return final
             unknown |= outcome.status is VerifyStatus.UNKNOWN
             continue
-        deferred: list[int] = []
-        for target in targets:
-            if clock.expired():
-                return ending(VerifyStatus.TIMEOUT, Stage.BAB, total_domains)
-            deadline = clock.deadline
-            if exact_fallback:
-                deadline = time.monotonic() + milp_after * (clock.deadline - time.monotonic())
-            outcome = relu_bab(
-                model, found, region, search_region, target, boxes, checked, config=bab,
-                margin=config.margin, root_steps=config.alpha_steps,
-                lr_alpha=config.alpha_lr, deadline=deadline, generator=generator,
-                progress=None if progress is None else _bab_progress(progress, number, target),
-            )
-            total_domains += outcome.domains
-            if exact_fallback and outcome.status in (VerifyStatus.TIMEOUT, VerifyStatus.UNKNOWN):
-                deferred.append(target)  # branch-and-bound used its share or got stuck
-                continue
-            final = settle(outcome, Stage.BAB, total_domains)
-            if final is not None:
-                return final
-            unknown |= outcome.status is VerifyStatus.UNKNOWN
-        if not deferred:
-            continue
-        # The exact MILP decides what branch-and-bound left, a few unsafe sets at a time.
-        used_milp = True
-        for outcome in milp_exclude(exact_model, region, deferred, boxes, checked,
-                                    margin=config.margin, deadline=clock.deadline,
-                                    workers=torch.get_num_threads()):
-            final = settle(outcome, Stage.MILP, total_domains)
-            if final is not None:
-                return final
-            unknown |= outcome.status is VerifyStatus.UNKNOWN
+        final, undecided, milp = _relu_searches(run, number, bab)
+        if final is not None:
+            return final
+        unknown |= undecided
+        used_milp |= milp
     if unknown:
-        return ending(VerifyStatus.UNKNOWN, Stage.BAB, total_domains)
-    return ending(VerifyStatus.VERIFIED, Stage.MILP if used_milp else Stage.BAB, total_domains)
+        return run.ending(VerifyStatus.UNKNOWN, Stage.BAB)
+    return run.ending(VerifyStatus.VERIFIED, Stage.MILP if used_milp else Stage.BAB)
+
+
+def _relu_searches(run: _Run, number: int, bab: BabConfig
+                   ) -> tuple[Verdict | None, bool, bool]:
+    """ReLU-splitting branch-and-bound on each open unsafe set of region ``number``, weakest
+    bound first (a counterexample is likeliest there), after the per-neuron refinement on deep
+    networks; the sets it leaves go to the MILP on small networks. Returns the final verdict
+    if one is forced, whether some set stayed undecided, and whether the MILP ran."""
+    region, found = run.regions[number], run.nets[number]
+    targets = run.open_sets[number].nonzero().flatten().tolist()
+    targets.sort(key=lambda t: float(run.set_bounds[number][t])
+                 if number in run.set_bounds else 0.0)
+    net, boxes = found.exact, run.boxes_of[number]
+    depth = len(net.relu_indices)
+    refine = bab.refine_share(depth)
+    if refine > 0 and depth > 2:
+        boxes = _refine(run, number, refine)
+        targets = [t for t in targets if bool(run.open_sets[number][t])]
+    milp_after = bab.milp_share(depth)
+    exact_fallback = milp_after < 1.0 and milp_eligible(net, boxes, bab.milp_max_unstable)
+    deferred: list[int] = []
+    unknown = False
+    for target in targets:
+        if run.clock.expired():
+            return run.ending(VerifyStatus.TIMEOUT, Stage.BAB), unknown, False
+        deadline = run.clock.deadline
+        if exact_fallback:
+            deadline = time.monotonic() + milp_after * (run.clock.deadline - time.monotonic())
+        outcome = relu_bab(
+            run.model, found, region, run.search_regions[number], target, boxes, run.checked,
+            config=bab, margin=run.config.margin, root_steps=run.config.alpha_steps,
+            lr_alpha=run.config.alpha_lr, deadline=deadline, generator=run.generator,
+            progress=None if run.progress is None else _bab_progress(run.progress, number,
+                                                                      target),
+        )
+        if exact_fallback and outcome.status in (VerifyStatus.TIMEOUT, VerifyStatus.UNKNOWN):
+            run.domains += outcome.domains
+            deferred.append(target)  # branch-and-bound used its share or got stuck
+            continue
+        final = run.settle(outcome, Stage.BAB)
+        if final is not None:
+            return final, unknown, False
+        unknown |= outcome.status is VerifyStatus.UNKNOWN
+    if not deferred:
+        return None, unknown, False
+    # The exact MILP decides what branch-and-bound left, a few unsafe sets at a time.
+    for outcome in milp_exclude(run.exact_model, region, deferred, boxes, run.checked,
+                                margin=run.config.margin, deadline=run.clock.deadline,
+                                workers=torch.get_num_threads()):
+        final = run.settle(outcome, Stage.MILP)
+        if final is not None:
+            return final, unknown, True
+        unknown |= outcome.status is VerifyStatus.UNKNOWN
+    return None, unknown, True
+
+
+def _refine(run: _Run, number: int, share: float) -> dict[int, Box]:
+    """Tighter hidden-layer bounds of region ``number`` (per-neuron branch-and-bound, in
+    ``share`` of the time left), then alpha-CROWN through them on the sets still open; returns
+    (and keeps) the region's new root boxes."""
+    region, found, config = run.regions[number], run.nets[number], run.config
+    bab = config.bab
+    assert bab is not None
+    depth = len(found.exact.relu_indices)
+    report = SplitRefinement()
+    boxes = refine_by_splitting(
+        found.exact, region.box, run.boxes_of[number], range(1, depth - 1),
+        time.monotonic() + share * (run.clock.deadline - time.monotonic()),
+        steps=bab.steps, lr_alpha=bab.lr_alpha, lr_beta=bab.lr_beta, report=report,
+        nets=found)
+    run.domains += report.domains
+    boxes = optimise_pre_activations(
+        found.exact, region.box, boxes, steps=config.alpha_steps, lr_alpha=config.alpha_lr,
+        deadline=run.clock.deadline, search=found.search)
+    run.boxes_of[number] = boxes
+    run.set_bounds[number] = _bound_open_sets(found, region, boxes, run.open_sets[number],
+                                              config.alpha_steps, config.alpha_lr,
+                                              run.clock.deadline, config.margin)
+    return boxes
 
 
 def _bound_open_sets(

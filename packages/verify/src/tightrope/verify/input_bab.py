@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -43,6 +44,7 @@ from tightrope.bounds import (
     Box,
     Intermediate,
     Network,
+    SplitBound,
     certified_split_bound,
     pre_activation_bounds,
     split_lower_bound,
@@ -84,17 +86,16 @@ def input_bab(
     is closed; ``UNKNOWN`` when the pool outgrows ``config.max_domains`` or a sub-box has no
     width left to split; ``TIMEOUT`` at ``deadline``.
     """
-    net = nets.exact
     rows_of = region.rows_of(targets)
-    rows = region.rows[rows_of].reshape(-1, *net.output_shape)
-    offsets = region.offsets[rows_of]
-    # Each row's unsafe set, renumbered 0..S-1 over the flagged sets.
-    owner = torch.unique(region.owner[rows_of], return_inverse=True)[1]
-    n_sets = int(owner.max()) + 1 if owner.numel() else 0
-    if n_sets == 0:
+    rows = _Rows(region.rows[rows_of].reshape(-1, *nets.exact.output_shape),
+                 region.offsets[rows_of],
+                 # Each row's unsafe set, renumbered 0..S-1 over the flagged sets.
+                 torch.unique(region.owner[rows_of], return_inverse=True)[1])
+    if rows.n_sets == 0:
         return BabOutcome(VerifyStatus.VERIFIED)
+    active = _region_sets(region, targets)
     lower, upper = region.box.lower, region.box.upper
-    open_sets = torch.ones((1, n_sets), dtype=torch.bool, device=lower.device)
+    open_sets = torch.ones((1, rows.n_sets), dtype=torch.bool, device=lower.device)
     priority = lower.new_full((1,), -math.inf)
     batch = INPUT_BATCH_FACTOR * config.batch_size
     bounded = 0
@@ -106,65 +107,94 @@ def input_bab(
         rest = torch.ones_like(priority, dtype=torch.bool)
         rest[chosen] = False
         boxes = Box(lower[chosen], upper[chosen])
-        sets = open_sets[chosen]
+        result = _bound(nets, boxes, rows, open_sets[chosen], margin)
         lower, upper, open_sets, priority = (lower[rest], upper[rest], open_sets[rest],
                                              priority[rest])
-
-        with torch.no_grad():
-            # The root box's rounding errors hold on every sub-box (smaller magnitudes).
-            pre = widened(nets.rounding, pre_activation_bounds(net, boxes).boxes)
-        C = rows.unsqueeze(0).expand(take, *rows.shape)
-        found, sound = certified_split_bound(net, boxes, C, pre, {}, search=nets.search,
-                                             steps=0, offsets=offsets)
         bounded += take
-        # Per sub-box and set: the best row bound; sets excluded stay excluded in children.
-        per_set = sound.new_full((take, n_sets), -math.inf).scatter_reduce(
-            1, owner.expand(take, -1), sound, reduce="amax")
-        sets = sets & ~(per_set > margin)
-        weakest = torch.where(sets, per_set, torch.full_like(per_set, math.inf)).min(dim=1)
-        # The row each sub-box's weakest open set rests on: that set's best row.
-        row_value = torch.where(owner.unsqueeze(0) == weakest.indices.unsqueeze(1), sound,
-                                torch.full_like(sound, -math.inf))
-        row = row_value.argmax(dim=1)
 
         search_boxes = nets.search_box(boxes)
-        candidates = clip_inside(search_region, torch.cat(
-            [minimisers(found, search_boxes, row), search_boxes.center]))
+        corners = minimisers(result.found, search_boxes, result.row)
+        candidates = clip_inside(search_region, torch.cat([corners, search_boxes.center]))
         with torch.no_grad():
-            unsafe = violation(search_region, model(candidates),
-                               _region_sets(region, targets)) <= 0
+            unsafe = violation(search_region, model(candidates), active) <= 0
         hit = confirm(candidates[unsafe]) if bool(unsafe.any()) else None
         if hit is not None:
             return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)
 
-        keep = sets.any(dim=1)
+        keep = result.sets.any(dim=1)
         if not bool(keep.any()):
             continue
         kept = Box(boxes.lower[keep], boxes.upper[keep])
-        dimension = split_dimension(nets.search, nets.search_box(kept), nets.to_search(rows),
-                                    row[keep], found.input_coefficients[keep])
+        dimension = split_dimension(nets.search, nets.search_box(kept),
+                                    nets.to_search(rows.rows), result.row[keep],
+                                    result.found.input_coefficients[keep])
         if dimension is None:
             return BabOutcome(VerifyStatus.UNKNOWN, domains=bounded)
         left, right = _bisect(kept, dimension)
-        value = weakest.values[keep]
+        value = result.weakest[keep]
         lower = torch.cat([lower, left.lower, right.lower])
         upper = torch.cat([upper, left.upper, right.upper])
-        open_sets = torch.cat([open_sets, sets[keep], sets[keep]])
+        open_sets = torch.cat([open_sets, result.sets[keep], result.sets[keep]])
         priority = torch.cat([priority, value, value])
         if lower.shape[0] > config.max_domains:
             return BabOutcome(VerifyStatus.UNKNOWN, domains=bounded)
 
         if config.attack_every:
             count = min(max(1, int(ATTACK_SHARE * batch)), value.shape[0])
-            seeds = torch.topk(value, count, largest=False).indices
-            starts = minimisers(found, search_boxes, row)[keep][seeds]
+            starts = corners[keep][torch.topk(value, count, largest=False).indices]
             candidates = spec_pgd(model, search_region, steps=20, restarts=0,
-                                  generator=generator, starts=starts,
-                                  active=_region_sets(region, targets), deadline=deadline)
+                                  generator=generator, starts=starts, active=active,
+                                  deadline=deadline)
             hit = confirm(candidates) if candidates.shape[0] else None
             if hit is not None:
                 return BabOutcome(VerifyStatus.FALSIFIED, hit[0], hit[1], domains=bounded)
     return BabOutcome(VerifyStatus.VERIFIED, domains=bounded)
+
+
+@dataclass(frozen=True, slots=True)
+class _Rows:
+    """The rows of the unsafe sets searched: ``rows: (R, *out)``, ``offsets: (R,)`` and each
+    row's set ``owner: (R,)`` in ``0..n_sets-1``."""
+
+    rows: Tensor
+    offsets: Tensor
+    owner: Tensor
+
+    @property
+    def n_sets(self) -> int:
+        return int(self.owner.max()) + 1 if self.owner.numel() else 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Bounded:
+    """One bound call on ``N`` sub-boxes: the search's bound (its input coefficients), the sets
+    still open on each sub-box ``(N, S)``, the weakest open set's bound ``(N,)`` (``inf`` when
+    none is open) and the row it rests on ``(N,)``."""
+
+    found: SplitBound
+    sets: Tensor
+    weakest: Tensor
+    row: Tensor
+
+
+def _bound(nets: Lowered, boxes: Box, rows: _Rows, sets: Tensor, margin: float) -> _Bounded:
+    """CROWN on ``boxes``, certified by the dual bound; a set stays open on a sub-box until one
+    of its rows has a sound lower bound above ``margin`` (and stays excluded in children)."""
+    with torch.no_grad():
+        # The root box's rounding errors hold on every sub-box (smaller magnitudes).
+        pre = widened(nets.rounding, pre_activation_bounds(nets.exact, boxes).boxes)
+    count = boxes.lower.shape[0]
+    C = rows.rows.unsqueeze(0).expand(count, *rows.rows.shape)
+    found, sound = certified_split_bound(nets.exact, boxes, C, pre, {}, search=nets.search,
+                                         steps=0, offsets=rows.offsets)
+    per_set = sound.new_full((count, rows.n_sets), -math.inf).scatter_reduce(
+        1, rows.owner.expand(count, -1), sound, reduce="amax")
+    sets = sets & ~(per_set > margin)
+    weakest = torch.where(sets, per_set, torch.full_like(per_set, math.inf)).min(dim=1)
+    # The weakest open set's best row.
+    row_value = torch.where(rows.owner.unsqueeze(0) == weakest.indices.unsqueeze(1), sound,
+                            torch.full_like(sound, -math.inf))
+    return _Bounded(found, sets, weakest.values, row_value.argmax(dim=1))
 
 
 def _region_sets(region: CompiledRegion, targets: Tensor) -> Tensor:
