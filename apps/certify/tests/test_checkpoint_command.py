@@ -8,6 +8,8 @@ import json
 import pickle
 import random
 import re
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -126,6 +128,24 @@ def test_shards_merge_into_one_summary(
     assert first | second == set(range(SAMPLES))
     capsys.readouterr()
     assert certify_main(["merge", str(out)]) == 0
+    assert json.loads((out / "summary.json").read_text())["samples"] == SAMPLES
+
+
+def test_under_torchrun_each_process_is_a_shard_and_rank_0_merges(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cert"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", "2", "-m", "tightrope.apps.certify.cli",
+               "--checkpoint", str(checkpoint), "--samples", str(SAMPLES), "--timeout", "1",
+               "--no-bab", "--quiet", "--threads", "1", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("certified accuracy") == 1  # rank 0 alone prints the summary
+    first = {r.index for r in read_records(shard_file(out, 0, 2))}
+    second = {r.index for r in read_records(shard_file(out, 1, 2))}
+    assert first.isdisjoint(second)
+    assert first | second == set(range(SAMPLES))
     assert json.loads((out / "summary.json").read_text())["samples"] == SAMPLES
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -23,9 +24,11 @@ output (in --out, default <checkpoint dir>/certify-eps<eps>):
   run.json  the run's settings; a rerun with other settings into the same --out is refused
 
 resuming and sharding:
-  Rerun the same command after a crash: recorded samples are skipped. With --shard i/n (or
-  under torchrun, which sets RANK and WORLD_SIZE) a process takes every n-th sample; then run
-  `tightrope-certify merge DIR` for the summary.
+  Rerun the same command after a crash: recorded samples are skipped. With --shard i/n a
+  process takes every n-th sample; then run `tightrope-certify merge DIR` for the summary.
+  Under torchrun (which sets RANK, WORLD_SIZE and LOCAL_RANK) each process is a shard,
+  --device cuda means cuda:LOCAL_RANK, and when every shard is done rank 0 merges them and
+  prints the summary (the processes meet through a gloo process group).
 
 bad input (exit status 2, one line on stderr, nothing written): a bad option value (--eps
 and --timeout must be finite, --timeout > 0), a checkpoint that is missing, empty, cut short,
@@ -64,7 +67,8 @@ def add_checkpoint(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
                         help="samples per batched call and per write to disk (default 100)")
     parser.add_argument("--data-root", type=Path, metavar="DIR",
                         help="where the data set lives (default: its standard place)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu; "
+                        "cuda under torchrun: cuda:LOCAL_RANK)")
     parser.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     parser.add_argument("--no-bab", action="store_true",
                         help="stop after the bounds and attacks (no branch-and-bound)")
@@ -80,12 +84,16 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     from tightrope.apps.certify.checkpoint_command import CheckpointJob, parse_shard
     from tightrope.apps.certify.records import format_summary
 
+    torchrun = args.shard is None and "WORLD_SIZE" in os.environ and "RANK" in os.environ
+    device = args.device
+    if torchrun and device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     try:
         shard, shards = parse_shard(args.shard)
         job = CheckpointJob(
             checkpoint=args.checkpoint, eps=args.eps, samples=args.samples, start=args.start,
             timeout=args.timeout, out=args.out, shard=shard, shards=shards, chunk=args.chunk,
-            data_root=args.data_root, device=args.device, bab=not args.no_bab,
+            data_root=args.data_root, device=device, bab=not args.no_bab,
         )
     except ValueError as error:
         print(f"tightrope-certify checkpoint: error: {one_line(error)}", file=sys.stderr)
@@ -104,6 +112,8 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as error:  # bad checkpoints (see CHECKPOINT_EPILOG), data sets
         print(f"tightrope-certify checkpoint: error: {one_line(error)}", file=sys.stderr)
         return 2
+    if summary is None and torchrun and shards > 1:
+        return _merge_when_all_done(out, shard)
     if summary is None:
         print(f"shard {shard}/{shards} done; results in {out}. When every shard is done: "
               f"tightrope-certify merge {out}")
@@ -111,6 +121,37 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         print(format_summary(summary, summary_eps(out)))
         print(f"results: {out}")
     return 0
+
+
+def _merge_when_all_done(out: Path, rank: int) -> int:
+    """Under torchrun: wait for every shard (a gloo barrier), then rank 0 merges and prints the
+    summary; the exit status is ``merge``'s on rank 0, 0 elsewhere."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from tightrope.apps.certify.checkpoint_command import merge_directory
+    from tightrope.apps.certify.records import format_summary
+
+    # Shards may finish hours apart: wait up to a day for the slowest.
+    dist.init_process_group("gloo", timeout=timedelta(hours=24))
+    try:
+        dist.barrier()
+        if rank != 0:
+            return 0
+        try:
+            summary, missing = merge_directory(out)
+        except (OSError, ValueError) as error:
+            print(f"tightrope-certify checkpoint: error: {one_line(error)}", file=sys.stderr)
+            return 2
+        print(format_summary(summary, summary_eps(out)))
+        print(f"results: {out}")
+        if missing:
+            print(f"warning: {missing} samples of the run have no record", file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        dist.destroy_process_group()
 
 
 def summary_eps(out: Path) -> float:
