@@ -6,6 +6,7 @@ Internal: the public attacks in the other modules are thin, documented wrappers 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -128,13 +129,15 @@ def signed_ascent(
     steps: int,
     schedule: StepSchedule,
     early_stop: bool,
+    deadline: float | None = None,
 ) -> Best:
     """Projected signed-gradient ascent (l_inf steepest ascent) in the box ``[lower, upper]``.
 
     Starts at ``x`` (never modified; a caller that drops its own reference lets it be freed
     after the first step). ``step`` broadcasts against ``x`` and holds each coordinate's base
     step length. Costs ``steps`` forward+backward passes and one forward pass for the last
-    iterate (fewer with ``early_stop`` once every sample is broken).
+    iterate (fewer with ``early_stop`` once every sample is broken, or once ``time.monotonic()``
+    passes ``deadline``).
     """
     best: Best | None = None
     for k in range(steps):
@@ -143,7 +146,7 @@ def signed_ascent(
             best = Best(x, evaluation)
         else:
             best.update(x, evaluation)
-        if early_stop and bool(best.success.all()):
+        if (early_stop and bool(best.success.all())) or past(deadline):
             return best
         assert evaluation.gradient is not None  # internal invariant, not user input
         # In place on the fresh gradient: the step costs no extra copies of the points.
@@ -154,6 +157,11 @@ def signed_ascent(
         return Best(x, last)
     best.update(x, last)
     return best
+
+
+def past(deadline: float | None) -> bool:
+    """Whether ``time.monotonic()`` is past ``deadline`` (never, for ``None``)."""
+    return deadline is not None and time.monotonic() > deadline
 
 
 def take_rows(t: Tensor, index: Tensor) -> Tensor:
@@ -168,16 +176,17 @@ def run_restarts(
     *,
     restarts: int,
     random_first: bool,
+    deadline: float | None = None,
 ) -> Best:
     """Run ``attack_rows(index, random_start)`` ``restarts`` times and keep the best per row.
 
     After the first run only the rows not yet broken are attacked again, always from a random
-    start; a restart can only improve a row.
+    start; a restart can only improve a row. No restart starts after ``deadline``.
     """
     best = attack_rows(torch.arange(batch, device=device), random_first)
     for _ in range(restarts - 1):
         index = (~best.success).nonzero().flatten()
-        if index.numel() == 0:
+        if index.numel() == 0 or past(deadline):
             break
         best.merge(index, attack_rows(index, True))
     return best

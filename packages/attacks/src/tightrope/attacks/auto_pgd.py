@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from tightrope.attacks._engine import Best, evaluate, label_score, run_restarts
+from tightrope.attacks._engine import Best, evaluate, label_score, past, run_restarts
 from tightrope.attacks.core import (
     AttackResult,
     Inputs,
@@ -123,6 +123,7 @@ def apgd(
     *,
     config: APGDConfig | None = None,
     generator: torch.Generator | None = None,
+    deadline: float | None = None,
 ) -> AttackResult:
     """Untargeted l_inf APGD with restarts on the still-robust samples.
 
@@ -133,6 +134,8 @@ def apgd(
         eps: radius in input units; a float, a ``(B,)`` tensor or a tensor broadcastable to x.
         config: the settings (default ``APGDConfig()``: 100 steps, one random start, CE).
         generator: the source of random starts; required when any run starts at random.
+        deadline: ``time.monotonic()`` value after which no further step or restart is
+            taken (the best points so far are returned).
 
     Returns:
         ``AttackResult``: the best point per sample, whether it breaks the sample and the
@@ -144,11 +147,13 @@ def apgd(
     inputs = prepare_inputs(x, y, eps, config.domain)
     with frozen_model(model, mode=config.model_mode) as model:
         best = run_restarts(
-            lambda index, random: _run(model, inputs.rows(index), random, config, generator),
+            lambda index, random: _run(model, inputs.rows(index), random, config, generator,
+                                       deadline),
             inputs.x.shape[0],
             inputs.x.device,
             restarts=config.restarts,
             random_first=config.random_start,
+            deadline=deadline,
         )
     return AttackResult(x_adv=best.x, success=best.success, loss=best.objective)
 
@@ -159,6 +164,7 @@ def _run(
     random: bool,
     config: APGDConfig,
     generator: torch.Generator | None,
+    deadline: float | None,
 ) -> Best:
     score = label_score(rows.y, config.objective)
     x = uniform_in_box(rows.lower, rows.upper, generator) if random else rows.x
@@ -187,7 +193,7 @@ def _run(
         last = k == config.steps - 1
         evaluation = evaluate(model, score, x_next, gradient=not last)
         best.update(x_next, evaluation)
-        if last or (config.early_stop and bool(best.success.all())):
+        if last or (config.early_stop and bool(best.success.all())) or past(deadline):
             break
         assert evaluation.gradient is not None  # internal invariant: requested above
         increases = increases + (evaluation.objective > objective).to(increases.dtype)

@@ -111,6 +111,7 @@ def pgd(
     *,
     config: PGDConfig | None = None,
     generator: torch.Generator | None = None,
+    deadline: float | None = None,
 ) -> AttackResult:
     """Untargeted l_inf PGD with restarts on the still-robust samples.
 
@@ -121,6 +122,8 @@ def pgd(
         eps: radius in input units; a float, a ``(B,)`` tensor or a tensor broadcastable to x.
         config: the settings (default ``PGDConfig()``: 10 steps, one random start, CE).
         generator: the source of random starts; required when any run starts at random.
+        deadline: ``time.monotonic()`` value after which no further step or restart is
+            taken (the best points so far are returned).
 
     Returns:
         ``AttackResult``: the best point per sample, whether it breaks the sample and the
@@ -132,11 +135,13 @@ def pgd(
     inputs = prepare_inputs(x, y, eps, config.domain)
     with frozen_model(model, mode=config.model_mode) as model:
         best = run_restarts(
-            lambda index, random: _run(model, inputs, index, random, config, generator),
+            lambda index, random: _run(model, inputs, index, random, config, generator,
+                                       deadline),
             inputs.x.shape[0],
             inputs.x.device,
             restarts=config.restarts,
             random_first=config.random_start,
+            deadline=deadline,
         )
     return AttackResult(x_adv=best.x, success=best.success, loss=best.objective)
 
@@ -148,6 +153,7 @@ def _run(
     random: bool,
     config: PGDConfig,
     generator: torch.Generator | None,
+    deadline: float | None,
 ) -> Best:
     rows = inputs.rows(index)
     start = uniform_in_box(rows.lower, rows.upper, generator) if random else rows.x
@@ -161,4 +167,5 @@ def _run(
         steps=config.steps,
         schedule=config.schedule,
         early_stop=config.early_stop,
+        deadline=deadline,
     )

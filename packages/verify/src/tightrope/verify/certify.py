@@ -13,8 +13,10 @@ Every counterexample is re-checked with a float64 forward pass and ``violated_by
 sample's :func:`robustness_spec` (attack points are first clipped into its float64 box). The
 bound stages run on a copy of the model in ``config.dtype`` (float64 by default) over that
 box and close a sample only with sound bounds (:mod:`tightrope.verify.sound`). The time of a
-batched stage is shared equally by the samples it processed; a sample's budget
-(``timeout_per_sample``) bounds its branch-and-bound.
+batched stage is shared equally by the samples it processed, and the stage stops (attacks
+between steps and restarts, alpha-CROWN between steps) before any of them would exceed its
+budget (``timeout_per_sample``); what is left of a sample's budget bounds its
+branch-and-bound.
 """
 
 from __future__ import annotations
@@ -149,6 +151,12 @@ def certify(
             return True
         return False
 
+    def stage_deadline(todo: list[int], start: float) -> float:
+        """When a batched stage over ``todo`` must stop: its time is shared equally, so no
+        sample may get more than what is left of its budget."""
+        left = min(timeout_per_sample - seconds[i] for i in todo)
+        return start + len(todo) * max(0.0, left)
+
     def report(stage: Stage) -> None:
         if progress is not None:
             progress(stage, len(decided), total)
@@ -170,20 +178,21 @@ def certify(
         if not todo:
             return
         start = time.monotonic()
+        deadline = stage_deadline(todo, start)
         index = torch.tensor(todo, device=x.device)
         if stage is Stage.ATTACK:
             if config.attack_restarts == 0 or config.attack_steps == 0:
                 return
             result = pgd(model, x[index], y[index], eps, generator=generator,
                          config=PGDConfig(steps=config.attack_steps, restarts=1,
-                                          objective=Objective.MARGIN))
+                                          objective=Objective.MARGIN), deadline=deadline)
         else:
             if config.strong_attack_restarts == 0 or config.strong_attack_steps == 0:
                 return
             result = apgd(model, x[index], y[index], eps, generator=generator,
                           config=APGDConfig(steps=config.strong_attack_steps,
                                             restarts=max(1, config.strong_attack_restarts // 8),
-                                            objective=Objective.DLR))
+                                            objective=Objective.DLR), deadline=deadline)
         share(todo, start, stage)
         for position in result.success.nonzero().flatten().tolist():
             i = todo[position]
@@ -208,7 +217,8 @@ def certify(
                 boxes = widened(nets.rounding, pre_activation_bounds(nets.exact, box).boxes)
             steps = 0 if stage is Stage.CROWN else config.alpha_steps
             _, sound = certified_split_bound(nets.exact, box, C, boxes, {}, search=nets.search,
-                                             steps=steps, lr_alpha=config.alpha_lr)
+                                             steps=steps, lr_alpha=config.alpha_lr,
+                                             deadline=stage_deadline(todo, start))
         share(todo, start, stage)
         for position in ((sound > config.margin).all(dim=1)).nonzero().flatten().tolist():
             i = todo[position]
