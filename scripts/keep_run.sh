@@ -3,7 +3,7 @@
 # selected weights) from each run directory under runs/ into the same path under results/runs/,
 # so that the tables and figures of results/ can be regenerated on any checkout (runs/ is not
 # version-controlled; last.pt and the TensorBoard logs stay there).
-# Usage: scripts/keep_run.sh RUN_DIR...
+# Usage: scripts/keep_run.sh [--unfinished] RUN_DIR...
 #   RUN_DIR   a tightrope-train run directory under runs/, e.g.
 #             runs/mnist_cpu/eps0.1/ibp/mnist-ibp-cnn3-20261207-152916
 # Copied: config.yaml, meta.json, metrics.csv, test_metrics.json, best.pt (the selected
@@ -11,10 +11,31 @@
 # it (certify*/ with run.json), run.json, summary.json, summary.txt and samples.csv (gzipped:
 # samples.csv.gz). A run whose training or certification has not finished is refused (keep it
 # once it has).
+#   --unfinished  instead, carry an unfinished run to another machine: copy the run directory
+#                 without its TensorBoard logs (last.pt with the optimiser state included) to
+#                 results/unfinished/<same path>; copy it back under runs/ there and rerun
+#                 scripts/results_row.sh, which resumes training and certification.
 set -euo pipefail
 
-[[ $# -ge 1 && "$1" != -h && "$1" != --help ]] || { sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+[[ $# -ge 1 && "$1" != -h && "$1" != --help ]] || { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 root="$(cd "$(dirname "$0")/.." && pwd)"
+
+if [[ "$1" == --unfinished ]]; then
+  shift
+  for given in "$@"; do
+    [[ -f "$given/last.pt" ]] || { echo "keep_run.sh: $given has no last.pt" >&2; exit 2; }
+    run="$(cd "$given" && pwd)"
+    relative="${run#"$root"/runs/}"
+    [[ "$relative" != "$run" ]] || { echo "keep_run.sh: $given is not under $root/runs/" >&2; exit 2; }
+    target="$root/results/unfinished/$relative"
+    rm -rf "$target"
+    mkdir -p "$target"
+    (cd "$run" && find . -path ./tensorboard -prune -o -type f -print0 |
+       xargs -0 -I{} cp --parents {} "$target/")
+    echo "kept unfinished $relative -> results/unfinished/$relative"
+  done
+  exit 0
+fi
 
 for given in "$@"; do
   [[ -d "$given" ]] || { echo "keep_run.sh: no such directory: $given" >&2; exit 2; }
