@@ -130,26 +130,16 @@ def _merge_when_all_done(out: Path, rank: int) -> int:
 
     import torch.distributed as dist
 
-    from tightrope.apps.certify.checkpoint_command import merge_directory
-    from tightrope.apps.certify.records import format_summary
-
     # Shards may finish hours apart: wait up to a day for the slowest.
     dist.init_process_group("gloo", timeout=timedelta(hours=24))
     try:
         dist.barrier()
         if rank != 0:
             return 0
-        try:
-            summary, missing = merge_directory(out)
-        except (OSError, ValueError) as error:
-            print(f"tightrope-certify checkpoint: error: {one_line(error)}", file=sys.stderr)
-            return 2
-        print(format_summary(summary, summary_eps(out)))
-        print(f"results: {out}")
-        if missing:
-            print(f"warning: {missing} samples of the run have no record", file=sys.stderr)
-            return 1
-        return 0
+        status = _merge_and_print(out, "checkpoint")
+        if status != 2:
+            print(f"results: {out}")
+        return status
     finally:
         dist.destroy_process_group()
 
@@ -174,15 +164,21 @@ def add_merge(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -
 
 
 def _run_merge(args: argparse.Namespace) -> int:
+    return _merge_and_print(args.directory, "merge")
+
+
+def _merge_and_print(out: Path, command: str) -> int:
+    """Join the shards of ``out`` and print the summary; exit status 0, 1 when samples of the
+    run have no record yet, 2 (with a one-line error) when ``out`` cannot be merged."""
     from tightrope.apps.certify.checkpoint_command import merge_directory
     from tightrope.apps.certify.records import format_summary
 
     try:
-        summary, missing = merge_directory(args.directory)
+        summary, missing = merge_directory(out)
     except (OSError, ValueError) as error:
-        print(f"tightrope-certify merge: error: {one_line(error)}", file=sys.stderr)
+        print(f"tightrope-certify {command}: error: {one_line(error)}", file=sys.stderr)
         return 2
-    print(format_summary(summary, summary_eps(args.directory)))
+    print(format_summary(summary, summary_eps(out)))
     if missing:
         print(f"warning: {missing} samples of the run have no record yet (a shard is "
               "unfinished)", file=sys.stderr)
