@@ -20,13 +20,19 @@ set -euo pipefail
 [[ $# -ge 1 && "$1" != -h && "$1" != --help ]] || { sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 root="$(cd "$(dirname "$0")/.." && pwd)"
 
+# Sets run (absolute) and relative (its path below runs/) for the run directory $1.
+locate() {
+  [[ -d "$1" ]] || { echo "keep_run.sh: no such directory: $1" >&2; exit 2; }
+  run="$(cd "$1" && pwd)"
+  relative="${run#"$root"/runs/}"
+  [[ "$relative" != "$run" ]] || { echo "keep_run.sh: $1 is not under $root/runs/" >&2; exit 2; }
+}
+
 if [[ "$1" == --unfinished ]]; then
   shift
   for given in "$@"; do
-    [[ -f "$given/last.pt" ]] || { echo "keep_run.sh: $given has no last.pt" >&2; exit 2; }
-    run="$(cd "$given" && pwd)"
-    relative="${run#"$root"/runs/}"
-    [[ "$relative" != "$run" ]] || { echo "keep_run.sh: $given is not under $root/runs/" >&2; exit 2; }
+    locate "$given"
+    [[ -f "$run/last.pt" ]] || { echo "keep_run.sh: $given has no last.pt" >&2; exit 2; }
     target="$root/results/unfinished/$relative"
     rm -rf "$target"
     mkdir -p "$target"
@@ -38,13 +44,7 @@ if [[ "$1" == --unfinished ]]; then
 fi
 
 for given in "$@"; do
-  [[ -d "$given" ]] || { echo "keep_run.sh: no such directory: $given" >&2; exit 2; }
-  run="$(cd "$given" && pwd)"
-  relative="${run#"$root"/runs/}"
-  if [[ "$relative" == "$run" ]]; then
-    echo "keep_run.sh: $given is not under $root/runs/" >&2
-    exit 2
-  fi
+  locate "$given"
   for file in config.yaml meta.json metrics.csv test_metrics.json best.pt; do
     [[ -f "$run/$file" ]] || { echo "keep_run.sh: $given has no $file (training unfinished?)" >&2; exit 1; }
   done
