@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
+import pytest
 import torch
 from torch import Tensor, nn
 
-from tightrope.attacks import APGDConfig, PGDConfig, apgd, pgd
+from tightrope.attacks import APGDConfig, AttackResult, PGDConfig, apgd, pgd
 
 
 class Counting(nn.Module):
@@ -29,26 +31,19 @@ def _inputs() -> tuple[Tensor, Tensor]:
     return torch.rand(4, 1, 4, 4, generator=generator), torch.tensor([0, 1, 2, 0])
 
 
-def test_a_passed_deadline_leaves_one_step_of_pgd() -> None:
+@pytest.mark.parametrize(("attack", "config", "passes"), [
+    (pgd, PGDConfig(steps=50, restarts=5), 1),  # the start point only
+    (apgd, APGDConfig(steps=50, restarts=5), 2),  # the start point and one step
+])
+def test_a_passed_deadline_stops_the_attack_after_its_first_step(
+    attack: Callable[..., AttackResult], config: object, passes: int
+) -> None:
     model, (x, y) = Counting(), _inputs()
     generator = torch.Generator().manual_seed(0)
-    config = PGDConfig(steps=50, restarts=5)
-    pgd(model, x, y, 0.5, config=config, generator=generator)
+    attack(model, x, y, 0.5, config=config, generator=generator)
     full = model.calls
     model.calls = 0
-    result = pgd(model, x, y, 0.5, config=config, generator=generator,
-                 deadline=time.monotonic() - 1.0)
-    assert model.calls == 1 < full
+    result = attack(model, x, y, 0.5, config=config, generator=generator,
+                    deadline=time.monotonic() - 1.0)
+    assert model.calls == passes < full
     assert bool(((result.x_adv - x).abs() <= 0.5 + 1e-6).all())
-
-
-def test_a_passed_deadline_leaves_one_step_of_apgd() -> None:
-    model, (x, y) = Counting(), _inputs()
-    generator = torch.Generator().manual_seed(0)
-    config = APGDConfig(steps=50, restarts=5)
-    apgd(model, x, y, 0.5, config=config, generator=generator)
-    full = model.calls
-    model.calls = 0
-    apgd(model, x, y, 0.5, config=config, generator=generator,
-         deadline=time.monotonic() - 1.0)
-    assert model.calls == 2 < full  # the start point and one step
