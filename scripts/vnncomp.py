@@ -71,10 +71,10 @@ class Row:
 
 
 def read_suite(
-    suite: Path, pattern: str | None, every: int, timeout: float | None
+    suite: Path, pattern: str | None, every: int, timeout: float | None, known: bool = False
 ) -> list[Instance]:
-    """The instances of ``suite/expected.csv`` whose name contains ``pattern``, every
-    ``every``-th one."""
+    """The instances of ``suite/expected.csv`` whose name contains ``pattern`` (with ``known``,
+    only those whose answer is known: ``sat`` or ``unsat``), every ``every``-th one."""
     expected_csv = suite / "expected.csv"
     if not expected_csv.exists():
         raise SystemExit(f"vnncomp.py: {expected_csv} not found")
@@ -100,6 +100,8 @@ def read_suite(
             reference=(row.get("reference_tool_result") or "").strip().lower(),
             reference_seconds=_float_or_none(row.get("reference_tool_time_s")),
         )
+        if known and instance.expected not in ("sat", "unsat"):
+            continue
         if pattern is None or pattern in instance.name:
             instances.append(instance)
     return instances[::every]
@@ -265,6 +267,9 @@ def main(argv: Sequence[str] | None = None, *, verifier: Any = None) -> int:
                         "contains this (e.g. 256x2)")
     parser.add_argument("--every", type=int, default=1, metavar="K",
                         help="only every K-th matching instance (default 1: all)")
+    parser.add_argument("--known", action="store_true",
+                        help="only instances whose answer is known (sat or unsat), before "
+                        "--every picks among them")
     parser.add_argument("--timeout", type=float, help="seconds per instance (default: the "
                         "benchmark's instances.csv, else 300)")
     parser.add_argument("--out", type=Path, help="write the table as CSV here")
@@ -275,7 +280,7 @@ def main(argv: Sequence[str] | None = None, *, verifier: Any = None) -> int:
     args = parser.parse_args(argv)
     if args.every < 1:
         parser.error("--every must be >= 1")
-    instances = read_suite(args.suite, args.filter, args.every, args.timeout)
+    instances = read_suite(args.suite, args.filter, args.every, args.timeout, args.known)
     if not instances:
         print("vnncomp.py: no instance matches", file=sys.stderr)
         return 2

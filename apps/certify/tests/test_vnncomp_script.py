@@ -138,6 +138,10 @@ def test_every_and_missing_suite(tmp_path: Path) -> None:
     script = _script()
     suite = make_suite(tmp_path / "suite")
     assert [i.vnnlib.stem for i in script.read_suite(suite, None, 2, 5.0)] == ["sat", "open"]
+    # --known keeps the instances with an expected answer before --every picks among them.
+    known = script.read_suite(suite, None, 1, None, known=True)
+    assert [i.vnnlib.stem for i in known] == ["sat", "unsat"]
+    assert [i.vnnlib.stem for i in script.read_suite(suite, None, 2, None, True)] == ["sat"]
     with pytest.raises(SystemExit, match=r"expected\.csv"):
         script.read_suite(tmp_path / "nowhere", None, 1, None)
 

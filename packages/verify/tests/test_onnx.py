@@ -486,7 +486,7 @@ def test_exports_are_valid_onnx_that_onnx_runs_to_the_torch_output(linear_op: Li
 
 def test_every_unsupported_node_is_listed_at_once(tmp_path: Path) -> None:
     nodes = [_node("MaxPool", ("x",), ("p",), "pool1",
-                  {"kernel_shape": (2, 2)}),
+                  {"kernel_shape": (2, 2), "ceil_mode": 1}),
              _node("Sigmoid", ("p",), ("s",), "act"), _node("Flatten", ("s",), ("f",), "flat"),
              _node("Tanh", ("f",), ("y",), "act2")]
     path = tmp_path / "bad.onnx"
@@ -503,7 +503,7 @@ def test_every_unsupported_node_is_listed_at_once(tmp_path: Path) -> None:
 
 def test_branching_graph_and_asymmetric_padding_are_reported(tmp_path: Path) -> None:
     const = {"W": torch.ones(2, 1, 3, 3)}
-    nodes = [_node("Relu", ("x",), ("r",), "relu"), _node("Add", ("r", "x"), ("s",), "residual"),
+    nodes = [_node("Relu", ("x",), ("r",), "relu"), _node("Mul", ("r", "x"), ("s",), "residual"),
              _node("Conv", ("s", "W"), ("y",), "conv",
                   {"pads": (1, 1, 0, 0)})]
     path = tmp_path / "branch.onnx"

@@ -56,7 +56,7 @@ from tightrope.bounds.linear import (
     linear_bounds,
     pre_activation_bounds,
 )
-from tightrope.bounds.modules import Normalize
+from tightrope.bounds.modules import Add, Concat, Elementwise, Normalize, Pad, Permute, Reshape
 from tightrope.bounds.network import Affine, Network, affine_rule, lower, supported_layers
 from tightrope.bounds.oracles import (
     MilpMinimum,
@@ -75,8 +75,11 @@ from tightrope.bounds.rounding import Rounding, rounding, sound_lower, unit_roun
 from tightrope.bounds.runtime import flush_denormals, keep_freed_memory
 
 __all__ = [
+    "Add",
     "Affine",
     "Box",
+    "Concat",
+    "Elementwise",
     "Intermediate",
     "IntervalTrace",
     "LinearBounds",
@@ -86,8 +89,11 @@ __all__ = [
     "MilpStatus",
     "Network",
     "Normalize",
+    "Pad",
+    "Permute",
     "Problem",
     "Relaxed",
+    "Reshape",
     "Rounding",
     "SplitBound",
     "__version__",

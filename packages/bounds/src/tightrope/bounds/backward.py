@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tightrope.bounds.core import Box, concretize_lower, features_dot
 from tightrope.bounds.fused import relu_step
-from tightrope.bounds.network import Affine, Network, Relu, transpose_rows
+from tightrope.bounds.network import Affine, Network, Op, Relu, expect_relu, transpose_rows
 from tightrope.bounds.relaxation import ReluRelaxation
 
 __all__ = ["backward_lower", "input_lower_bound", "lower_bound", "relu_step"]
@@ -58,6 +58,7 @@ def backward_lower(
             flat = transpose_rows(op, A.flatten(0, 1), net.shapes[index])
             A = flat.view(batch, rows, *net.shapes[index])
         else:
+            expect_relu(op, "backward_lower")
             relaxation = relaxations[index]
             if lower_slopes is not None and index in lower_slopes:
                 lower_slope = lower_slopes[index]
@@ -126,7 +127,7 @@ def input_lower_bound(
     return features_dot(A_in, center) - features_dot(A_in.abs(), radius) + bias
 
 
-def _elementwise(op: Affine | Relu) -> bool:
+def _elementwise(op: Op) -> bool:
     return isinstance(op, Affine) and not op.mixing
 
 

@@ -34,7 +34,7 @@ from tightrope.bounds.backward import relu_step
 from tightrope.bounds.certificate import dual_lower
 from tightrope.bounds.core import Box, concretize_lower, features_dot
 from tightrope.bounds.linear import _tighten
-from tightrope.bounds.network import Affine, Network, transpose_rows
+from tightrope.bounds.network import Affine, Network, expect_relu, transpose_rows
 from tightrope.bounds.relaxation import LowerSlope, ReluRelaxation, relu_relaxation
 
 __all__ = [
@@ -255,6 +255,7 @@ def split_lower_bound(
                 batch, rows, *net.shapes[index]
             )
             continue
+        expect_relu(op, "split_lower_bound")
         relaxation = relaxations[index]
         relu_coefficients[index] = A
         unstable = relaxation.unstable.unsqueeze(1)

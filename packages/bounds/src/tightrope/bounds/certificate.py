@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from tightrope.bounds.core import Box, features_dot
-from tightrope.bounds.network import Affine, Network, transpose_rows
+from tightrope.bounds.network import Affine, Network, expect_relu, transpose_rows
 from tightrope.bounds.rounding import sound_lower, unit_roundoff
 
 __all__ = ["dual_lower", "sound_interval"]
@@ -60,6 +60,7 @@ def sound_interval(net: Network, box: Box, C: Tensor, offsets: Tensor | None = N
     (``C`` folded into the last layer), the rest to the interval.
     ``C: (B or 1, K, *S_out)``, ``offsets: (K,)`` or ``(B, K)``.
     """
+    net.require_chain("sound_interval")
     gamma = _gamma(net, C.shape[1])
     last = max(net.relu_indices, default=-1)
     with torch.no_grad():
@@ -72,6 +73,7 @@ def sound_interval(net: Network, box: Box, C: Tensor, offsets: Tensor | None = N
                 slack = op.apply_abs(magnitude) + net.offset(index).abs()
                 center, radius = op.apply(center), op.apply_abs(radius) + 2 * gamma * slack
                 continue
+            expect_relu(op, "sound_interval")
             lower, upper = torch.relu(center - radius), torch.relu(center + radius)
             center, radius = (upper + lower) / 2, (upper - lower) / 2
             radius = radius + 2 * gamma * (center.abs() + radius)
@@ -137,6 +139,7 @@ def dual_lower(
             :attr:`tightrope.bounds.SplitBound.pre_coefficients`.
         offsets: ``(K,)`` or ``(D, K)`` constants subtracted from the rows.
     """
+    net.require_chain("dual_lower")
     batch, rows = C.shape[0], C.shape[1]
     gamma = _gamma(net, rows)
     with torch.no_grad():
@@ -149,6 +152,7 @@ def dual_lower(
                 magnitude = op.apply_abs(magnitude) + net.offset(index).abs()
                 magnitude = _finite_or_inf(magnitude) * (1 + 2 * gamma)
             else:
+                expect_relu(op, "dual_lower")
                 magnitude = torch.relu(boxes[index].upper)
         A = C
         value = C.new_zeros((batch, rows))

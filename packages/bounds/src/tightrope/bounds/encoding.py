@@ -113,6 +113,7 @@ def check_size(net: Network, *, binaries: bool, max_variables: int, caller: str)
     """Refuse a network whose program would exceed ``max_variables`` variables."""
     if max_variables < 1:
         raise ValueError(f"max_variables must be positive, got {max_variables}")
+    net.require_chain(caller)
     n_input = _numel(net.input_shape)
     neurons = sum(_numel(net.shapes[i]) for i in net.relu_indices)
     variables = n_input + (3 if binaries else 2) * neurons
@@ -171,6 +172,7 @@ def programs(
         upper: objective rows ``[C; -C]`` (lower and upper bounds) instead of ``C``.
     """
     net = problem.net
+    net.require_chain("the LP/MILP encoding")
     relus = net.relu_indices
     sizes = [_numel(net.shapes[i]) for i in relus]
     n_input = _numel(net.input_shape)

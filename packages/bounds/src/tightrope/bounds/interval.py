@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tightrope.bounds import graph
 from tightrope.bounds.backward import backward_lower
 from tightrope.bounds.core import Box
 from tightrope.bounds.fused import kernels_compiled, relu_interval, relu_interval_channels_last
-from tightrope.bounds.network import Affine, Network
+from tightrope.bounds.network import Affine, Network, expect_relu
 from tightrope.bounds.problem import prepare
 
 __all__ = [
@@ -76,6 +77,7 @@ def propagate_center_radius(
         if isinstance(op, Affine):
             center, radius = op.apply(center), op.apply_abs(radius)
             continue
+        expect_relu(op, "propagate_center_radius")
         if pre_activations is None:
             if late_layout:
                 center, radius = relu_interval_channels_last(center, radius)
@@ -136,11 +138,22 @@ def ibp(model: nn.Module, box: Box, C: Tensor | None = None) -> Box:
     """
     problem = prepare(model, box, C)
     net = problem.net
+    if not net.is_relu_chain:
+        return _graph_ibp(net, box, problem.spec)
     if problem.spec is None:
         return propagate_interval(net, box)
     tail_start = max(net.relu_indices, default=-1) + 1
     center, radius = propagate_center_radius(net, box.center, problem.radius, end=tail_start)
     return tail_bounds(net, problem.spec, center, radius, tail_start)
+
+
+def _graph_ibp(net: Network, box: Box, spec: Tensor | None) -> Box:
+    """:func:`ibp` on a network that is not a chain of affine maps and ReLUs."""
+    if spec is not None:
+        return graph.tail_interval_bounds(net, box, spec)
+    output = graph.graph_interval(net, box)[-1]
+    assert output is not None
+    return Box.from_center_radius(*output)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +182,10 @@ def ibp_trace(model: nn.Module, box: Box, C: Tensor | None = None) -> IntervalTr
     problem = prepare(model, box, C)
     net = problem.net
     found: dict[int, Box] = {}
+    if not net.is_relu_chain:
+        graph.graph_interval(net, box, found=found)
+        relus = tuple(found[i] for i in net.relu_indices)
+        return IntervalTrace(_graph_ibp(net, box, problem.spec), relus)
     tail_start = max(net.relu_indices, default=-1) + 1
     center, radius = propagate_center_radius(
         net, box.center, problem.radius, end=tail_start, pre_activations=found

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from tightrope.bounds import graph
 from tightrope.bounds.backward import backward_lower, both_sides, input_lower_bound, relu_step
 from tightrope.bounds.core import Box, LinearBounds, concretize_lower, features_dot
 from tightrope.bounds.interval import interval_pre_activations, propagate_interval
-from tightrope.bounds.network import Affine, Network, Relu
+from tightrope.bounds.network import Affine, Network, Relu, expect_relu
 from tightrope.bounds.problem import Problem, prepare
 from tightrope.bounds.relaxation import LowerSlope, ReluRelaxation, relu_relaxation
 
@@ -66,10 +67,10 @@ def pre_activation_bounds(
     intermediate: Intermediate = Intermediate.CROWN,
     lower_slope: LowerSlope = LowerSlope.ADAPTIVE,
 ) -> PreActivations:
-    """Bounds on every ReLU input of ``net`` over ``box`` by IBP or by CROWN."""
-    if not isinstance(intermediate, Intermediate):
-        raise TypeError(f"intermediate must be an Intermediate (Intermediate.CROWN or "
-                        f"Intermediate.IBP), got {intermediate!r}")
+    """Bounds on every ReLU input of ``net`` (a chain of affine maps and ReLUs) over ``box`` by
+    IBP or by CROWN."""
+    _check_intermediate(intermediate)
+    net.require_chain("pre_activation_bounds")
     if intermediate is Intermediate.IBP:
         found = interval_pre_activations(net, box)
         return PreActivations(found, {i: relu_relaxation(b, lower_slope) for i, b in found.items()})
@@ -92,6 +93,12 @@ def pre_activation_bounds(
         state = Box(torch.relu(bounds.lower), torch.relu(bounds.upper))
         previous = index + 1
     return PreActivations(boxes, relaxations)
+
+
+def _check_intermediate(intermediate: object) -> None:
+    if not isinstance(intermediate, Intermediate):
+        raise TypeError(f"intermediate must be an Intermediate (Intermediate.CROWN or "
+                        f"Intermediate.IBP), got {intermediate!r}")
 
 
 def _tighten(
@@ -196,6 +203,7 @@ def _window_backward(
                 flat = op.fast_transpose(flat)
             A = flat.reshape(batch, rows, *flat.shape[1:])
         else:
+            expect_relu(op, "the windowed backward pass")
             relaxation = relaxations[index]
             A, bias = relu_step(
                 A, bias, relaxation.lower_slope[window].unsqueeze(1),
@@ -304,6 +312,12 @@ def crown(
         Box ``(B, K)``, or ``(B, *S_out)`` when ``C`` is None.
     """
     problem = prepare(model, box, C)
+    if not problem.net.is_relu_chain:
+        _check_intermediate(intermediate)
+        _, relaxations = graph.graph_pre_activations(
+            problem.net, box, intermediate is Intermediate.CROWN, lower_slope)
+        bounds = graph.output_bounds(problem.net, box, _output_spec(problem), relaxations, upper)
+        return _reshape_result(problem, bounds)
     pre = pre_activation_bounds(problem.net, box, intermediate, lower_slope)
     return _output_bounds(problem, pre, upper)
 
@@ -381,8 +395,16 @@ def linear_bounds(
     """
     problem = prepare(model, box, C)
     net = problem.net
-    pre = pre_activation_bounds(net, box, intermediate, lower_slope)
     spec = _output_spec(problem)
     rows = spec.shape[1]
-    A_in, bias = backward_lower(net, len(net.ops), torch.cat([spec, -spec], dim=1), pre.relaxations)
+    doubled = torch.cat([spec, -spec], dim=1)
+    if net.is_relu_chain:
+        pre = pre_activation_bounds(net, box, intermediate, lower_slope)
+        A_in, bias = backward_lower(net, len(net.ops), doubled, pre.relaxations)
+    else:
+        _check_intermediate(intermediate)
+        _, relaxations = graph.graph_pre_activations(
+            net, box, intermediate is Intermediate.CROWN, lower_slope)
+        pending, bias = graph.graph_backward(net, len(net.ops), doubled, relaxations)
+        A_in = pending.get(0, box.lower.new_zeros(doubled.shape[:2] + box.lower.shape[1:]))
     return LinearBounds(A_in[:, :rows], bias[:, :rows], -A_in[:, rows:], -bias[:, rows:])

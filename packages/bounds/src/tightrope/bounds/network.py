@@ -30,7 +30,8 @@ When no BatchNorm of the model uses batch statistics, the bound functions pass a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TypeAlias, TypeVar
 
@@ -39,12 +40,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tightrope.bounds.core import features_dot
-from tightrope.bounds.modules import Normalize
+from tightrope.bounds.modules import Add as AddModule
+from tightrope.bounds.modules import Concat as ConcatModule
+from tightrope.bounds.modules import Elementwise, Normalize, Pad, Permute, Reshape
 
 __all__ = [
+    "OP_KINDS",
+    "Add",
     "Affine",
+    "Concat",
+    "MaxPool",
     "Network",
+    "Op",
     "Relu",
+    "expect_relu",
+    "rule_for",
     "affine_rule",
     "lower",
     "supported_layers",
@@ -101,7 +111,67 @@ class Relu:
     name: str = "ReLU"
 
 
-Op: TypeAlias = Affine | Relu
+@dataclass(frozen=True, slots=True)
+class Add:
+    """The sum of two values of one shape, both depending on the input (a residual join)."""
+
+    name: str = "Add"
+
+
+@dataclass(frozen=True, slots=True)
+class Concat:
+    """Values joined along per-sample dimension ``dim`` (0 is the first after the batch)."""
+
+    dim: int
+    name: str = "Concat"
+
+
+@dataclass(frozen=True, slots=True)
+class MaxPool:
+    """2-d max pooling (``nn.MaxPool2d`` without dilation or ceil mode; padding is ``-inf``)."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    name: str = "MaxPool2d"
+
+    def apply(self, z: Tensor) -> Tensor:
+        return F.max_pool2d(z, self.kernel, self.stride, self.padding)
+
+
+#: Every op kind of the graph form. Each domain (interval, backward linear relaxation, LP/MILP
+#: encoding) has one rule per kind and dispatches exhaustively: see :func:`rule_for`.
+Op: TypeAlias = Affine | Relu | Add | Concat | MaxPool
+OP_KINDS: tuple[type, ...] = (Affine, Relu, Add, Concat, MaxPool)
+_R = TypeVar("_R")
+
+
+def expect_relu(op: Op, what: str) -> Relu:
+    """``op`` when it is a ReLU; otherwise a clear error (``what``, a chain pass, has met an op
+    kind it has no rule for: never treat it as a ReLU)."""
+    if not isinstance(op, Relu):
+        raise NotImplementedError(
+            f"{what} handles affine layers and ReLUs only, not op kind {type(op).__name__} "
+            f"({op.name})"
+        )
+    return op
+
+
+def rule_for(table: Mapping[type, _R], op: object, domain: str) -> _R:
+    """The rule of ``table`` (a domain's rule table, keyed by op kind) for ``op``.
+
+    Raises:
+        NotImplementedError: naming the op kind and the domain, when the table has no rule for
+            it; an op is never handled by another kind's rule.
+    """
+    rule = table.get(type(op))
+    if rule is None:
+        name = getattr(op, "name", type(op).__name__)
+        raise NotImplementedError(
+            f"{domain} has no rule for op kind {type(op).__name__} ({name}); rules exist for "
+            + ", ".join(sorted(kind.__name__ for kind in table))
+        )
+    return rule
 AffineRule: TypeAlias = Callable[[nn.Module, Tensor], Affine]
 _AFFINE_RULES: dict[type[nn.Module], AffineRule] = {}
 _M = TypeVar("_M", bound=nn.Module)
@@ -121,22 +191,62 @@ def affine_rule(
 
 
 def supported_layers() -> tuple[type[nn.Module], ...]:
-    """Every layer type the bound rules accept (ReLU and the registered affine layers)."""
-    return (nn.ReLU, *_AFFINE_RULES)
+    """Every layer type the bound rules accept (ReLU, MaxPool2d, the joins of
+    :mod:`tightrope.bounds.modules` and the registered affine layers)."""
+    return (nn.ReLU, nn.MaxPool2d, AddModule, ConcatModule, *_AFFINE_RULES)
 
 
 @dataclass(frozen=True, slots=True)
 class Network:
-    """A model lowered for bound propagation.
+    """A model lowered for bound propagation: a feed-forward graph (DAG) of ops.
 
-    ``ops[i]`` maps a tensor of per-sample shape ``shapes[i]`` to one of shape ``shapes[i + 1]``.
+    Values are numbered: value 0 is the network's input, value ``i + 1`` the output of
+    ``ops[i]``, and the last value the network's output; ``shapes[v]`` is value ``v``'s
+    per-sample shape. ``ops[i]`` reads the values ``inputs[i]`` (all earlier: the ops are in
+    topological order). ``inputs`` is ``None`` for a *chain*, where ``ops[i]`` reads value
+    ``i`` (so ``shapes[i]`` is its input's shape): the form of every ``nn.Sequential``, which
+    the chain-specialised passes take; :attr:`op_inputs` gives the inputs of either form.
     """
 
     ops: tuple[Op, ...]
     shapes: tuple[tuple[int, ...], ...]
     #: An empty tensor of the input's dtype and device.
     like: Tensor = field(repr=False, compare=False)
+    inputs: tuple[tuple[int, ...], ...] | None = None
     _offsets: dict[int, Tensor] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def is_chain(self) -> bool:
+        """Whether every op reads the previous op's output (value ``i`` for op ``i``)."""
+        return self.inputs is None
+
+    @property
+    def op_inputs(self) -> tuple[tuple[int, ...], ...]:
+        """The values each op reads (for a chain, ``((0,), (1,), ...)``)."""
+        if self.inputs is None:
+            return tuple((i,) for i in range(len(self.ops)))
+        return self.inputs
+
+    def in_shape(self, index: int) -> tuple[int, ...]:
+        """The per-sample shape of the (first) input of op ``index``."""
+        return self.shapes[index if self.inputs is None else self.inputs[index][0]]
+
+    @property
+    def is_relu_chain(self) -> bool:
+        """Whether this is a chain of affine maps and ReLUs only: the form the chain-specialised
+        passes take (any other network goes through :mod:`tightrope.bounds.graph`)."""
+        return self.inputs is None and all(isinstance(op, (Affine, Relu)) for op in self.ops)
+
+    def require_chain(self, what: str) -> None:
+        """Raise a clear error when this network is not a chain of affine maps and ReLUs:
+        ``what`` (a bound method or pass) only handles that form so far."""
+        if not self.is_relu_chain:
+            odd = sorted({type(op).__name__ for op in self.ops if not isinstance(op, (Affine, Relu))})
+            found = f" (it has {', '.join(odd)})" if odd else " (it has branches)"
+            raise NotImplementedError(
+                f"{what} handles chains of affine layers and ReLUs only, and this network is "
+                f"not one{found}; IBP, CROWN and CROWN-IBP handle any graph"
+            )
 
     def offset(self, index: int) -> Tensor:
         """The constant term ``ops[index](0)`` of an affine op, shape ``(1, *shapes[index + 1])``.
@@ -148,13 +258,14 @@ class Network:
             op = self.ops[index]
             if not isinstance(op, Affine):
                 raise TypeError(f"op {index} ({op.name}) is not affine")
-            found = op.apply(self.like.new_zeros((1, *self.shapes[index])))
+            found = op.apply(self.like.new_zeros((1, *self.in_shape(index))))
             self._offsets[index] = found
         return found
 
     @property
     def relu_indices(self) -> tuple[int, ...]:
-        """Indices ``i`` of the ReLU ops; ReLU ``i``'s pre-activation has shape ``shapes[i]``."""
+        """Indices ``i`` of the ReLU ops; ReLU ``i``'s pre-activation has shape
+        ``in_shape(i)`` (``shapes[i]`` in a chain)."""
         return tuple(i for i, op in enumerate(self.ops) if isinstance(op, Relu))
 
     @property
@@ -186,18 +297,38 @@ def leaves(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def lower(model: nn.Module, reference: Tensor) -> Network:
-    """Lower ``model`` (an ``nn.Sequential`` tree of supported layers) to a :class:`Network`.
+    """Lower ``model`` to a :class:`Network`.
+
+    An ``nn.Sequential`` tree of single-input layers becomes a chain (nested containers are
+    flattened); any other model (residual blocks, joins) is traced with ``torch.fx``
+    (:func:`tightrope.bounds.trace.lower_traced`).
 
     Args:
-        model: the network; nested ``nn.Sequential`` containers are flattened.
+        model: the network.
         reference: ``(N, *S_in)`` inputs for a clean forward pass that fixes the shapes and, for
             BatchNorm in train mode, the batch statistics (pass the whole batch's box centre
             then; otherwise any batch, even an empty one, will do).
 
     Raises:
-        TypeError: listing every unsupported layer of the model at once.
+        TypeError: listing every unsupported layer (or traced function) of the model at once.
     """
-    return lower_leaves(leaves(model), reference)
+    layers = leaves(model)
+    if all(_chain_layer(m) for _, m in layers):
+        return lower_leaves(layers, reference)
+    from tightrope.bounds.trace import lower_traced  # noqa: PLC0415 (trace imports this module)
+
+    return lower_traced(model, reference)
+
+
+def _chain_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer of a chain, or an unsupported PyTorch layer a chain
+    reports; a join of several values, or a module with its own ``forward`` (a container, or
+    functional code), calls for tracing."""
+    if _behaves_as(module, AddModule) or _behaves_as(module, ConcatModule):
+        return False
+    if _supports(module):
+        return True
+    return not list(module.children()) and type(module).__module__.startswith("torch.")
 
 
 def lower_leaves(layers: list[tuple[str, nn.Module]], reference: Tensor) -> Network:
@@ -232,6 +363,12 @@ def lower_leaves(layers: list[tuple[str, nn.Module]], reference: Tensor) -> Netw
             ops.append(Relu(name=path))
             x = x if empty else torch.relu(x)
             shapes.append(shapes[-1])
+            continue
+        if _behaves_as(module, nn.MaxPool2d):
+            pool = max_pool_op(module, path)  # type: ignore[arg-type]
+            x = pool.apply(x)
+            ops.append(pool)
+            shapes.append(tuple(x.shape[1:]))
             continue
         affine = _rule_for(module)(module, x)
         previous = ops[-1] if ops else None
@@ -268,8 +405,27 @@ def _rule_for(module: nn.Module) -> AffineRule:
     return rule
 
 
+def max_pool_op(module: nn.MaxPool2d, path: str) -> MaxPool:
+    """The :class:`MaxPool` op of ``module``; TypeError for the options it does not cover."""
+    if not _pool_supported(module):
+        raise TypeError(f"{path}: MaxPool2d needs dilation 1, ceil_mode=False and "
+                        "return_indices=False")
+    pair = nn.modules.utils._pair
+    return MaxPool(kernel=pair(module.kernel_size), stride=pair(module.stride),
+                   padding=pair(module.padding), name=f"{path} (MaxPool2d)")
+
+
+def _pool_supported(module: nn.MaxPool2d) -> bool:
+    dilation = nn.modules.utils._pair(module.dilation)
+    return tuple(dilation) == (1, 1) and not module.ceil_mode and not module.return_indices
+
+
 def _supports(module: nn.Module) -> bool:
     if _behaves_as(module, nn.ReLU):
+        return True
+    if _behaves_as(module, nn.MaxPool2d):
+        return _pool_supported(module)  # type: ignore[arg-type]
+    if _behaves_as(module, AddModule) or _behaves_as(module, ConcatModule):
         return True
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return False
@@ -277,6 +433,8 @@ def _supports(module: nn.Module) -> bool:
 
 
 def _why_unsupported(module: nn.Module) -> str:
+    if isinstance(module, nn.MaxPool2d) and not _pool_supported(module):
+        return ", needs dilation 1, ceil_mode=False and return_indices=False"
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f", padding_mode={module.padding_mode!r}; only 'zeros' is supported"
     for klass in type(module).__mro__[1:]:
@@ -600,3 +758,77 @@ def _batch_norm_rule(module: nn.modules.batchnorm._BatchNorm, reference: Tensor)
         channel_affine=(scale, shift) if reference.dim() in (2, 4) else None,
         out_shape=tuple(reference.shape[1:]),
     )
+
+
+@affine_rule(Reshape)
+def _reshape_rule(module: Reshape, reference: Tensor) -> Affine:
+    in_shape = tuple(reference.shape[1:])
+    if math.prod(in_shape) != math.prod(module.shape):
+        raise TypeError(f"Reshape to {module.shape} cannot take samples of shape {in_shape}")
+
+    def unreshape(rows: Tensor) -> Tensor:
+        return rows.reshape(rows.shape[0], *in_shape)
+
+    return Affine(module, module, "Reshape", mixing=False, fast_transpose=unreshape,
+                  out_shape=module.shape)
+
+
+@affine_rule(Permute)
+def _permute_rule(module: Permute, reference: Tensor) -> Affine:
+    in_shape = tuple(reference.shape[1:])
+    if len(module.dims) != len(in_shape):
+        raise TypeError(f"Permute{module.dims} cannot take samples of shape {in_shape}")
+    inverse = [0] * len(module.dims)
+    for position, dim in enumerate(module.dims):
+        inverse[dim] = position
+
+    def unpermute(rows: Tensor) -> Tensor:
+        return rows.permute(0, *(d + 1 for d in inverse))
+
+    return Affine(module, module, "Permute", mixing=False, fast_transpose=unpermute,
+                  out_shape=tuple(in_shape[d] for d in module.dims))
+
+
+@affine_rule(Pad)
+def _pad_rule(module: Pad, reference: Tensor) -> Affine:
+    in_shape = tuple(reference.shape[1:])
+    if len(module.pads) // 2 > len(in_shape):
+        raise TypeError(f"Pad{module.pads} pads more dimensions than samples of shape "
+                        f"{in_shape} have")
+    crop = [slice(None)] * (len(in_shape) + 1)
+    out_shape = list(in_shape)
+    for k in range(len(module.pads) // 2):
+        dim = len(in_shape) - 1 - k
+        before, after = module.pads[2 * k], module.pads[2 * k + 1]
+        crop[dim + 1] = slice(before, before + in_shape[dim])
+        out_shape[dim] += before + after
+
+    def zero_pad(r: Tensor) -> Tensor:
+        return F.pad(r, module.pads)
+
+    def unpad(rows: Tensor) -> Tensor:
+        return rows[tuple(crop)]
+
+    # The padded constant is the offset (the map at zero); the radius pads with zeros.
+    return Affine(module, zero_pad, "Pad", mixing=False, fast_transpose=unpad,
+                  out_shape=tuple(out_shape))
+
+
+@affine_rule(Elementwise)
+def _elementwise_rule(module: Elementwise, reference: Tensor) -> Affine:
+    in_shape = tuple(reference.shape[1:])
+    scale = module.scale.to(reference.dtype)
+    out_shape = tuple(torch.broadcast_shapes(  # type: ignore[no-untyped-call]
+        in_shape, scale.shape, module.shift.shape))
+    if out_shape != in_shape:
+        raise TypeError(f"Elementwise with scale {tuple(scale.shape)} and shift "
+                        f"{tuple(module.shift.shape)} would change samples of shape {in_shape}")
+
+    def apply_abs(r: Tensor) -> Tensor:
+        return r * scale.abs()
+
+    def fast_transpose(rows: Tensor) -> Tensor:
+        return rows * scale
+
+    return Affine(module, apply_abs, "Elementwise", mixing=False,
+                  fast_transpose=fast_transpose, out_shape=in_shape)

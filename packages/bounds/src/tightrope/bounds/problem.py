@@ -8,7 +8,7 @@ from typing import NoReturn
 from torch import Tensor, nn
 
 from tightrope.bounds.core import Box
-from tightrope.bounds.network import Network, leaves, lower_leaves, uses_batch_statistics
+from tightrope.bounds.network import Network, lower, uses_batch_statistics
 
 __all__ = ["Problem", "prepare"]
 
@@ -50,9 +50,8 @@ def prepare(model: nn.Module, box: Box, C: Tensor | None) -> Problem:
     _check_tensors(model, box.lower)
     # The clean forward pass fixes shapes; BatchNorm on batch statistics needs the whole batch,
     # anything else only the shapes, which an empty batch gives without arithmetic.
-    layers = leaves(model)
-    batch_statistics = any(uses_batch_statistics(m) for _, m in layers)
-    net = lower_leaves(layers, box.center if batch_statistics else box.lower[:0])
+    batch_statistics = any(uses_batch_statistics(m) for m in model.modules())
+    net = lower(model, box.center if batch_statistics else box.lower[:0])
     n_out = 1
     for size in net.output_shape:
         n_out *= size

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from tightrope.bounds.core import Box
-from tightrope.bounds.network import Affine, Network
+from tightrope.bounds.network import Affine, Network, expect_relu
 
 __all__ = ["Rounding", "rounding", "sound_lower", "unit_roundoff"]
 
@@ -97,6 +97,7 @@ class Rounding:
 def rounding(net: Network, box: Box, rows: int = 1) -> Rounding:
     """The error bounds of bounds on ``net`` over sub-boxes of ``box`` (``(B, *S_in)``),
     for specifications of up to ``rows`` rows, in the dtype and on the device of ``net``."""
+    net.require_chain("rounding")
     like = net.like
     unit = unit_roundoff(like.dtype, like.device)
     length = max(_numel(s) for s in net.shapes) + rows + 2
@@ -119,6 +120,7 @@ def rounding(net: Network, box: Box, rows: int = 1) -> Rounding:
                 m = torch.where(torch.isnan(m), torch.full_like(m, math.inf), m).clamp(min=floor)
                 affine_before += 1
                 continue
+            expect_relu(op, "rounding")
             magnitudes[index] = m
             factor = ERRORS_PER_LAYER * (affine_before + 1) + 2 * earlier
             factors[index] = factor

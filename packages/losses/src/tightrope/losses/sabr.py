@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from tightrope.attacks import MultiStepDecay, PGDConfig, pgd
 from tightrope.bounds import Affine, Box, margin_spec, prepare, tail_bounds
+from tightrope.bounds import graph
+from tightrope.bounds.network import Network, Relu, expect_relu
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (
     LossOutput,
@@ -99,6 +101,8 @@ def shrunk_interval_bounds(
     """
     problem = prepare(model, box, C)
     net = problem.net
+    if not net.is_relu_chain:
+        return _graph_shrunk_bounds(net, box, problem.spec, relu_shrink)
     # Without a specification every op propagates; with one, the trailing affine block folds C.
     last_relu = max(net.relu_indices, default=-1)
     tail_start = len(net.ops) if problem.spec is None else last_relu + 1
@@ -108,16 +112,42 @@ def shrunk_interval_bounds(
         if isinstance(op, Affine):
             center, radius = op.apply(center), op.apply_abs(radius)
             continue
+        expect_relu(op, "SABR's shrunk interval pass")
         lower, upper = center - radius, center + radius
         pre_activations.append(Box(lower, upper))
-        unstable = (lower < 0) & (upper > 0)
-        upper = torch.where(unstable, relu_shrink * upper, upper).relu()
-        lower = lower.relu()
-        center, radius = (upper + lower) / 2, (upper - lower) / 2
+        center, radius = _shrunk_relu(lower, upper, relu_shrink)
     record_pre_activations(box, tuple(pre_activations))
     if problem.spec is None:
         return Box(center - radius, center + radius)
     return tail_bounds(net, problem.spec, center, radius, tail_start)
+
+
+def _shrunk_relu(lower: Tensor, upper: Tensor, relu_shrink: float) -> tuple[Tensor, Tensor]:
+    """The ReLU's output interval ``(centre, radius)`` with unstable upper bounds shrunk."""
+    unstable = (lower < 0) & (upper > 0)
+    upper = torch.where(unstable, relu_shrink * upper, upper).relu()
+    lower = lower.relu()
+    return (upper + lower) / 2, (upper - lower) / 2
+
+
+def _graph_shrunk_bounds(net: Network, box: Box, spec: Tensor | None, relu_shrink: float) -> Box:
+    """:func:`shrunk_interval_bounds` on a graph: the interval rule table with the shrunk ReLU."""
+
+    def shrunk(net: Network, index: int, op: object, args: list[tuple[Tensor, Tensor]]
+               ) -> tuple[Tensor, Tensor]:
+        (center, radius), = args
+        return _shrunk_relu(center - radius, center + radius, relu_shrink)
+
+    rules = {**graph.INTERVAL_RULES, Relu: shrunk}
+    found: dict[int, Box] = {}
+    if spec is not None:
+        bounds = graph.tail_interval_bounds(net, box, spec, found=found, rules=rules)
+    else:
+        output = graph.graph_interval(net, box, found=found, rules=rules)[-1]
+        assert output is not None
+        bounds = Box.from_center_radius(*output)
+    record_pre_activations(box, tuple(found[i] for i in net.relu_indices))
+    return bounds
 
 
 def small_box(

@@ -1,9 +1,12 @@
 """The architectures of the certified-training literature, built by name so that a checkpoint
 can rebuild its model: CNN3 and CNN7 (Shi et al. 2021, "Fast Certified Robust Training with
-Short Warmup"; used by SABR, TAPS, the expressive losses and CTBench) and a small MLP.
+Short Warmup"; used by SABR, TAPS, the expressive losses and CTBench), a small MLP, and
+residual networks: ``resnet`` with the ``resnet2b``/``resnet4b`` shapes of VNN-COMP 2021's
+``cifar10_resnet`` benchmark (Wang et al. 2021, beta-CROWN).
 
 Every model is an ``nn.Sequential`` whose first layer is ``tightrope.bounds.Normalize`` (inputs
-stay in ``[0, 1]``), made only of layers the bound propagation accepts.
+stay in ``[0, 1]``), made only of layers the bound propagation accepts; a residual block is one
+layer of it (:class:`ResidualBlock`), so a TAPS split falls between blocks.
 
 Example::
 
@@ -17,11 +20,12 @@ from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from tightrope.bounds import Normalize
 
-__all__ = ["MODELS", "build_model", "cnn3", "cnn7", "mlp"]
+__all__ = ["MODELS", "ResidualBlock", "build_model", "cnn3", "cnn7", "mlp", "resnet"]
 
 
 def cnn3(
@@ -95,13 +99,76 @@ def mlp(
     return nn.Sequential(*layers)
 
 
+class ResidualBlock(nn.Module):
+    """``relu(conv2(relu(conv1(x))) + shortcut(x))`` with 3x3 convolutions (the first with
+    ``stride``), optional BatchNorm after each, and a shortcut that is the identity or, when
+    the shape changes, a strided 1x1 convolution (He et al. 2016's option B)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1,
+                 batch_norm: bool = False) -> None:
+        super().__init__()
+
+        def norm(channels: int) -> nn.Module:
+            return nn.BatchNorm2d(channels) if batch_norm else nn.Identity()
+
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1)
+        self.bn1 = norm(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1)
+        self.bn2 = norm(out_channels)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride),
+                                          norm(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        inner = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+        return torch.relu(inner + self.shortcut(x))
+
+
+def resnet(
+    *, in_channels: int, input_size: int, num_classes: int, mean: Sequence[float],
+    std: Sequence[float], blocks: int = 2, width: int = 8, linear_width: int = 100,
+    batch_norm: bool = False,
+) -> nn.Sequential:
+    """A residual network in the shape of VNN-COMP 2021's ``cifar10_resnet`` nets: Normalize ->
+    Conv(w,3,s2,p1)-ReLU -> ResidualBlock(w -> 2w, stride 2) -> ``blocks - 1`` x
+    ResidualBlock(2w) -> Flatten -> Linear(linear_width)-ReLU -> Linear(K). ``blocks=2,
+    width=8`` is ``resnet_2b``; ``batch_norm`` adds BatchNorm after every convolution (for
+    training). Input ``(B, in_channels, input_size, input_size)``, ``input_size`` divisible
+    by 4."""
+    if input_size % 4:
+        raise ValueError(f"resnet needs input_size divisible by 4, got {input_size}")
+    for name, value in (("blocks", blocks), ("width", width), ("linear_width", linear_width)):
+        _check_width("resnet", name, value)
+    layers: list[nn.Module] = [Normalize(mean, std), nn.Conv2d(in_channels, width, 3, 2, 1)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(width))
+    layers += [nn.ReLU(), ResidualBlock(width, 2 * width, 2, batch_norm)]
+    layers += [ResidualBlock(2 * width, 2 * width, 1, batch_norm) for _ in range(blocks - 1)]
+    size = input_size // 4
+    layers += [nn.Flatten(), nn.Linear(2 * width * size * size, linear_width), nn.ReLU(),
+               nn.Linear(linear_width, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def resnet2b(**options: Any) -> nn.Sequential:
+    """:func:`resnet` with 2 residual blocks (``resnet_2b``)."""
+    return resnet(**{"blocks": 2, **options})
+
+
+def resnet4b(**options: Any) -> nn.Sequential:
+    """:func:`resnet` with 4 residual blocks (``resnet_4b``'s depth)."""
+    return resnet(**{"blocks": 4, **options})
+
+
 def _check_width(model: str, name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{model}: {name} must be a positive integer, got {value!r}")
 
 
 MODELS: Mapping[str, Callable[..., nn.Sequential]] = MappingProxyType(
-    {"cnn3": cnn3, "cnn7": cnn7, "mlp": mlp}
+    {"cnn3": cnn3, "cnn7": cnn7, "mlp": mlp, "resnet": resnet, "resnet2b": resnet2b,
+     "resnet4b": resnet4b}
 )
 
 
@@ -109,7 +176,8 @@ def build_model(
     name: str, *, in_channels: int, input_size: int, num_classes: int,
     mean: Sequence[float], std: Sequence[float], **kwargs: Any,
 ) -> nn.Sequential:
-    """The model registered as ``name`` (``"cnn3"``, ``"cnn7"``, ``"mlp"``) with its options.
+    """The model registered as ``name`` (``"cnn3"``, ``"cnn7"``, ``"mlp"``, ``"resnet"``,
+    ``"resnet2b"``, ``"resnet4b"``) with its options.
 
     Raises:
         ValueError: an unknown name (the message lists the known ones), or an option value the

@@ -30,10 +30,18 @@ from torch import Tensor, nn
 
 from tightrope.bounds import (
     Box,
+    Network,
     certified_split_bound,
+    lower,
     optimise_pre_activations,
     pre_activation_bounds,
     sound_interval,
+)
+from tightrope.bounds.graph_certificate import (
+    CertifiedRoot,
+    graph_alpha_bounds,
+    graph_certified_bounds,
+    graph_certified_root,
 )
 from tightrope.verify.attack import spec_pgd
 from tightrope.verify.bab import BabOutcome, relu_bab
@@ -95,6 +103,11 @@ class _Run:
         self.open_sets = [torch.ones(r.n_sets, dtype=torch.bool, device=like.device)
                           for r in self.regions]
         self.nets: dict[int, Lowered] = {}
+        #: Regions whose network is not a chain of affine maps and ReLUs (residual joins, max
+        #: pooling): bounded by the graph passes (IBP, CROWN, alpha-CROWN on the output); the
+        #: chain-only stages (branch-and-bound, MILP) skip them.
+        self.graphs: dict[int, Network] = {}
+        self.graph_roots: dict[int, CertifiedRoot] = {}
         self.boxes_of: dict[int, dict[int, Box]] = {}
         self.set_bounds: dict[int, Tensor] = {}
         self.last_stage = Stage.IBP
@@ -197,10 +210,16 @@ def _interval(run: _Run) -> Verdict | None:
     stages."""
     with torch.no_grad():
         for number, region in enumerate(run.regions):
-            run.nets[number] = lowered(run.exact_model, run.model, region.box,
-                                       int(region.rows.shape[0]))
-            bounds = sound_interval(run.nets[number].exact, region.box,
-                                    region.rows.unsqueeze(0), region.offsets)
+            exact = lower(run.exact_model, region.box.center)
+            rows = region.rows.unsqueeze(0)
+            if not exact.is_relu_chain:
+                run.graphs[number] = exact
+                bounds = graph_certified_bounds(exact, region.box, rows, region.offsets,
+                                                crown=False)
+            else:
+                run.nets[number] = lowered(run.exact_model, run.model, region.box,
+                                           int(region.rows.shape[0]), exact=exact)
+                bounds = sound_interval(exact, region.box, rows, region.offsets)
             _exclude(region, run.open_sets[number], bounds[0], run.config.margin)
     return run.ending(VerifyStatus.VERIFIED, Stage.IBP) if run.all_closed() else None
 
@@ -214,6 +233,9 @@ def _linear(run: _Run) -> Verdict | None:
             continue
         for number, region in enumerate(run.regions):
             if not bool(run.open_sets[number].any()):
+                continue
+            if number in run.graphs:
+                _bound_graph_sets(run, number, steps)
                 continue
             found = run.nets[number]
             if number not in run.boxes_of:
@@ -261,6 +283,9 @@ def _branch_and_bound(run: _Run) -> Verdict:
     used_milp = False
     for number, region in enumerate(run.regions):
         if not bool(run.open_sets[number].any()):
+            continue
+        if number in run.graphs:
+            unknown = True  # branch-and-bound handles chains of affine maps and ReLUs so far
             continue
         input_dim = int(region.box.lower[0].numel())
         if bab.input_split is InputSplit.ALWAYS or (
@@ -383,6 +408,27 @@ def _bound_open_sets(
     _exclude(region, open_sets, full, margin)
     return full.new_full((region.n_sets,), float("-inf")).scatter_reduce(
         0, region.owner, full, reduce="amax")
+
+
+def _bound_graph_sets(run: _Run, number: int, steps: int) -> None:
+    """Certified CROWN (``steps`` 0) or alpha-CROWN on the rows of the open sets of region
+    ``number``, whose network is a graph (:mod:`tightrope.bounds.graph_certificate`); closes
+    (in place) the sets it proves. The region's certified root boxes are computed once."""
+    net, region, open_sets = run.graphs[number], run.regions[number], run.open_sets[number]
+    rows = region.rows_of(open_sets)
+    C = region.rows[rows].reshape(1, -1, *net.output_shape)
+    root = run.graph_roots.get(number)
+    if root is None:
+        root = graph_certified_root(net, region.box, int(region.rows.shape[0]))
+        run.graph_roots[number] = root
+    if steps == 0:
+        sound = graph_certified_bounds(net, region.box, C, region.offsets[rows], root=root)
+    else:
+        sound = graph_alpha_bounds(net, region.box, C, root, region.offsets[rows], steps=steps,
+                                   lr=run.config.alpha_lr, deadline=run.clock.deadline)
+    full = region.offsets.new_full((region.rows.shape[0],), float("-inf"))
+    full[rows] = sound[0]
+    _exclude(region, open_sets, full, run.config.margin)
 
 
 def _bab_progress(

@@ -31,10 +31,18 @@ from torch import Tensor, nn
 
 from tightrope.attacks import APGDConfig, Objective, PGDConfig, apgd, pgd
 from tightrope.bounds import (
+    Box,
+    Network,
     certified_split_bound,
+    lower,
     margin_spec,
     pre_activation_bounds,
     sound_interval,
+)
+from tightrope.bounds.graph_certificate import (
+    graph_alpha_bounds,
+    graph_certified_bounds,
+    graph_certified_root,
 )
 from tightrope.verify.cascade import verify
 from tightrope.verify.config import VerifierConfig
@@ -209,11 +217,16 @@ def certify(
         box = rounded_box(linf_box(x[index], eps), like)[0]
         C = margin_spec(y[index], num_classes, dtype=like.dtype)
         with torch.no_grad():
-            nets = lowered(bounded, model, box, int(C.shape[1]))
-        if stage is Stage.IBP:
-            sound = sound_interval(nets.exact, box, C)
+            exact = lower(bounded, box.center)
+        if not exact.is_relu_chain:
+            # A graph (residual joins, max pooling): certified IBP, CROWN and alpha-CROWN on
+            # the output; branch-and-bound handles chains of affine maps and ReLUs so far.
+            sound = _graph_stage(exact, box, C, stage, config, stage_deadline(todo, start))
+        elif stage is Stage.IBP:
+            sound = sound_interval(exact, box, C)
         else:
             with torch.no_grad():
+                nets = lowered(bounded, model, box, int(C.shape[1]), exact=exact)
                 boxes = widened(nets.rounding, pre_activation_bounds(nets.exact, box).boxes)
             steps = 0 if stage is Stage.CROWN else config.alpha_steps
             _, sound = certified_split_bound(nets.exact, box, C, boxes, {}, search=nets.search,
@@ -247,3 +260,15 @@ def certify(
         decided[i] = Verdict(VerifyStatus.UNKNOWN, Stage.NONE, seconds[i])
     return Certification(tuple(replace(decided[i], seconds=seconds[i]) for i in range(total)),
                          tuple(spent_in))
+
+
+def _graph_stage(net: Network, box: Box, C: Tensor, stage: Stage, config: VerifierConfig,
+                 deadline: float) -> Tensor:
+    """Sound margin bounds ``(B, K)`` of a batched bound stage on a graph network."""
+    if stage is Stage.IBP:
+        return graph_certified_bounds(net, box, C, crown=False)
+    root = graph_certified_root(net, box, int(C.shape[1]))
+    if stage is Stage.CROWN:
+        return graph_certified_bounds(net, box, C, root=root)
+    return graph_alpha_bounds(net, box, C, root, steps=config.alpha_steps, lr=config.alpha_lr,
+                              deadline=deadline)

@@ -60,9 +60,12 @@ class Lowered:
         return {i: self.search_box(b) for i, b in boxes.items()}
 
 
-def lowered(exact_model: nn.Module, search_model: nn.Module, box: Box, rows: int) -> Lowered:
-    """Both lowerings of a model over ``box`` (in ``exact_model``'s dtype), ``(1, *S_in)``."""
-    exact = lower(exact_model, box.center)
+def lowered(exact_model: nn.Module, search_model: nn.Module, box: Box, rows: int,
+            exact: Network | None = None) -> Lowered:
+    """Both lowerings of a model over ``box`` (in ``exact_model``'s dtype), ``(1, *S_in)``;
+    ``exact``: ``exact_model`` already lowered over ``box``."""
+    if exact is None:
+        exact = lower(exact_model, box.center)
     if exact_model is search_model:
         search = exact
     else:

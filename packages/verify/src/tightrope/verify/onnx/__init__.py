@@ -1,6 +1,7 @@
 """ONNX import and export: files are parsed and written with the ``onnx`` package; a
-graph-to-``nn.Sequential`` converter for the layers ``tightrope.bounds`` supports turns the
-parsed graph into a torch module, and an exporter writes such modules back.
+converter for the layers ``tightrope.bounds`` supports turns the parsed graph into a torch
+module (an ``nn.Sequential`` for chains, a ``torch.fx.GraphModule`` for graphs that branch),
+and an exporter writes ``nn.Sequential`` modules back.
 
 Example::
 
@@ -33,8 +34,10 @@ class OnnxModel:
     """A network read from an ONNX file.
 
     Attributes:
-        module: ``nn.Sequential`` in eval mode mapping ``(N, *input_shape)`` to
-            ``(N, num_outputs)``; built only from layers that ``tightrope.bounds`` supports.
+        module: in eval mode, mapping ``(N, *input_shape)`` to ``(N, num_outputs)``; built
+            only from layers that ``tightrope.bounds`` supports: an ``nn.Sequential`` when the
+            graph's input-dependent values form a chain, else a ``torch.fx.GraphModule``
+            (residual connections, concatenations).
         input_shape: the per-sample input shape ``S`` the module takes. Its row-major order is
             the ONNX input's (VNNLIB's ``X_i`` is element ``i`` of the flattened input) unless
             ``input_order`` says otherwise.
@@ -49,7 +52,7 @@ class OnnxModel:
             :meth:`from_onnx_order` and :meth:`to_onnx_order`.
     """
 
-    module: nn.Sequential
+    module: nn.Module
     input_shape: tuple[int, ...]
     onnx_input_shape: tuple[int, ...]
     num_outputs: int
@@ -87,11 +90,11 @@ class OnnxModel:
 def load_onnx(path: str | os.PathLike[str], *, dtype: torch.dtype | None = None) -> OnnxModel:
     """Read an ONNX file into an :class:`OnnxModel`.
 
-    Supported operators: Gemm, MatMul, Add, Sub, Mul, Div, Neg (with constants), Conv (2-D,
-    symmetric pads), Relu, Flatten, Reshape, Squeeze, Unsqueeze, Transpose (value-reordering
-    ones folded into a Linear layer, the input order or the output), Constant,
-    BatchNormalization, AveragePool, Identity, Dropout, Cast, and Shape/Gather/Concat on
-    constants; the graph must be a chain from one input to one output.
+    Supported operators: Gemm, MatMul, Add, Sub, Mul, Div, Neg (with constants; Add and Sub
+    also of two input-dependent values), Conv (2-D), Relu, MaxPool, AveragePool,
+    GlobalAveragePool, constant Pad, Flatten, Reshape, Squeeze, Unsqueeze, Transpose, Concat,
+    Constant, BatchNormalization, Identity, Dropout, Cast, and Shape/Gather on constants; one
+    input and one output. See :mod:`tightrope.verify.onnx.convert` for what each becomes.
 
     Args:
         path: the ``.onnx`` file, or a gzip-compressed ``.onnx.gz``. Tensors kept in external

@@ -1,22 +1,34 @@
-"""Converting an ONNX graph into an ``nn.Sequential`` that ``tightrope.bounds`` accepts.
+"""Converting an ONNX graph into a torch module that ``tightrope.bounds`` accepts.
 
 The graph is evaluated once, symbolically, on its single input. Every tensor is either a
 *constant* (initializers, ``Constant`` nodes and anything computed from constants only, folded
-here) or the *variable*: the one chain of values that depends on the input. Each node on the
-chain becomes zero or more torch layers:
+here) or *live* (it depends on the input). When the live values form one chain (no node takes
+two of them, none is used twice) the result is an ``nn.Sequential``, built as below; otherwise
+(residual connections, concatenations) it is a ``torch.fx.GraphModule`` built by
+:func:`tightrope.verify.onnx.graph.convert_dag`, which keeps each value in its ONNX layout and
+supports the same operators plus Add/Sub of two live values, Concat, and reshapes and
+Transposes anywhere (``Reshape``/``Permute`` layers). A chain-shaped graph that the chain
+rules below cannot express is reported, not handed to the graph converter.
 
-* Gemm, MatMul with a constant matrix -> ``nn.Linear``; Conv -> ``nn.Conv2d``; Relu ->
-  ``nn.ReLU``; AveragePool -> ``nn.AvgPool2d``;
+On the chain, each node becomes zero or more torch layers:
+
+* Gemm, MatMul with a constant matrix -> ``nn.Linear``; Conv -> ``nn.Conv2d`` (symmetric pads;
+  the graph converter puts a ``Pad`` before it for asymmetric ones); Relu -> ``nn.ReLU``;
+  AveragePool, GlobalAveragePool -> ``nn.AvgPool2d``; MaxPool -> ``nn.MaxPool2d`` (symmetric
+  pads of at most half the kernel, no dilations, no ceil_mode); Pad (constant mode, not on the
+  batch axis) -> ``tightrope.bounds.modules.Pad``;
 * Add / Sub / Mul / Div / Neg with constants and BatchNormalization are elementwise affine maps
   ``z -> s * z + t``; consecutive ones are composed and then folded into the preceding Linear
   (or, per channel, Conv) layer, into the following Linear layer, into ``Normalize`` at the
   input (positive per-channel scale) or, failing those, into an eval-mode BatchNorm layer
-  (over the flattened value when the map varies within channels);
+  (over the flattened value when the map varies within channels). The graph converter makes
+  them ``Elementwise`` layers and folds them the same way where it can;
 * Flatten, Reshape, Squeeze and Unsqueeze change only the ONNX shape: the torch layout is
   re-derived (an ``nn.Flatten`` before a Linear layer). A Transpose that reorders values is
   carried as a permutation: folded into the next Linear layer's columns, into the model's input
   order when nothing was computed yet (``input_order``; e.g. NHWC inputs), or into a final 0/1
-  Linear map at the output; before a Conv after the first layer it is reported.
+  Linear map at the output; before a Conv, a pooling or a Pad after the first layer it is
+  reported.
 
 The ONNX model is evaluated with its declared input shape (symbolic leading dimensions taken as
 1); the torch module applies the same per-sample function to a batch ``(N, *S)``. Constants are
@@ -45,14 +57,19 @@ from tightrope.verify.onnx.constants import (
     attr_float,
     attr_int,
     attr_ints,
-    attr_str,
-    axes_count,
-    axis_list,
     constant_of,
     fold_constant,
     label,
-    reshape_target,
     tensor_values,
+)
+from tightrope.verify.onnx.graph import convert_dag, per_sample
+from tightrope.verify.onnx.layers import (
+    conv_layer,
+    pad_layer,
+    pad_spec,
+    pool_layer,
+    reshaped,
+    symmetric_pads,
 )
 
 __all__ = ["Converted", "OnnxImportError", "convert_graph"]
@@ -72,9 +89,11 @@ class OnnxImportError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Converted:
-    """The converted network: ``module`` maps ``(N, *input_shape)`` to ``(N, num_outputs)``."""
+    """The converted network: ``module`` maps ``(N, *input_shape)`` to ``(N, num_outputs)``; an
+    ``nn.Sequential`` when the input-dependent values form a chain, else a
+    ``torch.fx.GraphModule``."""
 
-    module: nn.Sequential
+    module: nn.Module
     input_shape: Shape
     onnx_input_shape: Shape
     onnx_output_shape: Shape
@@ -263,22 +282,6 @@ def _need_image_layout(var: _Variable, builder: _Builder, node: NodeProto) -> No
         var.layout = var.shape[1:]
 
 
-def _pair(values: tuple[int, ...]) -> tuple[int, int]:
-    if len(values) != 2:
-        raise UnsupportedError(f"expected two spatial values, got {list(values)}")
-    return (values[0], values[1])
-
-
-def _pads(node: NodeProto, spatial: int) -> tuple[int, int]:
-    auto_pad = attr_str(node, "auto_pad", "NOTSET")
-    if auto_pad not in ("NOTSET", "VALID"):
-        raise UnsupportedError(f"auto_pad={auto_pad} (export with explicit pads)")
-    pads = attr_ints(node, "pads") or (0,) * (2 * spatial)
-    if tuple(pads[:spatial]) != tuple(pads[spatial:]):
-        raise UnsupportedError(f"asymmetric pads {pads}")
-    return _pair(tuple(pads[:spatial]))
-
-
 def _convert_variable_node(
     node: NodeProto, var: _Variable, constants: dict[str, Tensor], builder: _Builder, opset: int
 ) -> None:
@@ -339,8 +342,22 @@ def _convert_variable_node(
             var.order = source if var.order is None else var.order[source]
         var.shape = tuple(var.shape[axis] for axis in perm)
     elif op in ("Flatten", "Reshape", "Squeeze", "Unsqueeze"):
-        var.shape = _reshape_variable(node, var.shape, constants)
-    elif op == "Gemm":
+        var.shape = reshaped(node, var.shape, constants)
+    elif op in ("Gemm", "MatMul"):
+        _convert_matrix_product(node, var, const, builder, position)
+    elif op == "Conv":
+        _convert_conv(node, var, const, builder, inputs)
+    elif op in ("AveragePool", "MaxPool", "GlobalAveragePool", "Pad"):
+        _convert_window(node, var, constants, builder)
+    else:
+        raise UnsupportedError(f"operator {op} is not supported")
+
+
+def _convert_matrix_product(node: NodeProto, var: _Variable, const: Callable[[int], Tensor],
+                            builder: _Builder, position: int) -> None:
+    """Gemm or MatMul by a constant matrix on the chain: a Linear layer."""
+    inputs = list(node.input)
+    if node.op_type == "Gemm":
         if position != 0 or attr_int(node, "transA", 0):
             raise UnsupportedError("Gemm with the input-dependent value as B, or with transA=1")
         matrix = const(1).to(torch.float64)
@@ -355,44 +372,22 @@ def _convert_variable_node(
             bias = bias * attr_float(node, "beta", 1.0)
         weight = attr_float(node, "alpha", 1.0) * matrix.T
         _emit_linear(var, builder, weight, bias, (1, m))
-    elif op == "MatMul":
-        matrix = const(1 - position).to(torch.float64)
-        if matrix.dim() != 2:
-            raise UnsupportedError(f"MatMul by a constant of rank {matrix.dim()} (need 2)")
-        if position == 0:  # x @ W acts on the last axis
-            n = matrix.shape[0]
-            if var.shape[-1] != n or var.numel != n:
-                raise UnsupportedError(f"MatMul of {var.shape} by {tuple(matrix.shape)}")
-            _emit_linear(var, builder, matrix.T, None, (*var.shape[:-1], matrix.shape[1]))
-        else:  # W @ x contracts the second-to-last axis (or the only one)
-            n = matrix.shape[1]
-            vector = len(var.shape) == 1
-            if var.numel != n or (not vector and var.shape[-2:] != (n, 1)):
-                raise UnsupportedError(f"MatMul of {tuple(matrix.shape)} by {var.shape}")
-            out = (matrix.shape[0],) if vector else (*var.shape[:-2], matrix.shape[0], 1)
-            _emit_linear(var, builder, matrix, None, out)
-    elif op == "Conv":
-        _convert_conv(node, var, const, builder, inputs)
-    elif op == "AveragePool":
-        _need_image_layout(var, builder, node)
-        _flush(var, builder)
-        kernel = attr_ints(node, "kernel_shape") or ()
-        if len(kernel) != 2 or attr_int(node, "ceil_mode", 0):
-            raise UnsupportedError("only 2-D AveragePool without ceil_mode is supported")
-        pool = nn.AvgPool2d(
-            _pair(kernel), stride=_pair(attr_ints(node, "strides") or (1, 1)),
-            padding=_pads(node, 2), count_include_pad=bool(attr_int(node, "count_include_pad", 0)),
-        )
-        builder.layers.append(pool)
-        builder.last_absorbs = False
-        out = pool(torch.zeros(1, *var.layout))
-        var.shape = tuple(out.shape)
-        var.layout = var.shape[1:]
-    elif op == "MaxPool":
-        raise UnsupportedError("MaxPool is not supported by tightrope.bounds (export the network "
-                           "with AveragePool or strided convolutions)")
-    else:
-        raise UnsupportedError(f"operator {op} is not supported")
+        return
+    matrix = const(1 - position).to(torch.float64)
+    if matrix.dim() != 2:
+        raise UnsupportedError(f"MatMul by a constant of rank {matrix.dim()} (need 2)")
+    if position == 0:  # x @ W acts on the last axis
+        n = matrix.shape[0]
+        if var.shape[-1] != n or var.numel != n:
+            raise UnsupportedError(f"MatMul of {var.shape} by {tuple(matrix.shape)}")
+        _emit_linear(var, builder, matrix.T, None, (*var.shape[:-1], matrix.shape[1]))
+    else:  # W @ x contracts the second-to-last axis (or the only one)
+        n = matrix.shape[1]
+        vector = len(var.shape) == 1
+        if var.numel != n or (not vector and var.shape[-2:] != (n, 1)):
+            raise UnsupportedError(f"MatMul of {tuple(matrix.shape)} by {var.shape}")
+        out = (matrix.shape[0],) if vector else (*var.shape[:-2], matrix.shape[0], 1)
+        _emit_linear(var, builder, matrix, None, out)
 
 
 def _convert_conv(node: NodeProto, var: _Variable, const: Callable[[int], Tensor],
@@ -405,22 +400,10 @@ def _convert_conv(node: NodeProto, var: _Variable, const: Callable[[int], Tensor
                                 f"{tuple(weight.shape)}")
     _need_image_layout(var, builder, node)
     _flush(var, builder)
-    groups = attr_int(node, "group", 1)
-    conv = nn.Conv2d(
-        weight.shape[1] * groups, weight.shape[0], _pair(tuple(weight.shape[2:])),
-        stride=_pair(attr_ints(node, "strides") or (1, 1)),
-        padding=_pads(node, 2),
-        dilation=_pair(attr_ints(node, "dilations") or (1, 1)),
-        groups=groups, dtype=torch.float64,
-    )
+    bias = const(2) if len(inputs) > 2 and inputs[2] else None
+    conv = conv_layer(node, weight, bias, symmetric_pads(node))
     if conv.in_channels != var.layout[0]:
         raise UnsupportedError(f"Conv weight {tuple(weight.shape)} does not fit input {var.shape}")
-    bias = conv.bias
-    if bias is None:  # never: bias=True is the default
-        raise UnsupportedError("internal: Conv2d without a bias")
-    with torch.no_grad():
-        conv.weight.copy_(weight)
-        bias.copy_(const(2) if len(inputs) > 2 and inputs[2] else torch.zeros(weight.shape[0]))
     builder.layers.append(conv)
     builder.last_absorbs = True
     out = conv(torch.zeros(1, *var.layout, dtype=torch.float64))
@@ -428,28 +411,24 @@ def _convert_conv(node: NodeProto, var: _Variable, const: Callable[[int], Tensor
     var.layout = var.shape[1:]
 
 
-def _reshape_variable(node: NodeProto, shape: Shape, constants: dict[str, Tensor]) -> Shape:
-    """The new ONNX shape of a reshaping node; raises unless it keeps the element order."""
-    op = node.op_type
-    if op == "Flatten":
-        axis = attr_int(node, "axis", 1)
-        axis = axis + len(shape) if axis < 0 else axis
-        return (math.prod(shape[:axis]), math.prod(shape[axis:]))
-    if op == "Reshape":
-        if node.input[1] not in constants:
-            raise UnsupportedError("Reshape with an input-dependent target shape")
-        target = [int(v) for v in constants[node.input[1]].reshape(-1).tolist()]
-        return reshape_target(shape, target, bool(attr_int(node, "allowzero", 0)))
-    if op == "Squeeze":
-        axes = axis_list(node, constants, len(shape))
-        return tuple(d for i, d in enumerate(shape) if (i not in axes if axes else d != 1))
-    if op == "Unsqueeze":
-        axes = axis_list(node, constants, len(shape) + axes_count(node, constants))
-        out = list(shape)
-        for axis in sorted(axes):
-            out.insert(axis, 1)
-        return tuple(out)
-    raise UnsupportedError(f"{op} is not a reshape")
+def _convert_window(node: NodeProto, var: _Variable, constants: dict[str, Tensor],
+                    builder: _Builder) -> None:
+    """A pooling or constant Pad node on the chain: its layer, on the (1, C, H, W) value."""
+    _need_image_layout(var, builder, node)
+    _flush(var, builder)
+    _need_image_layout(var, builder, node)  # the flush may have flattened the value
+    layer: nn.Module
+    if node.op_type == "Pad":
+        begins, ends, value = pad_spec(node, constants, len(var.shape))
+        if begins[0] or ends[0]:
+            raise UnsupportedError("padding the batch axis is not supported")
+        layer = pad_layer(begins[1:], ends[1:], value)
+        var.shape = tuple(d + b + e for d, b, e in zip(var.shape, begins, ends, strict=True))
+    else:
+        layer, var.shape = pool_layer(node, var.shape)
+    builder.layers.append(layer)
+    builder.last_absorbs = False
+    var.layout = var.shape[1:]
 
 
 def _finite(values: Tensor) -> bool:
@@ -491,7 +470,9 @@ def _declared(info: ValueInfoProto) -> tuple[int, tuple[int | None, ...] | None]
 
 
 def convert_graph(graph: GraphProto, opset: int, source: str) -> Converted:
-    """Convert ``graph`` (one input, one output) into a :class:`Converted` float64 module.
+    """Convert ``graph`` (one input, one output) into a :class:`Converted` float64 module: an
+    ``nn.Sequential`` when its input-dependent values form a chain, else a
+    ``torch.fx.GraphModule`` (:func:`tightrope.verify.onnx.graph.convert_dag`).
 
     ``opset`` is the model's default-domain opset version (0 when not declared).
 
@@ -499,7 +480,6 @@ def convert_graph(graph: GraphProto, opset: int, source: str) -> Converted:
         OnnxImportError: listing every node that cannot be converted and every initializer or
             ``Constant`` node the graph uses that holds NaN or inf.
     """
-    problems: list[str] = []
     try:
         constants = {tensor.name: tensor_values(tensor) for tensor in graph.initializer}
     except UnsupportedError as error:
@@ -507,6 +487,32 @@ def convert_graph(graph: GraphProto, opset: int, source: str) -> Converted:
     used = {name for node in graph.node for name in node.input}
     non_finite = [f"initializer {name!r}" for name, values in constants.items()
                   if name in used and not _finite(values)]
+    info, elem_type, onnx_shape = _graph_input(graph, constants, source)
+    output = graph.output[0].name
+    dtype = DTYPES.get(elem_type, torch.float32)
+    nodes = _topological(graph.node, set(constants) | {info.name})
+    if _is_chain(nodes, info.name):
+        return _convert_chain(nodes, constants, non_finite, info.name, onnx_shape, output,
+                              opset, source, dtype)
+    module, output_shape, problems = convert_dag(nodes, constants, non_finite, info.name,
+                                                 onnx_shape, output, opset)
+    if module is None or problems or non_finite:
+        raise OnnxImportError(source, _with_non_finite(problems, non_finite))
+    return Converted(module, per_sample(onnx_shape), onnx_shape, output_shape, info.name, output,
+                     dtype)
+
+
+def _with_non_finite(problems: list[str], non_finite: list[str]) -> list[str]:
+    if not non_finite:
+        return problems
+    return [f"NaN or inf values in {', '.join(non_finite)}: such a network cannot be verified; "
+            "fix or re-export it with finite weights", *problems]
+
+
+def _graph_input(graph: GraphProto, constants: dict[str, Tensor],
+                 source: str) -> tuple[ValueInfoProto, int, Shape]:
+    """The graph's one input, its element type and ONNX shape (symbolic batch size as 1);
+    checks that there is one output."""
     real_inputs = [v for v in graph.input if v.name not in constants]
     if len(real_inputs) != 1:
         names = [v.name for v in real_inputs]
@@ -524,17 +530,41 @@ def convert_graph(graph: GraphProto, opset: int, source: str) -> Converted:
     if elem_type not in (1, 11, 10):
         raise OnnxImportError(source, [f"input {info.name!r} is not a float tensor "
                                        f"(data type {elem_type})"])
-    onnx_shape = tuple(1 if d is None or d <= 0 else d for d in shape)
+    return info, elem_type, tuple(1 if d is None or d <= 0 else d for d in shape)
+
+
+def _is_chain(nodes: Sequence[NodeProto], input_name: str) -> bool:
+    """Whether the input-dependent values form one chain: no node takes two of them and none
+    is used twice (``Shape`` of a value, a constant, does not count)."""
+    live = {input_name}
+    used: set[str] = set()
+    for node in nodes:
+        if node.op_type == "Shape":
+            continue
+        taken = [name for name in node.input if name in live]
+        if len(taken) > 1 or any(name in used for name in taken):
+            return False
+        if taken:
+            used.update(taken)
+            live.update(name for name in node.output if name)
+    return True
+
+
+def _convert_chain(nodes: Sequence[NodeProto], constants: dict[str, Tensor],
+                   non_finite: list[str], input_name: str, onnx_shape: Shape, output: str,
+                   opset: int, source: str, dtype: torch.dtype) -> Converted:
+    """The chain converter: one ``_Variable`` walks the chain, collecting layers."""
+    problems: list[str] = []
     layout = onnx_shape[1:] if len(onnx_shape) >= 2 and onnx_shape[0] == 1 else onnx_shape
-    var: _Variable | None = _Variable(info.name, onnx_shape, layout or (1,))
+    var: _Variable | None = _Variable(input_name, onnx_shape, layout or (1,))
     builder = _Builder(input_layout=layout or (1,))
     dead: set[str] = set()  # outputs of nodes that failed: skip what depends on them
-    for node in _topological(graph.node, set(constants) | {info.name}):
+    for node in nodes:
         missing = [n for n in node.input if n and n not in constants and n not in dead
                    and (var is None or n != var.name)]
         if missing:
             problems.append(f"{label(node)}: uses {missing}, which no earlier node produces "
-                            "(a branch of the graph, or nodes out of order)")
+                            "(nodes in a cycle, or a name nothing defines)")
             dead.update(node.output)
             continue
         if any(n in dead for n in node.input):
@@ -561,15 +591,20 @@ def convert_graph(graph: GraphProto, opset: int, source: str) -> Converted:
             dead.update(node.output)
             if var is not None and var.name in node.input:
                 var = None
-    if non_finite:
-        problems.insert(0, f"NaN or inf values in {', '.join(non_finite)}: such a network "
-                        "cannot be verified; fix or re-export it with finite weights")
-    output = graph.output[0].name
+    problems = _with_non_finite(problems, non_finite)
     if var is not None and var.name != output and not problems:
         problems.append(f"the graph output {output!r} is not the end of the input-dependent "
                         f"chain (which ends at {var.name!r})")
     if problems or var is None:
         raise OnnxImportError(source, problems or ["the input-dependent chain is broken"])
+    module = _finish_chain(var, builder, source)
+    order = None if builder.input_order is None else tuple(builder.input_order.tolist())
+    return Converted(module, builder.input_layout, onnx_shape, var.shape, input_name, output,
+                     dtype, order)
+
+
+def _finish_chain(var: _Variable, builder: _Builder, source: str) -> nn.Sequential:
+    """The chain's last layers (the pending map, a Flatten, the output order) and module."""
     try:
         _flush(var, builder)
     except UnsupportedError as error:
@@ -583,15 +618,12 @@ def convert_graph(graph: GraphProto, opset: int, source: str) -> Converted:
             permutation.weight[torch.arange(var.numel), var.order] = 1.0
             permutation.bias.zero_()
         builder.layers.append(permutation)
-    module = nn.Sequential(*builder.layers).to(torch.float64).eval()
-    dtype = DTYPES.get(elem_type, torch.float32)
-    order = None if builder.input_order is None else tuple(builder.input_order.tolist())
-    return Converted(module, builder.input_layout, onnx_shape, var.shape, info.name, output, dtype,
-                     order)
+    return nn.Sequential(*builder.layers).to(torch.float64).eval()
 
 
 _KNOWN_OPS = frozenset({
     "Relu", "Identity", "Dropout", "Cast", "Add", "Sub", "Mul", "Div", "Neg",
     "BatchNormalization", "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Gemm",
-    "MatMul", "Conv", "AveragePool", "Constant", "Shape", "Gather", "Concat",
+    "MatMul", "Conv", "AveragePool", "Constant", "Shape", "Gather", "Concat", "MaxPool",
+    "GlobalAveragePool", "Pad",
 })
