@@ -119,7 +119,8 @@ def lirpa(problem_path: Path, out: Path, repeats: int) -> None:
         with torch.no_grad():
             for method in ("IBP", "CROWN"):
                 (lb, ub), seconds = _timed(
-                    lambda m=method: bounded.compute_bounds(x=(x,), C=C, method=m), repeats)
+                    lambda m=method, b=bounded, x=x, C=C: b.compute_bounds(x=(x,), C=C, method=m),
+                    repeats)
                 row[method] = (lb, ub, seconds)
         found.append(row)
         print(problem["name"], {m: f"{row[m][2]:.4f} s" for m in ("IBP", "CROWN")})
@@ -144,7 +145,7 @@ def compare(problem_path: Path, lirpa_path: Path, repeats: int) -> None:
         C = problem["C"].unsqueeze(0)
         with torch.no_grad():
             for method, fn in (("IBP", ibp), ("CROWN", crown)):
-                ours, seconds = _timed(lambda f=fn: f(model, box, C), repeats)
+                ours, seconds = _timed(lambda f=fn, box=box, C=C: f(model, box, C), repeats)
                 lb, ub, their_seconds = other[method]
                 ratios[method].append(seconds / their_seconds)
                 print(f"{problem['name']:<24} {method:<6} "

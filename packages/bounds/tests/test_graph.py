@@ -10,8 +10,16 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tightrope.bounds import Box, crown, crown_ibp, ibp, ibp_trace, linear_bounds, margin_spec
-from tightrope.bounds import graph
+from tightrope.bounds import (
+    Box,
+    crown,
+    crown_ibp,
+    graph,
+    ibp,
+    ibp_trace,
+    linear_bounds,
+    margin_spec,
+)
 from tightrope.bounds.modules import Add, Concat, Pad, Permute, Reshape
 from tightrope.bounds.network import MaxPool, lower, rule_for
 
@@ -171,7 +179,7 @@ def test_every_domain_refuses_an_op_kind_it_has_no_rule_for() -> None:
 
     for table, domain in ((graph.INTERVAL_RULES, "interval propagation"),
                           (graph.BACKWARD_RULES, "the backward (CROWN) pass")):
-        with pytest.raises(NotImplementedError, match="Mystery.*mystery op"):
+        with pytest.raises(NotImplementedError, match=r"Mystery.*mystery op"):
             rule_for(table, Mystery(), domain)
 
 
@@ -180,7 +188,7 @@ def test_untraceable_and_unsupported_models_get_errors_that_name_the_node() -> N
         def forward(self, x: Tensor) -> Tensor:
             return x * x + torch.sigmoid(x)
 
-    with pytest.raises(TypeError, match="mul.*not linear.*sigmoid"):
+    with pytest.raises(TypeError, match=r"mul.*not linear.*sigmoid"):
         ibp(Squares(), Box.from_linf(torch.zeros(1, 3), 0.1))
 
     class Branchy(nn.Module):
@@ -284,3 +292,41 @@ def test_a_cached_trace_follows_a_replaced_module() -> None:
         model[5] = nn.Linear(6 * 4 * 4, 4).to(DTYPE)
         torch.testing.assert_close(ibp(model, point).lower, model(x))
         torch.testing.assert_close(crown(model, point).lower, model(x))
+
+
+def _tiny_models(generator: torch.Generator) -> list[nn.Module]:
+    """Graphs small enough for the exact MILP: 1 x 6 x 6 inputs."""
+    return [
+        nn.Sequential(nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), Residual(2, 2, 1, generator),
+                      nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 3)),
+        nn.Sequential(nn.Conv2d(1, 2, 3, 2, 1), TwoBranches(), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
+                      nn.Flatten(), nn.Linear(6 * 2 * 2, 3)),
+    ]
+
+
+@pytest.mark.parametrize(("which", "seed"), [(w, s) for w in range(2) for s in range(3)])
+def test_bounds_on_graphs_never_pass_the_exact_milp_optimum(which: int, seed: int) -> None:
+    pytest.importorskip("scipy")
+    from tightrope.bounds import lp_bound, milp_bound
+
+    generator = torch.Generator().manual_seed(100 * which + seed + 21)
+    model = _randomise(_tiny_models(generator)[which].to(DTYPE), generator)
+    x = torch.rand((1, 1, 6, 6), generator=generator, dtype=DTYPE)
+    box = Box.from_linf(x, 0.03)
+    C = margin_spec(torch.tensor([1]), 3).to(DTYPE)
+    exact = milp_bound(model, box, C)  # the true extremes of C f over the box
+    relaxed = lp_bound(model, box, C)
+    points = _samples(box, 400, generator)
+    with torch.no_grad():
+        values = torch.einsum("bkn,bsn->bsk", C, model(points.flatten(0, 1)).view(1, 400, 3))
+        crown_bounds = crown(model, box, C)
+        ibp_bounds = ibp(model, box, C)
+    slack = 1e-7
+    assert bool((exact.lower <= values.min(dim=1).values + slack).all())
+    assert bool((exact.upper >= values.max(dim=1).values - slack).all())
+    for name, found in (("ibp", ibp_bounds), ("crown", crown_bounds), ("lp", relaxed)):
+        assert bool((found.lower <= exact.lower + slack).all()), name
+        assert bool((found.upper >= exact.upper - slack).all()), name
+    # The LP is at least as tight as CROWN on the same intermediate bounds.
+    assert bool((relaxed.lower >= crown_bounds.lower - 1e-6).all())
+    assert bool((relaxed.upper <= crown_bounds.upper + 1e-6).all())

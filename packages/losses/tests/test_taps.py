@@ -388,3 +388,21 @@ def test_registry_builds_taps_and_staps() -> None:
         assert bool(torch.isfinite(out.loss))
     with pytest.raises(TypeError):
         build_loss("taps", STAPSConfig(), torch.Generator())
+
+
+def test_split_by_layer_name_equals_split_by_index() -> None:
+    from collections import OrderedDict
+
+    from tightrope.losses.taps import resolve_split
+
+    model = small_mlp(0)
+    assert resolve_split(model, "2") == resolve_split(model, 2) == 2
+    named = nn.Sequential(OrderedDict(
+        [("features", nn.Linear(6, 8)), ("act", nn.ReLU()), ("head", nn.Linear(8, 4))]))
+    assert resolve_split(named, "head") == 2
+    with pytest.raises(ValueError, match=r"names no top-level layer.*features, act, head"):
+        resolve_split(named, "tail")
+    with pytest.raises(ValueError, match="first layer"):
+        resolve_split(named, "features")
+    with pytest.raises(ValueError, match="empty name"):
+        TAPSConfig(split="")

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from tightrope.bounds.core import Box, concretize_lower, features_dot
 from tightrope.bounds.fused import relu_step
-from tightrope.bounds.network import Affine, Network, Op, Relu, expect_relu, transpose_rows
+from tightrope.bounds.network import Affine, Network, Op, expect_relu, transpose_rows
 from tightrope.bounds.relaxation import ReluRelaxation
 
 __all__ = ["backward_lower", "input_lower_bound", "lower_bound", "relu_step"]

@@ -45,7 +45,7 @@ from tightrope.bounds.linear import (
     _reshape_result,
     pre_activation_bounds,
 )
-from tightrope.bounds.network import Network
+from tightrope.bounds.network import Affine, Network
 from tightrope.bounds.problem import Problem, prepare
 from tightrope.bounds.relaxation import LowerSlope
 
@@ -113,10 +113,13 @@ def check_size(net: Network, *, binaries: bool, max_variables: int, caller: str)
     """Refuse a network whose program would exceed ``max_variables`` variables."""
     if max_variables < 1:
         raise ValueError(f"max_variables must be positive, got {max_variables}")
-    net.require_chain(caller)
     n_input = _numel(net.input_shape)
-    neurons = sum(_numel(net.shapes[i]) for i in net.relu_indices)
+    neurons = sum(_numel(net.in_shape(i)) for i in net.relu_indices)
     variables = n_input + (3 if binaries else 2) * neurons
+    if not net.is_relu_chain:  # a graph program: every value, and phases per relaxed input
+        relaxed = sum(_numel(net.in_shape(i)) for i, op in enumerate(net.ops)
+                      if not isinstance(op, Affine))
+        variables = sum(_numel(s) for s in net.shapes) + (relaxed if binaries else 0)
     if variables > max_variables:
         raise ValueError(
             f"{caller}: this network needs up to {variables} variables ({n_input} inputs, "
@@ -254,6 +257,18 @@ def programs(
         )
 
 
+def _graph_programs(problem: Problem, exact: Problem, intermediate: Intermediate,
+                    lower_slope: LowerSlope, binaries: bool, upper: bool) -> Iterator[Program]:
+    """:func:`programs` of a graph network (:mod:`tightrope.bounds.graph_encoding`)."""
+    from tightrope.bounds.graph import graph_pre_activations
+    from tightrope.bounds.graph_encoding import graph_programs
+
+    boxes, relaxations = graph_pre_activations(problem.net, problem.box,
+                                               intermediate is Intermediate.CROWN, lower_slope)
+    return graph_programs(exact.net, exact.box, _output_spec(exact), boxes, relaxations,
+                          binaries=binaries, upper=upper)
+
+
 class _Rows:
     """Accumulates blocks of constraint rows ``sum_j values_j * v[columns_j] (=|<=) rhs``."""
 
@@ -341,13 +356,17 @@ def solve_rows(
     with torch.no_grad():
         problem = prepare(model, box, C)
         check_size(problem.net, binaries=binaries, max_variables=max_variables, caller=caller)
-        # Pre-activation bounds exactly as crown computes them (model dtype and device).
-        pre = pre_activation_bounds(problem.net, box, intermediate, lower_slope)
         on_cpu64 = box.lower.dtype == torch.float64 and box.lower.device.type == "cpu"
         exact = problem if on_cpu64 else float64_problem(model, box, C)
         rows = _output_spec(problem).shape[1]
         found = torch.empty((problem.batch, 2 * rows if upper else rows), dtype=torch.float64)
-        for sample, program in enumerate(programs(exact, pre, binaries=binaries, upper=upper)):
+        # Pre-activation bounds exactly as crown computes them (model dtype and device).
+        if problem.net.is_relu_chain:
+            pre = pre_activation_bounds(problem.net, box, intermediate, lower_slope)
+            made = programs(exact, pre, binaries=binaries, upper=upper)
+        else:
+            made = _graph_programs(problem, exact, intermediate, lower_slope, binaries, upper)
+        for sample, program in enumerate(made):
             solve_row = solve(program)
             for row in range(found.shape[1]):
                 found[sample, row] = solve_row(row)

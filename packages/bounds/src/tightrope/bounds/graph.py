@@ -119,9 +119,10 @@ def graph_interval(
     known: Mapping[int, Box] | None = None,
     found: dict[int, Box] | None = None,
     rules: Mapping[type, IntervalRule] = INTERVAL_RULES,
+    keep: bool = False,
 ) -> list[Interval | None]:
     """Interval bounds of every value up to the output of op ``end - 1``, as ``(centre,
-    radius)``; ``None`` for values no later op needs.
+    radius)``; ``None`` for values no later op needs (unless ``keep``).
 
     The input box of every relaxed op (ReLU, max pooling) is intersected with ``known[op]``
     when given and stored in ``found[op]`` when ``found`` is given. ``rules``: the rule table
@@ -146,7 +147,7 @@ def graph_interval(
         rule = rule_for(rules, op, "interval propagation")
         values.append(rule(net, index, op, args))  # type: ignore[arg-type]
         for v in inputs[index]:
-            if last_use[v] == index:
+            if last_use[v] == index and not keep:
                 values[v] = None
     return values
 

@@ -60,12 +60,12 @@ from tightrope.bounds.rounding import sound_lower
 
 __all__ = [
     "CERTIFIED_RULES",
+    "SOUND_INTERVAL_RULES",
     "CertifiedRoot",
     "graph_alpha_bounds",
-    "graph_certified_root",
-    "SOUND_INTERVAL_RULES",
     "graph_certified_bounds",
     "graph_certified_lower",
+    "graph_certified_root",
     "graph_sound_interval",
 ]
 
@@ -408,10 +408,8 @@ def _tightened(net: Network, index: int, box: Box, boxes: Mapping[int, Box],
         return boxes[index]
     known = boxes[index]
     lower, upper = known.lower.flatten(1), known.upper.flatten(1)
-    if isinstance(net.ops[index], Relu):
-        wanted = (lower < 0) & (upper > 0)
-    else:
-        wanted = upper > lower
+    relu = isinstance(net.ops[index], Relu)
+    wanted = (lower < 0) & (upper > 0) if relu else upper > lower
     union = wanted.any(dim=0).nonzero().squeeze(1)
     batch, shape = lower.shape[0], net.shapes[value]
     widest = max(_numel(s) for s in net.shapes[: value + 1])

@@ -53,10 +53,10 @@ __all__ = [
     "Network",
     "Op",
     "Relu",
-    "expect_relu",
-    "rule_for",
     "affine_rule",
+    "expect_relu",
     "lower",
+    "rule_for",
     "supported_layers",
     "transpose",
 ]
@@ -241,7 +241,8 @@ class Network:
         """Raise a clear error when this network is not a chain of affine maps and ReLUs:
         ``what`` (a bound method or pass) only handles that form so far."""
         if not self.is_relu_chain:
-            odd = sorted({type(op).__name__ for op in self.ops if not isinstance(op, (Affine, Relu))})
+            odd = sorted({type(op).__name__ for op in self.ops
+                          if not isinstance(op, (Affine, Relu))})
             found = f" (it has {', '.join(odd)})" if odd else " (it has branches)"
             raise NotImplementedError(
                 f"{what} handles chains of affine layers and ReLUs only, and this network is "
@@ -315,7 +316,7 @@ def lower(model: nn.Module, reference: Tensor) -> Network:
     layers = leaves(model)
     if all(_chain_layer(m) for _, m in layers):
         return lower_leaves(layers, reference)
-    from tightrope.bounds.trace import lower_traced  # noqa: PLC0415 (trace imports this module)
+    from tightrope.bounds.trace import lower_traced
 
     return lower_traced(model, reference)
 

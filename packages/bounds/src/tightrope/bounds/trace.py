@@ -306,7 +306,8 @@ def _lower_arithmetic(builder: _Builder, node: fx.Node, sources: list[fx.Node],
             builder.problems.append(f"{node.name} ({_target_name(node)}): a product or quotient "
                                     "of two values that depend on the input is not linear")
             return None
-        assert isinstance(a, fx.Node) and isinstance(b, fx.Node)
+        assert isinstance(a, fx.Node)
+        assert isinstance(b, fx.Node)
         second = builder.live[b]
         if key in _SUB:
             second = _scaled(builder, node, b, values, -1.0, 0.0)

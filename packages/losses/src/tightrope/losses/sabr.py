@@ -10,8 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from tightrope.attacks import MultiStepDecay, PGDConfig, pgd
-from tightrope.bounds import Affine, Box, margin_spec, prepare, tail_bounds
-from tightrope.bounds import graph
+from tightrope.bounds import Affine, Box, graph, margin_spec, prepare, tail_bounds
 from tightrope.bounds.network import Network, Relu, expect_relu
 from tightrope.losses.batchnorm import BatchNormPolicy, clean_pass
 from tightrope.losses.core import (

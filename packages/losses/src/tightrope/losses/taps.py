@@ -52,9 +52,12 @@ class TAPSConfig:
     """Settings of :class:`TAPSLoss`.
 
     Attributes:
-        split: layer index into the ``nn.Sequential`` model, ``0 < split <= len(model)``:
-            ``f_E = model[:split]``, ``f_C = model[split:]``; overrides ``classifier_relus``.
-            ``split == len(model)`` makes the loss the IBP loss.
+        split: where the classifier starts, overriding ``classifier_relus``: a layer index
+            into the ``nn.Sequential`` model, ``0 < split <= len(model)`` (``f_E =
+            model[:split]``, ``f_C = model[split:]``; ``len(model)`` makes the loss the IBP
+            loss), or the name of a top-level layer (its key in the ``nn.Sequential``, e.g.
+            ``"7"``, or ``"head"`` for a named one): ``f_C`` starts at that layer. A residual
+            block is one layer, so the split always falls between blocks.
         classifier_relus: with ``split = None`` (default), the number of ReLU layers the
             classifier holds, each with the affine layer (and BatchNorm) that feeds it: the
             split goes just before the affine layer of the ``classifier_relus``-th ReLU from
@@ -80,7 +83,7 @@ class TAPSConfig:
     ``tightrope.losses.METHODS["taps"].build_ramp``.
     """
 
-    split: int | None = None
+    split: int | str | None = None
     classifier_relus: int = 1
     connector_c: float = 0.5
     taps_gradient_scale: float = 5.0
@@ -89,8 +92,12 @@ class TAPSConfig:
     relu_shrink: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.split is not None and (isinstance(self.split, bool) or self.split <= 0):
-            raise ValueError(f"split must be a layer index > 0 (or None), got {self.split}")
+        if isinstance(self.split, str):
+            if not self.split:
+                raise ValueError("split must name a layer of the model, got an empty name")
+        elif self.split is not None and (isinstance(self.split, bool) or self.split <= 0):
+            raise ValueError(f"split must be a layer index > 0, a layer name or None, got "
+                             f"{self.split!r}")
         if isinstance(self.classifier_relus, bool) or self.classifier_relus < 1:
             raise ValueError(f"classifier_relus must be >= 1, got {self.classifier_relus}")
         check_unit_interval("connector_c", self.connector_c)
@@ -105,8 +112,9 @@ class TAPSConfig:
 _AFFINE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def resolve_split(model: nn.Module, split: int | None, classifier_relus: int = 1) -> int:
-    """The layer index of the split of ``model``: ``split`` checked, or the default one.
+def resolve_split(model: nn.Module, split: int | str | None, classifier_relus: int = 1) -> int:
+    """The layer index of the split of ``model``: ``split`` checked (a name: the index of that
+    top-level layer), or the default one.
 
     The default leaves ``classifier_relus`` ReLU layers in the classifier, each with the affine
     layer (``Linear``/``Conv``) that feeds it, through BatchNorm layers only: on
@@ -126,6 +134,15 @@ def resolve_split(model: nn.Module, split: int | None, classifier_relus: int = 1
         )
     if split is None:
         return _default_split(model, classifier_relus)
+    if isinstance(split, str):
+        names = [name for name, _ in model.named_children()]
+        if split not in names:
+            raise ValueError(f"split names no top-level layer of the model: {split!r}; its "
+                             f"layers are {', '.join(names)}")
+        split = names.index(split)
+        if split == 0:
+            raise ValueError(f"split {names[0]!r} is the model's first layer, which would leave "
+                             "the feature extractor empty; name a later layer")
     if not 0 < split <= len(model):
         raise ValueError(
             f"split must satisfy 0 < split <= len(model) = {len(model)}, got {split}"
