@@ -330,3 +330,23 @@ def test_bounds_on_graphs_never_pass_the_exact_milp_optimum(which: int, seed: in
     # The LP is at least as tight as CROWN on the same intermediate bounds.
     assert bool((relaxed.lower >= crown_bounds.lower - 1e-6).all())
     assert bool((relaxed.upper <= crown_bounds.upper + 1e-6).all())
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_patch_passes_equal_dense_passes(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tightrope.bounds import LowerSlope, patches
+
+    generator = torch.Generator().manual_seed(seed + 50)
+    model = _randomise(_models(generator)[1].to(DTYPE), generator)  # two residual blocks
+    x = torch.rand((2, 1, 8, 8), generator=generator, dtype=DTYPE)
+    box = Box.from_linf(x, 0.05)
+    net = lower(model, x[:0])
+    found = {}
+    for share in (0.0, 1e9):  # dense everywhere, then windows wherever they apply
+        monkeypatch.setattr(patches, "MAX_SHARE", share)
+        found[share], relaxations = graph.graph_pre_activations(net, box, True,
+                                                                LowerSlope.ADAPTIVE)
+    assert sum(patches.patchable(net, net.op_inputs[i][0], relaxations) for i in found[1e9]) >= 3
+    for index, dense in found[0.0].items():
+        torch.testing.assert_close(found[1e9][index].lower, dense.lower, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(found[1e9][index].upper, dense.upper, rtol=1e-9, atol=1e-9)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tightrope.bounds import patches
 from tightrope.bounds.core import Box, LowerSlope, features_dot
 from tightrope.bounds.fused import relu_step
 from tightrope.bounds.network import (
@@ -509,13 +510,19 @@ def _tighten(net: Network, value: int, box: Box, interval: Box,
     batch, shape = lower.shape[0], net.shapes[value]
     widest = max(_numel(s) for s in net.shapes[: value + 1])
     chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, 2 * batch * widest))
+    use_patches = patches.patchable(net, value, relaxations)
+    if use_patches:  # rows on receptive fields: a few times more of them fit a chunk
+        chunk *= 8
     for begin in range(0, union.numel(), chunk):
         neurons = union[begin : begin + chunk]
         count = neurons.numel()
-        selector = lower.new_zeros((batch, count, lower.shape[1]))
-        selector[:, torch.arange(count), neurons] = 1.0
-        rows = selector.view(batch, count, *shape)
-        found = input_bound(net, value, torch.cat([rows, -rows], dim=1), box, relaxations)
+        if use_patches:
+            found = _patch_rows(net, value, neurons, box, relaxations, lower)
+        else:
+            selector = lower.new_zeros((batch, count, lower.shape[1]))
+            selector[:, torch.arange(count), neurons] = 1.0
+            rows = selector.view(batch, count, *shape)
+            found = input_bound(net, value, torch.cat([rows, -rows], dim=1), box, relaxations)
         # Only a sample's own loose neurons take new bounds, so that a sample's result does
         # not depend on the rest of its batch.
         valid, old_lower, old_upper = wanted[:, neurons], lower[:, neurons], upper[:, neurons]
@@ -524,6 +531,21 @@ def _tighten(net: Network, value: int, box: Box, interval: Box,
         lower = lower.index_copy(1, neurons, new_lower)
         upper = upper.index_copy(1, neurons, new_upper)
     return Box(lower.view(interval.lower.shape), upper.view(interval.upper.shape))
+
+
+def _patch_rows(net: Network, value: int, neurons: Tensor, box: Box,
+                relaxations: Mapping[int, Relaxation], like: Tensor) -> Tensor:
+    """``_tighten``'s rows ``[e_n; -e_n]`` for the flat ``neurons`` of image value ``value``,
+    bounded by :func:`tightrope.bounds.patches.patch_bound`: ``(B, 2 count)``."""
+    channels, height, width = net.shapes[value]
+    count = neurons.numel()
+    channel = torch.div(neurons, height * width, rounding_mode="floor")
+    pixel = neurons % (height * width)
+    corner = torch.stack([torch.div(pixel, width, rounding_mode="floor"), pixel % width], 1)
+    rows = like.new_zeros((like.shape[0], count, channels, 1, 1))
+    rows[:, torch.arange(count), channel, 0, 0] = 1.0
+    return patches.patch_bound(net, value, torch.cat([rows, -rows], dim=1),
+                               torch.cat([corner, corner]), box, relaxations)
 
 
 def output_bounds(net: Network, box: Box, C: Tensor, relaxations: Mapping[int, Relaxation],

@@ -93,6 +93,11 @@ class Affine:
     #: True for maps that act per channel on ``(N, C, H, W)`` with the same shape out (scale and
     #: shift): their ``fast_transpose`` applies unchanged to rows on any spatial window.
     channelwise: bool = False
+    #: For convolutions: ``L^T`` of rows on windows of any position, without cropping:
+    #: ``(N, C_out, h, w) -> (N, C_in, h', w')``, plus ``(stride, padding)`` per spatial
+    #: dimension: a window whose top-left pixel is ``p`` maps to one whose top-left pixel is
+    #: ``p * stride - padding`` (which may lie outside the image; the caller masks it).
+    patch_transpose: tuple[TensorMap, tuple[int, int], tuple[int, int]] | None = None
     #: Optional ``min over z in [c - r, c + r] of A (L z)`` for rows ``A: (B, K, *S_out)`` and
     #: ``c, r: (B, *S_in)`` -> ``(B, K)`` (no constant term): the backward pass's last step when
     #: the map is the network's first mixing one, for maps whose transpose is cheaper to bound
@@ -618,6 +623,9 @@ def _conv2d(
         columns_kept = slice(lows[1] - starts[1], highs[1] - starts[1])
         return full[:, :, rows_kept, columns_kept], (lows[0], lows[1])
 
+    def full_transpose(rows: Tensor) -> Tensor:
+        return F.conv_transpose2d(rows, weight, None, stride, 0, 0, groups, dilation)
+
     def absorb(scale: Tensor, shift: Tensor) -> Affine:
         folded_bias = shift if bias is None else bias * scale + shift
         return _conv2d(weight * scale.view(-1, 1, 1, 1), folded_bias, module, in_shape)
@@ -625,15 +633,18 @@ def _conv2d(
     return Affine(
         apply, apply_abs, "Conv2d", fast_transpose=fast_transpose, absorb=absorb,
         window_transpose=window_transpose, concretize=concretize if phased else None,
+        patch_transpose=(full_transpose, (stride[0], stride[1]), (padding[0], padding[1])),
         out_shape=(weight.shape[0], out_hw[0], out_hw[1]),
     )
 
 
 
-#: Strided convolutions with at most this many input channels (image inputs) transpose on CPU
-#: as stride x stride ordinary convolutions (see ``_phase_transpose``): oneDNN's transposed
-#: convolution is slow with so few output channels (about 2x on MNIST's first layer).
-_PHASE_MAX_CHANNELS = 8
+#: Strided convolutions with at most this many input channels (image inputs: grey or RGB)
+#: transpose on CPU as stride x stride ordinary convolutions (see ``_phase_transpose``):
+#: oneDNN's transposed convolution is slow with so few output channels (about 2x on MNIST's
+#: first layer). With 8 channels (resnet_2b's first block) the plain transposed convolution
+#: was as fast or faster (2026-12-07), so hidden layers keep it.
+_PHASE_MAX_CHANNELS = 3
 
 
 def _phase_plan(

@@ -153,10 +153,11 @@ def verify(
     """Decide whether ``spec`` holds for ``model`` (Wang et al. 2021's complete verification).
 
     Args:
-        model: an eval-mode ``nn.Sequential`` of layers ``tightrope.bounds`` supports, with
-            finite parameters. Attacks and the searches for multipliers run on it; boxes and
-            every closing bound on a copy in ``config.dtype`` (float64 by default), with their
-            rigorous rounding error subtracted (:mod:`tightrope.verify.sound`).
+        model: an eval-mode model ``tightrope.bounds`` supports (a chain, or a graph such as
+            a residual network: see :mod:`tightrope.bounds.graph`), with finite parameters.
+            Attacks and the searches for multipliers run on it; boxes and every closing bound
+            on a copy in ``config.dtype`` (float64 by default), with their rigorous rounding
+            error subtracted (:mod:`tightrope.verify.sound`).
         spec: the regions and unsafe sets (see :mod:`tightrope.verify.spec`).
         timeout: wall-clock seconds for the whole call.
         config: stages and branch-and-bound settings.
