@@ -62,7 +62,7 @@ def test_a_good_config_resolves_with_defaults_and_round_trips() -> None:
     ("loss.options.shrink", "0", "loss.options: shrink"),
     ("loss.options.attack.steps", "many", "loss.options.attack.steps: expected an integer"),
     ("eps.ramp_epochs", "9", "exceeds epochs"),
-    ("model.name", "resnet", "unknown model 'resnet'"),
+    ("model.name", "vgg16", "unknown model 'vgg16'"),
     ("eps.train", ".nan", "eps.train: expected a finite number, got nan"),
     ("eps.test", ".inf", "eps.test: expected a finite number, got inf"),
     ("eps.smoothed_power", ".nan", "eps.smoothed_power: expected a finite number"),

@@ -45,8 +45,32 @@ def test_cnn7_shapes_follow_the_paper() -> None:
 
 
 def test_unknown_model_and_option() -> None:
-    with pytest.raises(ValueError, match="known: cnn3, cnn7, mlp"):
-        build_model("resnet", in_channels=1, input_size=28, num_classes=10, mean=[0], std=[1])
+    with pytest.raises(ValueError, match="known: cnn3, cnn7, mlp, resnet, resnet2b, resnet4b"):
+        build_model("vgg16", in_channels=1, input_size=28, num_classes=10, mean=[0], std=[1])
+    with pytest.raises(ValueError, match="resnet: blocks must be a positive integer"):
+        build_model("resnet", in_channels=1, input_size=28, num_classes=10, mean=[0], std=[1],
+                    blocks=0)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        build_model("resnet2b", in_channels=1, input_size=30, num_classes=10, mean=[0], std=[1])
     with pytest.raises(TypeError):
         build_model("cnn3", in_channels=1, input_size=28, num_classes=10, mean=[0], std=[1],
                     depth=3)
+
+
+def test_resnet_shapes_and_the_vnncomp_resnet_2b_layout() -> None:
+    from tightrope.train.models import ResidualBlock
+
+    model = build_model("resnet2b", in_channels=3, input_size=32, num_classes=10,
+                        mean=[0.5] * 3, std=[0.25] * 3)
+    blocks = [m for m in model if isinstance(m, ResidualBlock)]
+    assert len(blocks) == 2
+    assert isinstance(blocks[0].shortcut, torch.nn.Sequential)  # 1x1 strided convolution
+    assert isinstance(blocks[1].shortcut, torch.nn.Identity)
+    linear = [m for m in model if isinstance(m, torch.nn.Linear)]
+    assert (linear[0].in_features, linear[0].out_features) == (16 * 8 * 8, 100)
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    deep = build_model("resnet4b", in_channels=1, input_size=28, num_classes=10, mean=[0],
+                       std=[1], batch_norm=True, width=4)
+    assert sum(isinstance(m, ResidualBlock) for m in deep) == 4
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in deep.modules())
+    assert deep(torch.rand(2, 1, 28, 28)).shape == (2, 10)
