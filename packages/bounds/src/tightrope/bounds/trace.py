@@ -47,18 +47,33 @@ from tightrope.bounds.network import (
     supported_layers,
 )
 
-__all__ = ["lower_traced"]
+__all__ = [
+    "ADD",
+    "CAT",
+    "DIV",
+    "MUL",
+    "NEG",
+    "PERMUTE",
+    "RELU",
+    "RESHAPE",
+    "SUB",
+    "attribute_of",
+    "evaluate_node",
+    "lower_traced",
+    "node_key",
+    "traced_graph",
+]
 
-_RELU = {torch.relu, F.relu, "relu"}
-_ADD = {operator.add, torch.add, "add", operator.iadd}
-_SUB = {operator.sub, torch.sub, "sub", operator.isub}
-_MUL = {operator.mul, torch.mul, "mul", operator.imul}
-_DIV = {operator.truediv, torch.div, "div", operator.itruediv}
-_NEG = {operator.neg, torch.neg, "neg"}
-_RESHAPE = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
+RELU = {torch.relu, F.relu, "relu"}
+ADD = {operator.add, torch.add, "add", operator.iadd}
+SUB = {operator.sub, torch.sub, "sub", operator.isub}
+MUL = {operator.mul, torch.mul, "mul", operator.imul}
+DIV = {operator.truediv, torch.div, "div", operator.itruediv}
+NEG = {operator.neg, torch.neg, "neg"}
+RESHAPE = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze,
             "flatten", "view", "reshape", "squeeze", "unsqueeze"}
-_PERMUTE = {torch.permute, torch.transpose, "permute", "transpose"}
-_CAT = {torch.cat, torch.concat, torch.concatenate}
+PERMUTE = {torch.permute, torch.transpose, "permute", "transpose"}
+CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 class _Tracer(fx.Tracer):
@@ -111,7 +126,7 @@ def lower_traced(model: nn.Module, reference: Tensor) -> Network:
     Raises:
         TypeError: listing every node of the trace that has no op, at once.
     """
-    graph = _trace(model)
+    graph = traced_graph(model)
     # Shapes come from a concrete pass; two samples at least, so that a reshape that mixes
     # samples cannot pass for one that keeps them.
     shapes_only = reference.shape[0] == 0
@@ -153,7 +168,7 @@ _TRACES: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[tuple[str, type], ...]
     weakref.WeakKeyDictionary())
 
 
-def _trace(model: nn.Module) -> fx.Graph:
+def traced_graph(model: nn.Module) -> fx.Graph:
     """The ``torch.fx`` graph of ``model`` with dead code removed (cached per model)."""
     layout = tuple((name, type(module)) for name, module in model.named_modules())
     found = _TRACES.get(model)
@@ -183,10 +198,10 @@ def _visit(builder: _Builder, node: fx.Node, values: dict[fx.Node, Any],
     args = fx.node.map_arg(node.args, lambda n: values[n])
     kwargs = fx.node.map_arg(node.kwargs, lambda n: values[n])
     if node.op == "get_attr":
-        return _attribute(builder.model, str(node.target))
+        return attribute_of(builder.model, str(node.target))
     result = _declared(builder, node, args) if builder.shapes_only else None
     if result is None:
-        result = _evaluate(builder.model, node, args, kwargs)
+        result = evaluate_node(builder.model, node, args, kwargs)
     sources = [n for n in node.all_input_nodes if n in builder.live]
     if not sources:
         return result  # a constant (parameters, shapes)
@@ -214,7 +229,8 @@ def _declared(builder: _Builder, node: fx.Node, args: Any) -> Tensor | None:
     return None if shape is None else args[0].new_zeros((args[0].shape[0], *shape))
 
 
-def _evaluate(model: nn.Module, node: fx.Node, args: Any, kwargs: Any) -> Any:
+def evaluate_node(model: nn.Module, node: fx.Node, args: Any, kwargs: Any) -> Any:
+    """What a ``call_module``/``call_method``/``call_function`` node computes on ``args``."""
     if node.op == "call_module":
         return model.get_submodule(str(node.target))(*args, **kwargs)
     if node.op == "call_method":
@@ -223,7 +239,8 @@ def _evaluate(model: nn.Module, node: fx.Node, args: Any, kwargs: Any) -> Any:
     return target(*args, **kwargs)
 
 
-def _attribute(model: nn.Module, target: str) -> Any:
+def attribute_of(model: nn.Module, target: str) -> Any:
+    """The attribute ``target`` (a dotted path) of ``model``: a ``get_attr`` node's value."""
     found: Any = model
     for part in target.split("."):
         found = getattr(found, part)
@@ -237,7 +254,9 @@ def _target_name(node: fx.Node) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", repr(target))
 
 
-def _key(node: fx.Node) -> object:
+def node_key(node: fx.Node) -> object:
+    """The key of a node in the function groups (``ADD``, ``RELU``, ...): its target, or its
+    method's name."""
     return node.target if node.op != "call_method" else str(node.target)
 
 
@@ -248,18 +267,18 @@ def _lower_node(builder: _Builder, node: fx.Node, sources: list[fx.Node],
     reference = values[sources[0]]
     if node.op == "call_module":
         return _lower_module(builder, node, [builder.live[s] for s in sources], values, result)
-    key = _key(node)
-    if key in _RELU and len(sources) == 1:
+    key = node_key(node)
+    if key in RELU and len(sources) == 1:
         return builder.add(Relu(name=node.name), (first,), result)
-    if key in _ADD | _SUB | _MUL | _DIV | _NEG:
+    if key in ADD | SUB | MUL | DIV | NEG:
         return _lower_arithmetic(builder, node, sources, values, result)
-    if key in _RESHAPE:
+    if key in RESHAPE:
         return builder.affine(Reshape(result.shape[1:]), first, reference, node.name)
-    if key in _PERMUTE:
+    if key in PERMUTE:
         return _lower_permute(builder, node, reference, result)
     if key == "contiguous":
         return first
-    if key in _CAT:
+    if key in CAT:
         return _lower_cat(builder, node, values, result)
     builder.problems.append(f"{node.name}: no op for {_target_name(node)}")
     return None
@@ -290,9 +309,9 @@ def _lower_module(builder: _Builder, node: fx.Node, inputs: list[int],
 
 def _lower_arithmetic(builder: _Builder, node: fx.Node, sources: list[fx.Node],
                       values: dict[fx.Node, Any], result: Tensor) -> int | None:
-    key = _key(node)
+    key = node_key(node)
     operands: list[Any] = list(node.args)
-    if key in _NEG:
+    if key in NEG:
         return _scaled(builder, node, operands[0], values, -1.0, 0.0)
     if len(operands) != 2 or node.kwargs:
         builder.problems.append(f"{node.name} ({_target_name(node)}): only two operands, no "
@@ -302,24 +321,24 @@ def _lower_arithmetic(builder: _Builder, node: fx.Node, sources: list[fx.Node],
     a_live = isinstance(a, fx.Node) and a in builder.live
     b_live = isinstance(b, fx.Node) and b in builder.live
     if a_live and b_live:
-        if key not in _ADD | _SUB:
+        if key not in ADD | SUB:
             builder.problems.append(f"{node.name} ({_target_name(node)}): a product or quotient "
                                     "of two values that depend on the input is not linear")
             return None
         assert isinstance(a, fx.Node)
         assert isinstance(b, fx.Node)
         second = builder.live[b]
-        if key in _SUB:
+        if key in SUB:
             second = _scaled(builder, node, b, values, -1.0, 0.0)
         return builder.add(Add(name=node.name), (builder.live[a], second), result)
     live, constant = (a, values.get(b, b) if isinstance(b, fx.Node) else b) if a_live else (
         b, values.get(a, a) if isinstance(a, fx.Node) else a)
-    if key in _ADD:
+    if key in ADD:
         return _scaled(builder, node, live, values, 1.0, constant)
-    if key in _SUB:
+    if key in SUB:
         return (_scaled(builder, node, live, values, 1.0, -constant) if a_live
                 else _scaled(builder, node, live, values, -1.0, constant))
-    if key in _MUL:
+    if key in MUL:
         return _scaled(builder, node, live, values, constant, 0.0)
     if not a_live:
         builder.problems.append(f"{node.name}: dividing by a value that depends on the input")
@@ -351,8 +370,8 @@ def _lower_permute(builder: _Builder, node: fx.Node, reference: Tensor,
                    result: Tensor) -> int | None:
     rank = reference.dim()
     args: tuple[Any, ...] = tuple(node.args)
-    if _key(node) in ("permute", torch.permute):
-        given = args[1:] if _key(node) == "permute" else args[1]
+    if node_key(node) in ("permute", torch.permute):
+        given = args[1:] if node_key(node) == "permute" else args[1]
         dims = list(given[0] if len(given) == 1 and isinstance(given[0], (list, tuple))
                     else given)
         dims = [int(d) % rank for d in dims]
