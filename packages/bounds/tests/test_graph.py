@@ -350,3 +350,22 @@ def test_patch_passes_equal_dense_passes(seed: int, monkeypatch: pytest.MonkeyPa
     for index, dense in found[0.0].items():
         torch.testing.assert_close(found[1e9][index].lower, dense.lower, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(found[1e9][index].upper, dense.upper, rtol=1e-9, atol=1e-9)
+
+
+def test_a_selected_certified_root_equals_the_root_of_those_samples() -> None:
+    from tightrope.bounds.graph_certificate import graph_certified_bounds, graph_certified_root
+
+    generator = torch.Generator().manual_seed(9)
+    model = _randomise(_models(generator)[0].to(DTYPE), generator)
+    x = torch.rand((4, 1, 8, 8), generator=generator, dtype=DTYPE)
+    box = Box.from_linf(x, 0.05)
+    C = margin_spec(torch.tensor([0, 1, 2, 3]), 4).to(DTYPE)
+    net = lower(model, x[:0])
+    picked = torch.tensor([3, 1])
+    sub_box = Box(box.lower[picked], box.upper[picked])
+    selected = graph_certified_root(net, box, 3).select(picked)
+    fresh = graph_certified_root(net, sub_box, 3)
+    for index, found in selected.boxes.items():
+        torch.testing.assert_close(found.lower, fresh.boxes[index].lower)
+    torch.testing.assert_close(graph_certified_bounds(net, sub_box, C[picked], root=selected),
+                               graph_certified_bounds(net, sub_box, C[picked], root=fresh))

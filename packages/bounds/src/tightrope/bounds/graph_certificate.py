@@ -337,6 +337,16 @@ class CertifiedRoot:
     boxes: dict[int, Box]
     relaxations: dict[int, Relaxation]
 
+    def select(self, samples: Tensor) -> CertifiedRoot:
+        """The root of the samples ``samples`` (indices into the batch) only."""
+        boxes = {i: Box(b.lower[samples], b.upper[samples]) for i, b in self.boxes.items()}
+        relaxations: dict[int, Relaxation] = {}
+        for index, relaxation in self.relaxations.items():
+            kind = type(relaxation)
+            relaxations[index] = kind(*(getattr(relaxation, f)[samples]
+                                        for f in kind.__dataclass_fields__))
+        return CertifiedRoot(boxes, relaxations)
+
 
 def graph_certified_root(net: Network, box: Box, rows: int = 1,
                          lower_slope: LowerSlope = LowerSlope.ADAPTIVE) -> CertifiedRoot:

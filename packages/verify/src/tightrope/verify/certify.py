@@ -40,6 +40,7 @@ from tightrope.bounds import (
     sound_interval,
 )
 from tightrope.bounds.graph_certificate import (
+    CertifiedRoot,
     graph_alpha_bounds,
     graph_certified_bounds,
     graph_certified_root,
@@ -207,6 +208,8 @@ def certify(
             falsify(i, result.x_adv[position : position + 1], stage)
         report(stage)
 
+    graph_root: list[tuple[list[int], CertifiedRoot]] = []
+
     def bound(stage: Stage) -> None:
         todo = open_()
         if not todo:
@@ -221,7 +224,8 @@ def certify(
         if not exact.is_relu_chain:
             # A graph (residual joins, max pooling): certified IBP, CROWN and alpha-CROWN on
             # the output; branch-and-bound handles chains of affine maps and ReLUs so far.
-            sound = _graph_stage(exact, box, C, stage, config, stage_deadline(todo, start))
+            sound = _graph_stage(exact, box, C, stage, config, stage_deadline(todo, start),
+                                 todo, graph_root)
         elif stage is Stage.IBP:
             sound = sound_interval(exact, box, C)
         else:
@@ -263,12 +267,21 @@ def certify(
 
 
 def _graph_stage(net: Network, box: Box, C: Tensor, stage: Stage, config: VerifierConfig,
-                 deadline: float) -> Tensor:
-    """Sound margin bounds ``(B, K)`` of a batched bound stage on a graph network."""
+                 deadline: float, todo: list[int],
+                 kept: list[tuple[list[int], CertifiedRoot]]) -> Tensor:
+    """Sound margin bounds ``(B, K)`` of a batched bound stage on a graph network, for the
+    samples ``todo``; ``kept`` holds the CROWN stage's samples and certified root, which the
+    alpha-CROWN stage reuses for the samples left."""
     if stage is Stage.IBP:
         return graph_certified_bounds(net, box, C, crown=False)
-    root = graph_certified_root(net, box, int(C.shape[1]))
     if stage is Stage.CROWN:
+        root = graph_certified_root(net, box, int(C.shape[1]))
+        kept[:] = [(list(todo), root)]
         return graph_certified_bounds(net, box, C, root=root)
+    if kept and set(todo) <= set(kept[0][0]):
+        where = {sample: position for position, sample in enumerate(kept[0][0])}
+        root = kept[0][1].select(torch.tensor([where[sample] for sample in todo]))
+    else:
+        root = graph_certified_root(net, box, int(C.shape[1]))
     return graph_alpha_bounds(net, box, C, root, steps=config.alpha_steps, lr=config.alpha_lr,
                               deadline=deadline)
