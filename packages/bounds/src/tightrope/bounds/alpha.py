@@ -49,7 +49,8 @@ def alpha_crown(
     optimisation.
 
     Args:
-        model: an ``nn.Sequential`` of supported layers.
+        model: a chain of supported affine layers and ReLUs (every ``nn.Sequential`` of
+            them); graphs raise ``NotImplementedError`` (see :mod:`tightrope.bounds.graph`).
         box: input box ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)`` specification; ``None`` bounds ``f`` itself.
         steps: gradient steps (0 returns ``crown``'s bounds).

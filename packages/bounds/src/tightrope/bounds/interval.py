@@ -129,7 +129,8 @@ def ibp(model: nn.Module, box: Box, C: Tensor | None = None) -> Box:
     Differentiable with respect to the model's parameters. Costs about two forward passes.
 
     Args:
-        model: an ``nn.Sequential`` of supported layers (see ``supported_layers()``).
+        model: any supported model, a chain or a graph (see ``supported_layers()``
+            and :func:`tightrope.bounds.lower`).
         box: input box, ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)`` specification, e.g. ``margin_spec(y, n)``.
 

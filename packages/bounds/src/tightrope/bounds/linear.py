@@ -298,7 +298,8 @@ def crown(
     Differentiable with respect to the model's parameters.
 
     Args:
-        model: an ``nn.Sequential`` of supported layers.
+        model: any supported model, a chain or a graph (see
+            :func:`tightrope.bounds.lower`).
         box: input box ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)`` specification; ``None`` bounds ``f`` itself.
         intermediate: how ReLU pre-activations are bounded: ``Intermediate.CROWN`` (a backward

@@ -50,7 +50,8 @@ def lp_bound(
     (``pip install tightrope-bounds[oracles]``).
 
     Args:
-        model: an ``nn.Sequential`` of supported layers.
+        model: any supported model, a chain or a graph (see
+            :func:`tightrope.bounds.lower`).
         box: input box ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)`` specification; ``None`` bounds ``f`` itself.
         intermediate: pre-activation bounds by ``Intermediate.CROWN`` or ``Intermediate.IBP``,

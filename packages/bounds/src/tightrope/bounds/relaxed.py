@@ -131,7 +131,8 @@ def relax(
     ``crown_ibp(model, box, C, upper=False).lower`` (reshaped to ``(B, K)``).
 
     Args:
-        model: an ``nn.Sequential`` of supported layers.
+        model: a chain of supported affine layers and ReLUs (every ``nn.Sequential`` of
+            them); graphs raise ``NotImplementedError``.
         box: input box ``(B, *S_in)``.
         C: ``(B, K, n_out)`` or ``(K, n_out)``; ``None`` bounds every output.
         intermediate: pre-activation bounds by ``Intermediate.IBP`` (default, CROWN-IBP) or
