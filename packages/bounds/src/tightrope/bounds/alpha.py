@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from tightrope.bounds.ascent import ascend_slopes
 from tightrope.bounds.backward import lower_bound
 from tightrope.bounds.core import Box
 from tightrope.bounds.linear import (
@@ -117,32 +118,12 @@ def optimise_slopes(
         for i, r in pre.relaxations.items()
     }
     free = {
-        i: f.expand(f.shape[0], rows, *f.shape[2:]).clone().requires_grad_(True)
+        i: f.expand(f.shape[0], rows, *f.shape[2:]).clone()
         for i, f in fixed.items()
     }
-    best_slopes = {i: s.detach().clone() for i, s in free.items()}
-    if steps == 0 or not free:
-        return best_slopes
-    best = torch.full(A.shape[:2], float("-inf"), dtype=A.dtype, device=A.device)
-    optimizer = torch.optim.Adam(list(free.values()), lr=lr)
-    for step in range(steps + 1):
-        with torch.enable_grad():
-            slopes = {i: torch.where(unstable[i], s, fixed[i]) for i, s in free.items()}
-            bound = lower_bound(net, end, A, box, relaxations, slopes)
-            improved = bound.detach() > best
-            best = torch.where(improved, bound.detach(), best)
-            for i, s in slopes.items():
-                mask = improved.view(*improved.shape, *([1] * (s.dim() - 2)))
-                best_slopes[i] = torch.where(mask, s.detach(), best_slopes[i])
-            if step == steps:
-                break
-            gradients = torch.autograd.grad(
-                -bound.sum(), list(free.values()), allow_unused=True, materialize_grads=True
-            )
-        for parameter, gradient in zip(free.values(), gradients, strict=True):
-            parameter.grad = gradient
-        optimizer.step()
-        with torch.no_grad():
-            for parameter in free.values():
-                parameter.clamp_(0.0, 1.0)
-    return best_slopes
+
+    def bound_of(free: dict[int, Tensor]) -> Tensor:
+        slopes = {i: torch.where(unstable[i], s, fixed[i]) for i, s in free.items()}
+        return lower_bound(net, end, A, box, relaxations, slopes)
+
+    return ascend_slopes(free, bound_of, steps=steps, lr=lr)

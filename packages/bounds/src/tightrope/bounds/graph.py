@@ -20,7 +20,6 @@ before they are passed further back, so each op is visited once per pass.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tightrope.bounds import patches
+from tightrope.bounds.ascent import ascend_slopes
 from tightrope.bounds.core import Box, LowerSlope, features_dot
 from tightrope.bounds.fused import relu_step
 from tightrope.bounds.network import (
@@ -305,32 +305,11 @@ def optimise_row_slopes(net: Network, A: Tensor, box: Box, relaxations: Mapping[
     free = {i: r.lower_slope.unsqueeze(1).expand(r.lower_slope.shape[0], rows,
                                                  *r.lower_slope.shape[1:]).clone()
             for i, r in frozen.items() if isinstance(r, ReluRelaxation)}
-    best_slopes = {i: s.clone() for i, s in free.items()}
-    if steps == 0 or not free:
-        return best_slopes
-    for parameter in free.values():
-        parameter.requires_grad_(True)
-    best = torch.full(A.shape[:2], float("-inf"), dtype=A.dtype, device=A.device)
-    optimizer = torch.optim.Adam(list(free.values()), lr=lr)
-    for step in range(steps + 1):
-        with torch.enable_grad():
-            bound = input_bound(net, len(net.ops), A, box, with_row_slopes(frozen, free))
-            improved = bound.detach() > best
-            best = torch.where(improved, bound.detach(), best)
-            for i, slope in free.items():
-                mask = improved.view(*improved.shape, *([1] * (slope.dim() - 2)))
-                best_slopes[i] = torch.where(mask, slope.detach(), best_slopes[i])
-            if step == steps or (deadline is not None and time.monotonic() > deadline):
-                break
-            gradients = torch.autograd.grad(-bound.sum(), list(free.values()),
-                                            allow_unused=True, materialize_grads=True)
-        for parameter, gradient in zip(free.values(), gradients, strict=True):
-            parameter.grad = gradient
-        optimizer.step()
-        with torch.no_grad():
-            for parameter in free.values():
-                parameter.clamp_(0.0, 1.0)
-    return best_slopes
+
+    def bound_of(slopes: dict[int, Tensor]) -> Tensor:
+        return input_bound(net, len(net.ops), A, box, with_row_slopes(frozen, slopes))
+
+    return ascend_slopes(free, bound_of, steps=steps, lr=lr, deadline=deadline)
 
 
 def _detached(relaxation: Relaxation) -> Relaxation:

@@ -61,6 +61,7 @@ __all__ = [
     "evaluate_node",
     "lower_traced",
     "node_key",
+    "node_permutation",
     "traced_graph",
 ]
 
@@ -366,19 +367,24 @@ def _per_sample(constant: Any, reference: Tensor) -> Tensor:
     return value
 
 
-def _lower_permute(builder: _Builder, node: fx.Node, reference: Tensor,
-                   result: Tensor) -> int | None:
-    rank = reference.dim()
+def node_permutation(node: fx.Node, rank: int) -> list[int]:
+    """The dimension order (batch included) of a ``permute``/``transpose`` node on a value of
+    ``rank`` dimensions."""
     args: tuple[Any, ...] = tuple(node.args)
     if node_key(node) in ("permute", torch.permute):
-        given = args[1:] if node_key(node) == "permute" else args[1]
+        given = args[1:] if node_key(node) == "permute" else args[1:2]
         dims = list(given[0] if len(given) == 1 and isinstance(given[0], (list, tuple))
                     else given)
-        dims = [int(d) % rank for d in dims]
-    else:
-        first, second = (int(d) % rank for d in args[1:3])
-        dims = list(range(rank))
-        dims[first], dims[second] = dims[second], dims[first]
+        return [int(d) % rank for d in dims]
+    first, second = (int(d) % rank for d in args[1:3])
+    dims = list(range(rank))
+    dims[first], dims[second] = dims[second], dims[first]
+    return dims
+
+
+def _lower_permute(builder: _Builder, node: fx.Node, reference: Tensor,
+                   result: Tensor) -> int | None:
+    dims = node_permutation(node, reference.dim())
     if dims[0] != 0:
         builder.problems.append(f"{node.name}: a permutation that moves the batch dimension")
         return None

@@ -38,6 +38,7 @@ from tightrope.bounds.trace import (
     attribute_of,
     evaluate_node,
     node_key,
+    node_permutation,
     traced_graph,
 )
 
@@ -290,17 +291,7 @@ def _emit_arithmetic(state: _State, node: fx.Node, index: int) -> str | None:
 
 
 def _emit_permute(state: _State, node: fx.Node, index: int, source: str) -> str | None:
-    rank = state.values[node.all_input_nodes[0]].dim()
-    args: tuple[Any, ...] = tuple(node.args)
-    if node_key(node) in ("permute", torch.permute):
-        given = args[1:] if node_key(node) == "permute" else args[1:2]
-        dims = list(given[0] if len(given) == 1 and isinstance(given[0], (list, tuple))
-                    else given)
-        dims = [int(d) % rank for d in dims]
-    else:
-        first, second = (int(d) % rank for d in args[1:3])
-        dims = list(range(rank))
-        dims[first], dims[second] = dims[second], dims[first]
+    dims = node_permutation(node, state.values[node.all_input_nodes[0]].dim())
     if dims[0] != 0:
         state.refuse(node, "a permutation that moves the batch dimension")
         return None
