@@ -177,8 +177,17 @@ def test_every_domain_refuses_an_op_kind_it_has_no_rule_for() -> None:
     class Mystery:
         name = "mystery op"
 
-    for table, domain in ((graph.INTERVAL_RULES, "interval propagation"),
-                          (graph.BACKWARD_RULES, "the backward (CROWN) pass")):
+    from tightrope.bounds import graph_certificate, graph_encoding
+    from tightrope.bounds.network import OP_KINDS
+
+    tables = ((graph.INTERVAL_RULES, "interval propagation"),
+              (graph.BACKWARD_RULES, "the backward (CROWN) pass"),
+              (graph_certificate.SOUND_INTERVAL_RULES, "sound interval propagation"),
+              (graph_certificate.CERTIFIED_RULES, "the certified backward pass"),
+              (graph_certificate.MAGNITUDE_RULES, "the certified pass's magnitudes"),
+              (graph_encoding.ENCODING_RULES, "the LP/MILP encoding"))
+    for table, domain in tables:
+        assert set(table) == set(OP_KINDS), domain  # every op kind has a rule in every domain
         with pytest.raises(NotImplementedError, match=r"Mystery.*mystery op"):
             rule_for(table, Mystery(), domain)
 

@@ -214,6 +214,10 @@ def test_automatic_settings_follow_the_network_depth() -> None:
     assert [auto.milp_share(n) for n in (1, 2, 3, 6)] == [0.2, 0.2, 1.0, 1.0]
     assert [auto.layers_to_split(n) for n in (2, 3)] == [LayerOrder.SCORE,
                                                          LayerOrder.SHALLOW_FIRST]
+    # Shallow-first pays only where the search refines later layers by CROWN (chains).
+    assert auto.layers_to_split(6, crown_refined=False) is LayerOrder.SCORE
+    assert BabConfig(refine_intermediate=False).layers_to_split(6) is LayerOrder.SCORE
+    assert [auto.milp_share(n, max_pooling=True) for n in (2, 6)] == [0.2, 0.2]
     assert [auto.refine_share(n) for n in (2, 3, 6)] == [0.0, 0.3, 0.3]
     assert BabConfig(deep_layers=5).fsb_width(4) == 32
     given = BabConfig(fsb_candidates=7, milp_after=0.5, layer_order=LayerOrder.SCORE,

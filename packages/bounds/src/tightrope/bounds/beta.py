@@ -19,6 +19,13 @@ Everything here works on a lowered :class:`~tightrope.bounds.network.Network` wi
 subdomains ``D`` stacked along the leading dimension, so a branch-and-bound search can bound
 hundreds of subdomains in one call. Shapes: ``S_i`` is the per-sample shape of ReLU op ``i``'s
 pre-activation, ``K`` the number of specification rows.
+
+A chain of affine maps and ReLUs takes the specialised chain pass; any other graph (residual
+joins, max pooling) takes the graph backward pass (:func:`~tightrope.bounds.graph.graph_backward`),
+where the split term rides on the ReLU's relaxation
+(:class:`~tightrope.bounds.relaxation.SplitReluRelaxation`) and the pre-activation boxes of
+every relaxed op (max pooling too) are given; only ReLUs are split. Per-neuron refinement after
+a split (:func:`refine_pre_activations`) takes chains only.
 """
 
 from __future__ import annotations
@@ -33,9 +40,15 @@ from torch import Tensor
 from tightrope.bounds.backward import relu_step
 from tightrope.bounds.certificate import dual_lower
 from tightrope.bounds.core import Box, concretize_lower, features_dot
+from tightrope.bounds.graph import Relaxation, graph_backward, relaxation_of
 from tightrope.bounds.linear import _tighten
-from tightrope.bounds.network import Affine, Network, expect_relu, transpose_rows
-from tightrope.bounds.relaxation import LowerSlope, ReluRelaxation, relu_relaxation
+from tightrope.bounds.network import Affine, Network, Relu, expect_relu, transpose_rows
+from tightrope.bounds.relaxation import (
+    LowerSlope,
+    ReluRelaxation,
+    SplitReluRelaxation,
+    relu_relaxation,
+)
 
 __all__ = [
     "SplitBound",
@@ -129,6 +142,7 @@ def refine_pre_activations(
     Returns:
         Clamped bounds for every ReLU op.
     """
+    net.require_chain("refine_pre_activations")
     refined = apply_splits(boxes, signs)
     relaxations: dict[int, ReluRelaxation] = {}
     for position, index in enumerate(net.relu_indices):
@@ -173,9 +187,11 @@ def optimise_pre_activations(
     """
     signs = {} if signs is None else signs
     refined = apply_splits(boxes, signs)
-    for position, index in enumerate(net.relu_indices):
-        if position == 0:
-            continue  # no ReLU before it: CROWN is already exact on the affine prefix
+    for index in net.relu_indices:
+        value = net.op_inputs[index][0]
+        earlier = {i: b for i, b in refined.items() if i < value}
+        if not earlier:
+            continue  # no relaxed op before it: CROWN is already exact on the affine prefix
         current = refined[index]
         batch = current.lower.shape[0]
         lower, upper = current.lower.flatten(1), current.upper.flatten(1)
@@ -183,30 +199,28 @@ def optimise_pre_activations(
         count = int(union.numel())
         if count == 0:
             continue
-        prefix = Network(ops=net.ops[:index], shapes=net.shapes[: index + 1], like=net.like)
+        prefix = net.prefix(value)
         selector = lower.new_zeros((batch, 2 * count, lower.shape[1]))
         rows = torch.arange(count, device=lower.device)
         selector[:, rows, union] = 1.0
         selector[:, rows + count, union] = -1.0
-        earlier = {i: refined[i] for i in net.relu_indices if i < index}
-        earlier_signs = {i: s for i, s in signs.items() if i < index}
-        rows_c = selector.view(batch, 2 * count, *net.shapes[index])
+        earlier_signs = {i: s for i, s in signs.items() if i < value}
+        rows_c = selector.view(batch, 2 * count, *net.shapes[value])
         if search is None:
             found = optimise_split_bound(
                 prefix, box, rows_c, earlier, earlier_signs, steps=steps, lr_alpha=lr_alpha,
                 deadline=deadline,
             )
-            value = found.lower.detach()
+            found_rows = found.lower.detach()
         else:
-            search_prefix = Network(ops=search.ops[:index], shapes=search.shapes[: index + 1],
-                                    like=search.like)
-            _, value = certified_split_bound(
+            search_prefix = search.prefix(value)
+            _, found_rows = certified_split_bound(
                 prefix, box, rows_c, earlier, earlier_signs, search=search_prefix,
                 steps=steps, lr_alpha=lr_alpha, deadline=deadline,
             )
         new_lower, new_upper = lower.clone(), upper.clone()
-        new_lower[:, union] = torch.maximum(lower[:, union], value[:, :count])
-        new_upper[:, union] = torch.minimum(upper[:, union], -value[:, count:])
+        new_lower[:, union] = torch.maximum(lower[:, union], found_rows[:, :count])
+        new_upper[:, union] = torch.minimum(upper[:, union], -found_rows[:, count:])
         shape = current.lower.shape
         tightened = Box(new_lower.view(shape), new_upper.view(shape))
         refined[index] = apply_splits({index: tightened}, signs)[index]
@@ -239,6 +253,8 @@ def split_lower_bound(
         betas: multipliers ``(D, K or 1, *S_i)`` per ReLU op (default: zero); only split
             neurons read them.
     """
+    if not net.is_relu_chain:
+        return _graph_split_lower_bound(net, box, C, boxes, signs, alphas, betas)
     relaxations = {i: relu_relaxation(b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
     batch, rows = C.shape[0], C.shape[1]
     A = C
@@ -272,6 +288,59 @@ def split_lower_bound(
             used_betas[index] = multiplier
             A = A - multiplier * sign.unsqueeze(1).to(A.dtype)
         pre_coefficients[index] = A
+    lower = concretize_lower(A, bias, box)
+    return SplitBound(lower, A, relu_coefficients, used_alphas, used_betas, pre_coefficients)
+
+
+def _graph_split_lower_bound(
+    net: Network,
+    box: Box,
+    C: Tensor,
+    boxes: Mapping[int, Box],
+    signs: Mapping[int, Tensor],
+    alphas: Mapping[int, Tensor] | None,
+    betas: Mapping[int, Tensor] | None,
+) -> SplitBound:
+    """:func:`split_lower_bound` on a graph: one graph backward pass whose ReLU relaxations
+    carry the chosen slopes and split terms (``boxes`` hold every relaxed op's input box)."""
+    relaxations: dict[int, Relaxation] = {}
+    used_alphas: dict[int, Tensor] = {}
+    used_betas: dict[int, Tensor] = {}
+    for index, pre in boxes.items():
+        op = net.ops[index]
+        if not isinstance(op, Relu):
+            relaxations[index] = relaxation_of(op, pre, LowerSlope.ADAPTIVE)
+            continue
+        relaxation = relu_relaxation(pre, LowerSlope.ADAPTIVE)
+        fixed = relaxation.lower_slope.unsqueeze(1)
+        slope = fixed
+        if alphas is not None and index in alphas:
+            slope = torch.where(relaxation.unstable.unsqueeze(1), alphas[index].clamp(0.0, 1.0),
+                                fixed)
+        used_alphas[index] = slope
+        parts = (slope, relaxation.upper_slope, relaxation.upper_intercept, relaxation.unstable)
+        sign = signs.get(index)
+        if sign is not None and betas is not None and index in betas:
+            multiplier = betas[index].clamp(min=0.0) * (sign != 0).unsqueeze(1)
+            used_betas[index] = multiplier
+            relaxations[index] = SplitReluRelaxation(
+                *parts, multiplier * sign.unsqueeze(1).to(multiplier.dtype))
+        else:
+            relaxations[index] = ReluRelaxation(*parts)
+    record: dict[int, tuple[Tensor, list[Tensor]]] = {}
+    pending, bias = graph_backward(net, len(net.ops), C, relaxations, record=record)
+    batch, rows = C.shape[0], C.shape[1]
+    A = pending.get(0)
+    if A is None:  # the output does not depend on the input
+        A = C.new_zeros((batch, rows, *net.input_shape))
+    relu_coefficients: dict[int, Tensor] = {}
+    pre_coefficients: dict[int, Tensor] = {}
+    for index in net.relu_indices:
+        seen = record.get(index)
+        if seen is None:  # a ReLU no path to the output reads
+            seen = (C.new_zeros((batch, rows, *net.shapes[index + 1])),
+                    [C.new_zeros((batch, rows, *net.in_shape(index)))])
+        relu_coefficients[index], pre_coefficients[index] = seen[0], seen[1][0]
     lower = concretize_lower(A, bias, box)
     return SplitBound(lower, A, relu_coefficients, used_alphas, used_betas, pre_coefficients)
 
@@ -310,7 +379,9 @@ def optimise_split_bound(
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     batch, rows = C.shape[0], C.shape[1]
-    relaxations = {i: relu_relaxation(b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
+    relus = set(net.relu_indices)
+    relaxations = {i: relu_relaxation(b, LowerSlope.ADAPTIVE) for i, b in boxes.items()
+                   if i in relus}
     free_alpha: dict[int, Tensor] = {}
     free_beta: dict[int, Tensor] = {}
     for index, relaxation in relaxations.items():

@@ -130,16 +130,21 @@ def dual_lower(
     dual at the given multipliers (see the module docstring).
 
     Args:
-        net: the lowered network.
+        net: the lowered network (a graph goes to
+            :func:`~tightrope.bounds.graph_certificate.graph_certified_lower`).
         box: input boxes ``(D or 1, *S_in)``.
         C: ``(D, K, *S_out)`` rows.
         boxes: valid pre-activation bounds ``(D or 1, *S_i)`` per ReLU op (split-clamped on
-            branch-and-bound subdomains).
+            branch-and-bound subdomains), and on a graph per max pooling op too.
         multipliers: ``lambda_i: (D, K, *S_i)`` per ReLU op, e.g.
             :attr:`tightrope.bounds.SplitBound.pre_coefficients`.
         offsets: ``(K,)`` or ``(D, K)`` constants subtracted from the rows.
     """
-    net.require_chain("dual_lower")
+    if not net.is_relu_chain:
+        from tightrope.bounds.graph_certificate import graph_certified_lower
+
+        return graph_certified_lower(net, len(net.ops), C, box, boxes, {}, offsets,
+                                     multipliers=multipliers)
     batch, rows = C.shape[0], C.shape[1]
     gamma = _gamma(net, rows)
     with torch.no_grad():

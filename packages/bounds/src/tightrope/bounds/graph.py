@@ -43,7 +43,7 @@ from tightrope.bounds.network import (
     rule_for,
     transpose_rows,
 )
-from tightrope.bounds.relaxation import ReluRelaxation, relu_relaxation
+from tightrope.bounds.relaxation import ReluRelaxation, SplitReluRelaxation, relu_relaxation
 
 __all__ = [
     "BACKWARD_RULES",
@@ -267,6 +267,8 @@ def _backward_relu(net: Network, index: int, op: Op, A: Tensor, bias: Tensor,
     assert isinstance(relaxation, ReluRelaxation)
     A, bias = relu_step(A, bias, row_slopes(relaxation, A), relaxation.upper_slope,
                         relaxation.upper_intercept)
+    if isinstance(relaxation, SplitReluRelaxation):
+        A = A - relaxation.split_term
     return [A], bias
 
 
@@ -364,6 +366,7 @@ def graph_backward(
     relaxations: Mapping[int, Relaxation],
     stop: int = 0,
     bias: Tensor | None = None,
+    record: dict[int, tuple[Tensor, list[Tensor]]] | None = None,
 ) -> tuple[dict[int, Tensor], Tensor]:
     """Carry ``A z_value`` (``A: (B, K, *shapes[value])``) back through the ops before
     ``value`` from op ``value - 1`` down to op ``stop``.
@@ -371,7 +374,9 @@ def graph_backward(
     Returns the coefficients on every value the pass reached and did not pass further back
     (the input, for ``stop`` 0; values produced before op ``stop`` otherwise), and the
     constant ``(B, K)``: ``A z_value >= sum_v A_v z_v + bias`` wherever the relaxed ops' inputs
-    lie in the boxes their relaxations were built on.
+    lie in the boxes their relaxations were built on. ``record``, when given, receives per op
+    passed the coefficients on its output and those it passed to each of its inputs (a
+    ReLU's: the Lagrange multiplier on its pre-activation, as beta-CROWN's dual reads it).
     """
     inputs = net.op_inputs
     pending: dict[int, Tensor] = {value: A}
@@ -384,6 +389,8 @@ def graph_backward(
         op = net.ops[index]
         rule = rule_for(BACKWARD_RULES, op, "the backward (CROWN) pass")
         parts, bias = rule(net, index, op, coefficients, bias, relaxations)
+        if record is not None:
+            record[index] = (coefficients, parts)
         for source, part in zip(inputs[index], parts, strict=True):
             found = pending.get(source)
             pending[source] = part if found is None else found + part
@@ -483,27 +490,50 @@ def _tighten(net: Network, value: int, box: Box, interval: Box,
              relaxations: Mapping[int, Relaxation], loose_only: bool) -> Box:
     """CROWN bounds on the neurons of ``value`` (those the interval leaves unstable when
     ``loose_only``, else every one with a positive width), intersected with ``interval``."""
+    lower = interval.lower.flatten(1)
+    batch, shape = lower.shape[0], net.shapes[value]
+    use_patches = patches.patchable(net, value, relaxations)
+
+    def bound(neurons: Tensor) -> Tensor:
+        if use_patches:
+            return _patch_rows(net, value, neurons, box, relaxations, lower)
+        rows = selector_rows(neurons, batch, shape, lower)
+        return input_bound(net, value, torch.cat([rows, -rows], dim=1), box, relaxations)
+
+    # Rows on receptive fields: a few times more of them fit a chunk.
+    chunk = row_chunk(net, value, batch, ROW_CHUNK_ELEMENTS) * (8 if use_patches else 1)
+    return tighten_neurons(interval, loose_only, chunk, bound)
+
+
+def row_chunk(net: Network, value: int, batch: int, elements: int) -> int:
+    """How many neurons of ``value`` one pass of ``[e_n; -e_n]`` rows may take so that no
+    coefficient tensor on the way back exceeds ``elements``."""
+    widest = max(_numel(s) for s in net.shapes[: value + 1])
+    return max(1, elements // max(1, 2 * batch * widest))
+
+
+def selector_rows(neurons: Tensor, batch: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """``(B, count, *shape)`` unit rows ``e_n`` for the flat ``neurons`` of a value."""
+    count = neurons.numel()
+    selector = like.new_zeros((batch, count, _numel(shape)))
+    selector[:, torch.arange(count), neurons] = 1.0
+    return selector.view(batch, count, *shape)
+
+
+def tighten_neurons(interval: Box, loose_only: bool, chunk: int,
+                    bound: Callable[[Tensor], Tensor]) -> Box:
+    """``interval`` (``(B, *S)``) with its loose neurons (unstable ones when ``loose_only``,
+    else every one of positive width) intersected with ``bound(neurons)``: ``(B, 2 count)``
+    lower bounds of ``[e_n; -e_n]`` for flat ``neurons``, asked ``chunk`` neurons at a time.
+    Only a sample's own loose neurons take new bounds, so that a sample's result does not
+    depend on the rest of its batch."""
     lower, upper = interval.lower.flatten(1), interval.upper.flatten(1)
     wanted = (lower < 0) & (upper > 0) if loose_only else upper > lower
     union = wanted.any(dim=0).nonzero().squeeze(1)
-    batch, shape = lower.shape[0], net.shapes[value]
-    widest = max(_numel(s) for s in net.shapes[: value + 1])
-    chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, 2 * batch * widest))
-    use_patches = patches.patchable(net, value, relaxations)
-    if use_patches:  # rows on receptive fields: a few times more of them fit a chunk
-        chunk *= 8
     for begin in range(0, union.numel(), chunk):
         neurons = union[begin : begin + chunk]
         count = neurons.numel()
-        if use_patches:
-            found = _patch_rows(net, value, neurons, box, relaxations, lower)
-        else:
-            selector = lower.new_zeros((batch, count, lower.shape[1]))
-            selector[:, torch.arange(count), neurons] = 1.0
-            rows = selector.view(batch, count, *shape)
-            found = input_bound(net, value, torch.cat([rows, -rows], dim=1), box, relaxations)
-        # Only a sample's own loose neurons take new bounds, so that a sample's result does
-        # not depend on the rest of its batch.
+        found = bound(neurons)
         valid, old_lower, old_upper = wanted[:, neurons], lower[:, neurons], upper[:, neurons]
         new_lower = torch.where(valid, torch.maximum(old_lower, found[:, :count]), old_lower)
         new_upper = torch.where(valid, torch.minimum(old_upper, -found[:, count:]), old_upper)

@@ -41,7 +41,10 @@ from tightrope.bounds.graph import (
     nonlinear_indices,
     optimise_row_slopes,
     relaxation_of,
+    row_chunk,
     row_slopes,
+    selector_rows,
+    tighten_neurons,
     with_row_slopes,
 )
 from tightrope.bounds.network import (
@@ -60,6 +63,7 @@ from tightrope.bounds.rounding import sound_lower
 
 __all__ = [
     "CERTIFIED_RULES",
+    "MAGNITUDE_RULES",
     "SOUND_INTERVAL_RULES",
     "CertifiedRoot",
     "graph_alpha_bounds",
@@ -174,6 +178,8 @@ class _Pass:
     magnitudes: list[Tensor]
     value: Tensor
     error: Tensor
+    #: Given Lagrange multipliers on ReLU pre-activations (beta-CROWN's); CROWN's elsewhere.
+    multipliers: Mapping[int, Tensor]
 
 
 def _certified_affine(state: _Pass, index: int, op: Op, A: Tensor) -> list[Tensor]:
@@ -187,12 +193,17 @@ def _certified_affine(state: _Pass, index: int, op: Op, A: Tensor) -> list[Tenso
 
 
 def _certified_relu(state: _Pass, index: int, op: Op, A: Tensor) -> list[Tensor]:
-    relaxation = state.relaxations[index]
-    assert isinstance(relaxation, ReluRelaxation)
     box = state.boxes[index]
-    # The multiplier on the pre-activation: CROWN's (any value keeps the bound valid).
-    lam, _ = relu_step_eager(A, A.new_zeros(A.shape[:2]), row_slopes(relaxation, A),
-                             relaxation.upper_slope, relaxation.upper_intercept)
+    # The multiplier on the pre-activation: the given one, else CROWN's (any value keeps the
+    # bound valid).
+    given = state.multipliers.get(index)
+    if given is not None:
+        lam = given
+    else:
+        relaxation = state.relaxations[index]
+        assert isinstance(relaxation, ReluRelaxation)
+        lam, _ = relu_step_eager(A, A.new_zeros(A.shape[:2]), row_slopes(relaxation, A),
+                                 relaxation.upper_slope, relaxation.upper_intercept)
     lower, upper = box.lower.unsqueeze(1), box.upper.unsqueeze(1)
     at_lower = A * torch.relu(lower) - lam * lower
     at_upper = A * torch.relu(upper) - lam * upper
@@ -244,6 +255,49 @@ CERTIFIED_RULES: dict[type, CertifiedRule] = {
 }
 
 
+MagnitudeRule: TypeAlias = Callable[[Network, int, Op, list[Tensor], Mapping[int, Box], float],
+                                    Tensor]
+
+
+def _magnitude_affine(net: Network, index: int, op: Op, args: list[Tensor],
+                      boxes: Mapping[int, Box], inflate: float) -> Tensor:
+    assert isinstance(op, Affine)
+    return _finite_or_inf(op.apply_abs(args[0]) + net.offset(index).abs()) * inflate
+
+
+def _magnitude_relu(net: Network, index: int, op: Op, args: list[Tensor],
+                    boxes: Mapping[int, Box], inflate: float) -> Tensor:
+    return torch.relu(boxes[index].upper)
+
+
+def _magnitude_add(net: Network, index: int, op: Op, args: list[Tensor],
+                   boxes: Mapping[int, Box], inflate: float) -> Tensor:
+    return _finite_or_inf(args[0] + args[1]) * inflate
+
+
+def _magnitude_concat(net: Network, index: int, op: Op, args: list[Tensor],
+                      boxes: Mapping[int, Box], inflate: float) -> Tensor:
+    assert isinstance(op, Concat)
+    return torch.cat(args, dim=op.dim + 1)
+
+
+def _magnitude_max_pool(net: Network, index: int, op: Op, args: list[Tensor],
+                        boxes: Mapping[int, Box], inflate: float) -> Tensor:
+    assert isinstance(op, MaxPool)
+    return op.apply(args[0])
+
+
+#: Upper bounds on ``|output|`` of each op kind from those of its inputs (and the valid box of
+#: a relaxed op's input), for the rounding-error terms of the certified pass.
+MAGNITUDE_RULES: dict[type, MagnitudeRule] = {
+    Affine: _magnitude_affine,
+    Relu: _magnitude_relu,
+    Add: _magnitude_add,
+    Concat: _magnitude_concat,
+    MaxPool: _magnitude_max_pool,
+}
+
+
 def _magnitudes(net: Network, box: Box, boxes: Mapping[int, Box], end: int,
                 gamma: float) -> list[Tensor]:
     """Upper bounds on ``|z_v|`` for the values ``0..end``, each ``(B or 1, *S_v)``."""
@@ -252,20 +306,8 @@ def _magnitudes(net: Network, box: Box, boxes: Mapping[int, Box], end: int,
     inputs = net.op_inputs
     for index in range(end):
         op = net.ops[index]
-        args = [found[v] for v in inputs[index]]
-        if isinstance(op, Affine):
-            found.append(_finite_or_inf(op.apply_abs(args[0]) + net.offset(index).abs())
-                         * inflate)
-        elif isinstance(op, Relu):
-            found.append(torch.relu(boxes[index].upper))
-        elif isinstance(op, Add):
-            found.append(_finite_or_inf(args[0] + args[1]) * inflate)
-        elif isinstance(op, Concat):
-            found.append(torch.cat(args, dim=op.dim + 1))
-        elif isinstance(op, MaxPool):
-            found.append(op.apply(args[0]))
-        else:
-            raise NotImplementedError(f"no magnitude rule for op kind {type(op).__name__}")
+        rule = rule_for(MAGNITUDE_RULES, op, "the certified pass's magnitudes")
+        found.append(rule(net, index, op, [found[v] for v in inputs[index]], boxes, inflate))
     return found
 
 
@@ -277,23 +319,30 @@ def graph_certified_lower(
     boxes: Mapping[int, Box],
     relaxations: Mapping[int, Relaxation],
     offsets: Tensor | None = None,
+    multipliers: Mapping[int, Tensor] | None = None,
 ) -> Tensor:
     """Sound lower bounds ``(B, K)`` of ``A z_value - offsets`` over ``box`` from the dual at
-    CROWN's multipliers (see the module docstring).
+    CROWN's multipliers, or at given ones (see the module docstring).
 
     Args:
         A: ``(B, K, *shapes[value])`` rows on value ``value`` (the output: ``len(net.ops)``).
-        boxes: valid input boxes of every relaxed op before ``value`` (e.g. from
-            :func:`graph_sound_interval` or earlier certified rows).
-        relaxations: relaxations of those ops (they choose the multipliers only).
+        box: input boxes ``(B or 1, *S_in)``.
+        boxes: valid input boxes ``(B or 1, *S_i)`` of every relaxed op before ``value`` (e.g.
+            from :func:`graph_sound_interval` or earlier certified rows; clamped to the
+            splits on branch-and-bound subdomains).
+        relaxations: relaxations of those ops (they choose the multipliers of the ReLUs not in
+            ``multipliers`` only).
         offsets: ``(K,)`` or ``(B, K)`` constants subtracted from the rows.
+        multipliers: ``lambda_i: (B, K, *S_i)`` per ReLU op ``i`` on its pre-activation (e.g.
+            :attr:`tightrope.bounds.SplitBound.pre_coefficients`).
     """
     batch, rows = A.shape[0], A.shape[1]
     gamma = _gamma(net, rows)
     inputs = net.op_inputs
     with torch.no_grad():
         state = _Pass(net, boxes, relaxations, _magnitudes(net, box, boxes, value, gamma),
-                      A.new_zeros((batch, rows)), A.new_zeros((batch, rows)))
+                      A.new_zeros((batch, rows)), A.new_zeros((batch, rows)),
+                      {} if multipliers is None else multipliers)
         pending: dict[int, Tensor] = {value: A}
         for index in range(value - 1, -1, -1):
             coefficients = pending.pop(index + 1, None)
@@ -397,15 +446,26 @@ def graph_certified_bounds(
 def graph_alpha_bounds(
     net: Network, box: Box, C: Tensor, root: CertifiedRoot, offsets: Tensor | None = None, *,
     steps: int = 20, lr: float = 0.1, deadline: float | None = None,
+    search: Network | None = None,
 ) -> Tensor:
     """Sound lower bounds ``(B, K)`` of ``C f(x) - offsets`` from alpha-CROWN's slopes
     (:func:`~tightrope.bounds.graph.optimise_row_slopes`, ``steps`` Adam steps on the output
-    bound over ``root``'s boxes), evaluated by :func:`graph_certified_lower`."""
+    bound over ``root``'s boxes), evaluated by :func:`graph_certified_lower`. ``search``: a
+    lowering of the same model (e.g. in float32) on which the slopes are searched (``net``
+    when ``None``); only the evaluation runs in ``net``'s dtype."""
     batch = box.lower.shape[0]
     C = C.expand(batch, *C.shape[1:])
-    slopes = optimise_row_slopes(net, C, box, root.relaxations, steps=steps, lr=lr,
-                                 deadline=deadline)
-    relaxations = with_row_slopes(root.relaxations, slopes)
+    search = net if search is None else search
+    dtype = search.like.dtype
+    relaxations = root.relaxations
+    if dtype != net.like.dtype:
+        relaxations = {i: relaxation_of(search.ops[i], Box(b.lower.to(dtype), b.upper.to(dtype)),
+                                        LowerSlope.ADAPTIVE) for i, b in root.boxes.items()}
+    slopes = optimise_row_slopes(search, C.to(dtype), Box(box.lower.to(dtype),
+                                                         box.upper.to(dtype)),
+                                 relaxations, steps=steps, lr=lr, deadline=deadline)
+    relaxations = with_row_slopes(root.relaxations, {i: s.to(net.like.dtype)
+                                                     for i, s in slopes.items()})
     return graph_certified_lower(net, len(net.ops), C, box, root.boxes, relaxations, offsets)
 
 
@@ -417,33 +477,12 @@ def _tightened(net: Network, index: int, box: Box, boxes: Mapping[int, Box],
     if value == 0:
         return boxes[index]
     known = boxes[index]
-    lower, upper = known.lower.flatten(1), known.upper.flatten(1)
-    relu = isinstance(net.ops[index], Relu)
-    wanted = (lower < 0) & (upper > 0) if relu else upper > lower
-    union = wanted.any(dim=0).nonzero().squeeze(1)
-    batch, shape = lower.shape[0], net.shapes[value]
-    widest = max(_numel(s) for s in net.shapes[: value + 1])
-    chunk = max(1, ROW_CHUNK_ELEMENTS // max(1, 2 * batch * widest))
-    for begin in range(0, union.numel(), chunk):
-        neurons = union[begin : begin + chunk]
-        count = neurons.numel()
-        selector = lower.new_zeros((batch, count, lower.shape[1]))
-        selector[:, torch.arange(count), neurons] = 1.0
-        selected = selector.view(batch, count, *shape)
-        found = graph_certified_lower(net, value, torch.cat([selected, -selected], dim=1), box,
-                                      boxes, relaxations)
-        valid = wanted[:, neurons]
-        new_lower = torch.where(valid, torch.maximum(lower[:, neurons], found[:, :count]),
-                                lower[:, neurons])
-        new_upper = torch.where(valid, torch.minimum(upper[:, neurons], -found[:, count:]),
-                                upper[:, neurons])
-        lower = lower.index_copy(1, neurons, new_lower)
-        upper = upper.index_copy(1, neurons, new_upper)
-    return Box(lower.view(known.lower.shape), upper.view(known.upper.shape))
+    batch, shape = known.lower.shape[0], net.shapes[value]
 
+    def bound(neurons: Tensor) -> Tensor:
+        rows = selector_rows(neurons, batch, shape, known.lower)
+        return graph_certified_lower(net, value, torch.cat([rows, -rows], dim=1), box, boxes,
+                                     relaxations)
 
-def _numel(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total
+    return tighten_neurons(known, isinstance(net.ops[index], Relu),
+                           row_chunk(net, value, batch, ROW_CHUNK_ELEMENTS), bound)

@@ -33,9 +33,14 @@ from tightrope.bounds.encoding import (
     solve_rows,
     to_scipy,
 )
-from tightrope.bounds.linear import Intermediate, PreActivations, pre_activation_bounds
+from tightrope.bounds.linear import (
+    Intermediate,
+    PreActivations,
+    _output_spec,
+    pre_activation_bounds,
+)
 from tightrope.bounds.network import Network
-from tightrope.bounds.problem import prepare
+from tightrope.bounds.problem import Problem, prepare
 from tightrope.bounds.relaxation import LowerSlope, relu_relaxation
 from tightrope.bounds.rounding import rounding
 
@@ -220,6 +225,8 @@ def _one_sample_program(
     with torch.no_grad():
         problem = prepare(model, box, C)
         check_size(problem.net, binaries=True, max_variables=max_variables, caller=caller)
+        if not problem.net.is_relu_chain:
+            return _graph_sample_program(model, problem, box, C, boxes)
         if boxes is None or set(boxes) != set(problem.net.relu_indices):
             # CROWN's boxes, widened by their rounding error so the big-M constraints hold.
             found = pre_activation_bounds(problem.net, box, Intermediate.CROWN,
@@ -233,6 +240,23 @@ def _one_sample_program(
                                          for i, b in boxes.items()})
         exact = float64_problem(model, box, C)
         return next(iter(programs(exact, pre, binaries=True, upper=False)))
+
+
+def _graph_sample_program(model: nn.Module, problem: Problem, box: Box, C: Tensor,
+                          boxes: dict[int, Box] | None) -> Program:
+    """:func:`_one_sample_program` of a graph: over the given boxes of every relaxed op, or
+    the certified root's (sound in floating point, so the big-M constraints hold)."""
+    from tightrope.bounds.graph import nonlinear_indices, relaxation_of
+    from tightrope.bounds.graph_certificate import graph_certified_root
+    from tightrope.bounds.graph_encoding import graph_programs
+
+    net = problem.net
+    if boxes is None or set(boxes) != set(nonlinear_indices(net)):
+        boxes = graph_certified_root(net, problem.box, rows=int(C.shape[-2])).boxes
+    relaxations = {i: relaxation_of(net.ops[i], b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
+    exact = float64_problem(model, box, C)
+    return next(iter(graph_programs(exact.net, exact.box, _output_spec(exact), boxes,
+                                    relaxations, binaries=True, upper=False)))
 
 
 def _network_constraints(optimize: Any, program: Program, columns: int) -> list[Any]:

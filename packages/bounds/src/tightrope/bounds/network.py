@@ -268,6 +268,15 @@ class Network:
             self._offsets[index] = found
         return found
 
+    def prefix(self, value: int) -> Network:
+        """The network whose output is value ``value`` of this one (ops ``0..value-1``; values
+        no path to ``value`` uses stay, unread)."""
+        if not 0 <= value <= len(self.ops):
+            raise ValueError(f"value {value} is not one of this network's 0..{len(self.ops)}")
+        inputs = None if self.inputs is None else self.inputs[:value]
+        return Network(ops=self.ops[:value], shapes=self.shapes[: value + 1], like=self.like,
+                       inputs=inputs)
+
     @property
     def relu_indices(self) -> tuple[int, ...]:
         """Indices ``i`` of the ReLU ops; ReLU ``i``'s pre-activation has shape

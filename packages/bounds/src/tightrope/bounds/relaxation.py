@@ -19,7 +19,7 @@ from torch import Tensor
 from tightrope.bounds import fused
 from tightrope.bounds.core import Box, LowerSlope
 
-__all__ = ["LowerSlope", "ReluRelaxation", "relu_relaxation"]
+__all__ = ["LowerSlope", "ReluRelaxation", "SplitReluRelaxation", "relu_relaxation"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,19 @@ class ReluRelaxation:
         parts = [torch.split(t, size) for t in (self.lower_slope, self.upper_slope,
                                                  self.upper_intercept, self.unstable)]
         return tuple(ReluRelaxation(*group) for group in zip(*parts, strict=True))
+
+
+@dataclass(frozen=True, slots=True)
+class SplitReluRelaxation(ReluRelaxation):
+    """A :class:`ReluRelaxation` on branch-and-bound subdomains with beta-CROWN's split term
+    (Wang et al. 2021): ``split_term: (B, K, *S)``, ``beta_j s_j`` per row and neuron, is
+    subtracted from the coefficient on the pre-activation after the relaxation step (the
+    graph backward pass reads it; see :mod:`tightrope.bounds.beta`)."""
+
+    split_term: Tensor
+
+    def split(self, size: int) -> tuple[ReluRelaxation, ...]:
+        raise NotImplementedError("SplitReluRelaxation is not split into sample groups")
 
 
 def relu_relaxation(

@@ -30,10 +30,12 @@ from tightrope.bounds import (
     Box,
     Network,
     SplitBound,
+    apply_splits,
     certified_split_bound,
     empty_subdomains,
     refine_pre_activations,
 )
+from tightrope.bounds.graph_certificate import graph_sound_interval
 from tightrope.verify.attack import spec_pgd
 from tightrope.verify.branching import (
     LayerIndex,
@@ -107,7 +109,9 @@ def relu_bab(
         region: the compiled region in the verifier's dtype; only the rows of unsafe set
             ``target`` are bounded. ``search_region``: the same in the model's dtype.
         pre: root pre-activation bounds ``(1, *S_i)`` per ReLU op over the region's box,
-            valid in exact arithmetic (widened).
+            valid in exact arithmetic (widened); on a graph per max pooling op too (from
+            certified passes). After a split, a chain's later layers are refined by CROWN
+            (widened), a graph's by rigorous interval arithmetic from the clamped boxes.
         confirm: float64 re-check of candidates ``(N, *S_in)``; returns a confirmed
             counterexample and its output, or ``None``.
         margin: a subdomain closes when a row's sound lower bound (the dual bound at the
@@ -125,10 +129,11 @@ def relu_bab(
     active = torch.zeros(region.n_sets, dtype=torch.bool, device=rows.device)
     active[target] = True
     layers = LayerIndex(net)
-    shallow = config.layers_to_split(len(layers.ops)) is LayerOrder.SHALLOW_FIRST
+    shallow = config.layers_to_split(len(layers.ops), crown_refined=nets.rounding is not None
+                                     ) is LayerOrder.SHALLOW_FIRST
     width = config.fsb_width(len(layers.ops))
-    signs0 = {i: torch.zeros(b.lower.shape, dtype=torch.int8, device=rows.device)
-              for i, b in pre.items()}
+    signs0 = {i: torch.zeros(pre[i].lower.shape, dtype=torch.int8, device=rows.device)
+              for i in layers.ops}
 
     def bound(pre_d: dict[int, Box], signs: dict[int, Tensor], alphas: dict[int, Tensor] | None,
               betas: dict[int, Tensor] | None, steps: int, lr: float) -> tuple[SplitBound, Tensor]:
@@ -210,9 +215,15 @@ def relu_bab(
                            -torch.ones(count, dtype=torch.long, device=flat.device)])
         pre_c, signs_c = split_at(children, flat.repeat(2), phase, layers)
         if config.refine_intermediate and len(layers.ops) > 1:
-            pre_c = widened(nets.rounding, refine_after_splits(
-                net, box, pre_c, signs_c, layers.locate(flat)[0].repeat(2), len(layers.ops)),
-                signs_c)
+            if nets.rounding is None:
+                # A graph: the splits reach the boxes after them (max pooling's too) by
+                # rigorous interval arithmetic from the clamped boxes.
+                pre_c = apply_splits(graph_sound_interval(net, box, int(rows.shape[0]),
+                                                          known=pre_c)[0], signs_c)
+            else:
+                pre_c = widened(nets.rounding, refine_after_splits(
+                    net, box, pre_c, signs_c, layers.locate(flat)[0].repeat(2),
+                    len(layers.ops)), signs_c)
         empty = empty_subdomains(pre_c)
         found, found_lower = bound(pre_c, signs_c, children.alphas, children.betas,
                                    config.steps, config.lr_alpha)

@@ -98,9 +98,9 @@ def split_at(
     domains: DomainBatch, flat: Tensor, phase: Tensor, layers: LayerIndex
 ) -> tuple[dict[int, Box], dict[int, Tensor]]:
     """Clamped bounds and signs of ``domains`` with neuron ``flat: (D,)`` fixed to ``phase: (D,)``
-    (``+1`` active, ``-1`` inactive)."""
+    (``+1`` active, ``-1`` inactive); boxes of other relaxed ops are passed on as they are."""
     layer, neuron = layers.locate(flat)
-    pre: dict[int, Box] = {}
+    pre: dict[int, Box] = dict(domains.pre)  # max pooling boxes (on graphs) pass unchanged
     signs: dict[int, Tensor] = {}
     rows = torch.arange(len(domains), device=flat.device)
     for position, index in enumerate(layers.ops):

@@ -18,6 +18,12 @@ On networks with few unstable ReLUs, an unsafe set that branch-and-bound has not
 share of the time (``BabConfig.milp_after``) goes to an exact MILP (Tjeng et al. 2019) over the
 alpha-CROWN pre-activation bounds, with the set's rows as constraints; such sets are solved
 concurrently, one HiGHS solve per torch thread.
+
+A network that is not a chain of affine maps and ReLUs (residual joins, max pooling) goes
+through the same stages on its graph form: its root boxes come from certified passes
+(:func:`~tightrope.bounds.graph_certificate.graph_certified_root`), branch-and-bound carries
+the splits to later boxes by rigorous interval arithmetic, and the per-neuron refinement and
+input splitting (chain-only) are skipped.
 """
 
 from __future__ import annotations
@@ -30,19 +36,14 @@ from torch import Tensor, nn
 
 from tightrope.bounds import (
     Box,
-    Network,
     certified_split_bound,
     lower,
     optimise_pre_activations,
     pre_activation_bounds,
     sound_interval,
 )
-from tightrope.bounds.graph_certificate import (
-    CertifiedRoot,
-    graph_alpha_bounds,
-    graph_certified_bounds,
-    graph_certified_root,
-)
+from tightrope.bounds.graph_certificate import graph_certified_bounds, graph_certified_root
+from tightrope.bounds.network import MaxPool
 from tightrope.verify.attack import spec_pgd
 from tightrope.verify.bab import BabOutcome, relu_bab
 from tightrope.verify.config import BabConfig, InputSplit, Mode, VerifierConfig
@@ -102,12 +103,9 @@ class _Run:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.open_sets = [torch.ones(r.n_sets, dtype=torch.bool, device=like.device)
                           for r in self.regions]
+        #: Each region's network lowered twice (a chain, or a graph such as a residual network:
+        #: then its boxes come from certified passes, :attr:`Lowered.is_graph`).
         self.nets: dict[int, Lowered] = {}
-        #: Regions whose network is not a chain of affine maps and ReLUs (residual joins, max
-        #: pooling): bounded by the graph passes (IBP, CROWN, alpha-CROWN on the output); the
-        #: chain-only stages (branch-and-bound, MILP) skip them.
-        self.graphs: dict[int, Network] = {}
-        self.graph_roots: dict[int, CertifiedRoot] = {}
         self.boxes_of: dict[int, dict[int, Box]] = {}
         self.set_bounds: dict[int, Tensor] = {}
         self.last_stage = Stage.IBP
@@ -213,13 +211,13 @@ def _interval(run: _Run) -> Verdict | None:
         for number, region in enumerate(run.regions):
             exact = lower(run.exact_model, region.box.center)
             rows = region.rows.unsqueeze(0)
-            if not exact.is_relu_chain:
-                run.graphs[number] = exact
+            found = lowered(run.exact_model, run.model, region.box, int(region.rows.shape[0]),
+                            exact=exact)
+            run.nets[number] = found
+            if found.is_graph:
                 bounds = graph_certified_bounds(exact, region.box, rows, region.offsets,
                                                 crown=False)
             else:
-                run.nets[number] = lowered(run.exact_model, run.model, region.box,
-                                           int(region.rows.shape[0]), exact=exact)
                 bounds = sound_interval(exact, region.box, rows, region.offsets)
             _exclude(region, run.open_sets[number], bounds[0], run.config.margin)
     return run.ending(VerifyStatus.VERIFIED, Stage.IBP) if run.all_closed() else None
@@ -235,14 +233,9 @@ def _linear(run: _Run) -> Verdict | None:
         for number, region in enumerate(run.regions):
             if not bool(run.open_sets[number].any()):
                 continue
-            if number in run.graphs:
-                _bound_graph_sets(run, number, steps)
-                continue
             found = run.nets[number]
             if number not in run.boxes_of:
-                with torch.no_grad():
-                    crown_boxes = pre_activation_bounds(found.exact, region.box).boxes
-                    run.boxes_of[number] = widened(found.rounding, crown_boxes)
+                run.boxes_of[number] = _root_boxes(found, region)
             boxes = run.boxes_of[number]
             if stage is Stage.ALPHA_CROWN and config.optimise_intermediate:
                 boxes = optimise_pre_activations(
@@ -285,13 +278,10 @@ def _branch_and_bound(run: _Run) -> Verdict:
     for number, region in enumerate(run.regions):
         if not bool(run.open_sets[number].any()):
             continue
-        if number in run.graphs:
-            unknown = True  # branch-and-bound handles chains of affine maps and ReLUs so far
-            continue
         input_dim = int(region.box.lower[0].numel())
-        if bab.input_split is InputSplit.ALWAYS or (
+        if not run.nets[number].is_graph and (bab.input_split is InputSplit.ALWAYS or (
             bab.input_split is InputSplit.AUTO and input_dim <= bab.input_split_max_dim
-        ):
+        )):
             # One search for all the region's open unsafe sets: each sub-box is bounded once.
             outcome = input_bab(run.model, run.nets[number], region,
                                 run.search_regions[number], run.open_sets[number], run.checked,
@@ -325,10 +315,10 @@ def _relu_searches(run: _Run, number: int, bab: BabConfig
     net, boxes = found.exact, run.boxes_of[number]
     depth = len(net.relu_indices)
     refine = bab.refine_share(depth)
-    if refine > 0 and depth > 2:
+    if refine > 0 and depth > 2 and not found.is_graph:  # the refinement takes chains
         boxes = _refine(run, number, refine)
         targets = [t for t in targets if bool(run.open_sets[number][t])]
-    milp_after = bab.milp_share(depth)
+    milp_after = bab.milp_share(depth, any(isinstance(op, MaxPool) for op in net.ops))
     exact_fallback = milp_after < 1.0 and milp_eligible(net, boxes, bab.milp_max_unstable)
     deferred: list[int] = []
     unknown = False
@@ -391,6 +381,16 @@ def _refine(run: _Run, number: int, share: float) -> dict[int, Box]:
     return boxes
 
 
+def _root_boxes(found: Lowered, region: CompiledRegion) -> dict[int, Box]:
+    """CROWN's boxes of every relaxed op's input over the region, valid in exact arithmetic:
+    a chain's widened by their a priori rounding error, a graph's from certified passes."""
+    with torch.no_grad():
+        if found.rounding is None:
+            return graph_certified_root(found.exact, region.box,
+                                        int(region.rows.shape[0])).boxes
+        return widened(found.rounding, pre_activation_bounds(found.exact, region.box).boxes)
+
+
 def _bound_open_sets(
     nets: Lowered, region: CompiledRegion, boxes: dict[int, Box], open_sets: Tensor,
     steps: int, lr_alpha: float, deadline: float, margin: float,
@@ -409,27 +409,6 @@ def _bound_open_sets(
     _exclude(region, open_sets, full, margin)
     return full.new_full((region.n_sets,), float("-inf")).scatter_reduce(
         0, region.owner, full, reduce="amax")
-
-
-def _bound_graph_sets(run: _Run, number: int, steps: int) -> None:
-    """Certified CROWN (``steps`` 0) or alpha-CROWN on the rows of the open sets of region
-    ``number``, whose network is a graph (:mod:`tightrope.bounds.graph_certificate`); closes
-    (in place) the sets it proves. The region's certified root boxes are computed once."""
-    net, region, open_sets = run.graphs[number], run.regions[number], run.open_sets[number]
-    rows = region.rows_of(open_sets)
-    C = region.rows[rows].reshape(1, -1, *net.output_shape)
-    root = run.graph_roots.get(number)
-    if root is None:
-        root = graph_certified_root(net, region.box, int(region.rows.shape[0]))
-        run.graph_roots[number] = root
-    if steps == 0:
-        sound = graph_certified_bounds(net, region.box, C, region.offsets[rows], root=root)
-    else:
-        sound = graph_alpha_bounds(net, region.box, C, root, region.offsets[rows], steps=steps,
-                                   lr=run.config.alpha_lr, deadline=run.clock.deadline)
-    full = region.offsets.new_full((region.rows.shape[0],), float("-inf"))
-    full[rows] = sound[0]
-    _exclude(region, open_sets, full, run.config.margin)
 
 
 def _bab_progress(

@@ -223,9 +223,9 @@ def certify(
             exact = lower(bounded, box.center)
         if not exact.is_relu_chain:
             # A graph (residual joins, max pooling): certified IBP, CROWN and alpha-CROWN on
-            # the output; branch-and-bound handles chains of affine maps and ReLUs so far.
-            sound = _graph_stage(exact, box, C, stage, config, stage_deadline(todo, start),
-                                 todo, graph_root)
+            # the output over one certified root (branch-and-bound follows per sample).
+            sound = _graph_stage(exact, model, box, C, stage, config,
+                                 stage_deadline(todo, start), todo, graph_root)
         elif stage is Stage.IBP:
             sound = sound_interval(exact, box, C)
         else:
@@ -266,12 +266,13 @@ def certify(
                          tuple(spent_in))
 
 
-def _graph_stage(net: Network, box: Box, C: Tensor, stage: Stage, config: VerifierConfig,
-                 deadline: float, todo: list[int],
+def _graph_stage(net: Network, model: nn.Module, box: Box, C: Tensor, stage: Stage,
+                 config: VerifierConfig, deadline: float, todo: list[int],
                  kept: list[tuple[list[int], CertifiedRoot]]) -> Tensor:
-    """Sound margin bounds ``(B, K)`` of a batched bound stage on a graph network, for the
-    samples ``todo``; ``kept`` holds the CROWN stage's samples and certified root, which the
-    alpha-CROWN stage reuses for the samples left."""
+    """Sound margin bounds ``(B, K)`` of a batched bound stage on a graph network ``net`` (the
+    model in the verifier's dtype), for the samples ``todo``; ``kept`` holds the CROWN stage's
+    samples and certified root, which the alpha-CROWN stage reuses for the samples left. The
+    alpha-CROWN slopes are searched on ``model`` in its own dtype."""
     if stage is Stage.IBP:
         return graph_certified_bounds(net, box, C, crown=False)
     if stage is Stage.CROWN:
@@ -283,5 +284,9 @@ def _graph_stage(net: Network, box: Box, C: Tensor, stage: Stage, config: Verifi
         root = kept[0][1].select(torch.tensor([where[sample] for sample in todo]))
     else:
         root = graph_certified_root(net, box, int(C.shape[1]))
+    search = net
+    if reference(model).dtype != net.like.dtype:
+        with torch.no_grad():
+            search = lower(model, box.center.to(reference(model).dtype))
     return graph_alpha_bounds(net, box, C, root, steps=config.alpha_steps, lr=config.alpha_lr,
-                              deadline=deadline)
+                              deadline=deadline, search=search)

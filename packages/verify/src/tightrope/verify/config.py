@@ -47,10 +47,14 @@ class LayerOrder(enum.Enum):
     refines them after each split), which the scores miss. On mnistfc 256x4 ``prop_0_0.03``
     (VNN-COMP 2021) the unsafe sets that ``SCORE`` left open after minutes closed in about a
     second each with ``SHALLOW_FIRST``; on the two-layer 256x2 network ``SCORE`` solved 30 of
-    30 instances and ``SHALLOW_FIRST`` 28.
+    30 instances and ``SHALLOW_FIRST`` 28. Without that CROWN refinement (on graph networks,
+    whose later boxes only get interval arithmetic after a split) the argument fails:
+    on VNN-COMP 2021's ``resnet_2b`` ``prop_33`` the lowest bound stayed at -0.333 through 800
+    subdomains with ``SHALLOW_FIRST``, and ``SCORE`` verified it with 93.
     """
 
-    #: ``SHALLOW_FIRST`` on deep networks (``BabConfig.deep_layers``), ``SCORE`` otherwise.
+    #: ``SHALLOW_FIRST`` on deep networks (``BabConfig.deep_layers``) whose later layers the
+    #: search refines by CROWN after each split (chains), ``SCORE`` otherwise.
     AUTO = "auto"
     #: Any layer, by score alone.
     SCORE = "score"
@@ -108,7 +112,9 @@ class BabConfig:
         steps: alpha/beta ascent steps per bound call on new subdomains.
         lr_alpha, lr_beta: Adam learning rates of the lower slopes and split multipliers.
         refine_intermediate: recompute CROWN pre-activation bounds of the layers after a split
-            (tighter, a backward pass per unstable neuron).
+            (tighter, a backward pass per unstable neuron); on a graph network, rigorous
+            interval bounds from the split-clamped boxes instead (cheap; they carry the
+            splits to later ReLUs and max pooling inputs).
         input_split: when to split the input box instead of ReLUs.
         input_split_max_dim: input dimension at or below which ``InputSplit.AUTO`` splits inputs
             (bisecting a box halves one of its sides, so the number of sub-boxes a search
@@ -125,7 +131,9 @@ class BabConfig:
             concurrently in the time that remains. ``1.0``: never switch. ``None``: 0.2 on
             shallow networks, 1.0 on deep ones (on mnistfc 256x4, HiGHS finished none of the
             MILPs tried, with 164 and 182 binaries, in the time left; branch-and-bound
-            verified ``prop_10_0.05`` when it kept all the time).
+            verified ``prop_10_0.05`` when it kept all the time), and 0.2 on any network with
+            max pooling (ReLU splits never make its relaxation exact, while the MILP encodes
+            it exactly).
         milp_max_unstable: the switch is made only when the root has at most this many
             unstable ReLUs (one binary each) and SciPy is installed.
         split_refine: the share of the time left before branch-and-bound starts on a region
@@ -192,10 +200,13 @@ class BabConfig:
             return self.fsb_candidates
         return DEEP_FSB_CANDIDATES if self.is_deep(relu_layers) else SHALLOW_FSB_CANDIDATES
 
-    def milp_share(self, relu_layers: int) -> float:
-        """``milp_after`` for a network with ``relu_layers`` ReLU layers."""
+    def milp_share(self, relu_layers: int, max_pooling: bool = False) -> float:
+        """``milp_after`` for a network with ``relu_layers`` ReLU layers (and max pooling
+        ops when ``max_pooling``)."""
         if self.milp_after is not None:
             return self.milp_after
+        if max_pooling:
+            return SHALLOW_MILP_AFTER
         return 1.0 if self.is_deep(relu_layers) else SHALLOW_MILP_AFTER
 
     def refine_share(self, relu_layers: int) -> float:
@@ -204,11 +215,14 @@ class BabConfig:
             return self.split_refine
         return DEEP_SPLIT_REFINE if self.is_deep(relu_layers) else 0.0
 
-    def layers_to_split(self, relu_layers: int) -> LayerOrder:
-        """``layer_order`` for a network with ``relu_layers`` ReLU layers (never ``AUTO``)."""
+    def layers_to_split(self, relu_layers: int, crown_refined: bool = True) -> LayerOrder:
+        """``layer_order`` for a network with ``relu_layers`` ReLU layers (never ``AUTO``);
+        ``crown_refined``: whether the search refines later layers by CROWN after a split
+        (see :class:`LayerOrder`)."""
         if self.layer_order is not LayerOrder.AUTO:
             return self.layer_order
-        return LayerOrder.SHALLOW_FIRST if self.is_deep(relu_layers) else LayerOrder.SCORE
+        deep = self.is_deep(relu_layers) and crown_refined and self.refine_intermediate
+        return LayerOrder.SHALLOW_FIRST if deep else LayerOrder.SCORE
 
 
 @dataclass(frozen=True, slots=True)

@@ -89,7 +89,8 @@ def milp_eligible(net: Network, boxes: Mapping[int, Box], max_unstable: int) -> 
     ``max_unstable`` unstable ReLUs (one binary each)."""
     if importlib.util.find_spec("scipy") is None or not boxes:
         return False
-    unstable = sum(int(((b.lower < 0) & (b.upper > 0)).sum()) for b in boxes.values())
+    unstable = sum(int(((b.lower < 0) & (b.upper > 0)).sum())
+                   for i, b in boxes.items() if i in net.relu_indices)
     return unstable <= max_unstable and milp_fits(net)  # the size rule milp_search applies
 
 

@@ -40,12 +40,20 @@ class Lowered:
         exact: in the verifier's dtype: pre-activation boxes and every closing bound.
         search: in the model's own dtype (the same object when they agree): the ascent of
             slopes and multipliers, branching, attacks.
-        rounding: :func:`tightrope.bounds.rounding` of ``exact`` over the region's box.
+        rounding: :func:`tightrope.bounds.rounding` of ``exact`` over the region's box;
+            ``None`` for a graph (not a chain of affine maps and ReLUs), whose boxes come
+            from certified passes only
+            (:func:`~tightrope.bounds.graph_certificate.graph_certified_root`), never widened.
     """
 
     exact: Network
     search: Network
-    rounding: Rounding
+    rounding: Rounding | None
+
+    @property
+    def is_graph(self) -> bool:
+        """Whether the network is not a chain of affine maps and ReLUs."""
+        return self.rounding is None
 
     def to_search(self, tensor: Tensor) -> Tensor:
         """``tensor`` in the search dtype (unchanged when it already is)."""
@@ -70,6 +78,8 @@ def lowered(exact_model: nn.Module, search_model: nn.Module, box: Box, rows: int
         search = exact
     else:
         search = lower(search_model, box.center.to(reference(search_model).dtype))
+    if not exact.is_relu_chain:
+        return Lowered(exact, search, None)
     return Lowered(exact, search, rounding(exact, box, rows=rows))
 
 
@@ -99,9 +109,14 @@ def bound_copy(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     return copy.deepcopy(model).to(dtype).eval()
 
 
-def widened(rounding: Rounding, boxes: Mapping[int, Box],
+def widened(rounding: Rounding | None, boxes: Mapping[int, Box],
             signs: Mapping[int, Tensor] | None = None) -> dict[int, Box]:
     """Computed pre-activation ``boxes`` widened by their a priori rounding error, then clamped
-    to the split phases ``signs`` (exact constraints of a subdomain)."""
+    to the split phases ``signs`` (exact constraints of a subdomain). ``rounding`` ``None``
+    (a graph's :class:`Lowered`) is refused: a graph has no a priori error bound, so its
+    boxes must come from certified passes."""
+    if rounding is None:
+        raise ValueError("a graph network's boxes cannot be widened (no a priori rounding "
+                         "error); compute them with tightrope.bounds.graph_certificate")
     wide = {i: rounding.widen(i, b) for i, b in boxes.items()}
     return apply_splits(wide, signs) if signs else wide
