@@ -182,3 +182,36 @@ def test_graph_alpha_searched_in_float32_is_certified_in_float64(which: int, see
     with torch.no_grad():
         values = model(points) @ C[0].T
     assert bool((alpha[0] <= values.min(dim=0).values + 1e-9).all())
+
+
+@pytest.mark.parametrize(("which", "seed"), CASES)
+def test_graph_split_bounds_never_pass_the_exact_milp_optimum_of_their_subdomain(
+        which: int, seed: int) -> None:
+    pytest.importorskip("scipy")
+    from tightrope.bounds import MilpStatus, milp_search
+
+    model, net, box, C, boxes = _setup(which, seed)
+    generator = torch.Generator().manual_seed(seed + 13)
+    domains = 4
+    signs = _random_splits(net, boxes, domains, generator)
+    for sign in signs.values():
+        sign[0] = 0  # subdomain 0 is the whole box: never empty
+    clamped = apply_splits({i: Box(b.lower.expand(domains, *b.lower.shape[1:]),
+                                   b.upper.expand(domains, *b.upper.shape[1:]))
+                            for i, b in boxes.items()}, signs)
+    rows = C[:, :1].expand(domains, 1, *C.shape[2:])
+    _, sound = certified_split_bound(net, box, rows, clamped, signs, search=net, steps=15)
+    checked = 0
+    for d in range(domains):
+        own = {i: Box(b.lower[d : d + 1], b.upper[d : d + 1]) for i, b in clamped.items()}
+        if any(bool((b.lower > b.upper).any()) for b in own.values()):
+            continue  # an empty subdomain: nothing to compare
+        # The MILP over the subdomain (its clamped boxes encode the splits exactly): no input
+        # reaches below the certified bound.
+        below = milp_search(model, box, rows[d], sound[d] - 1e-6, boxes=own)
+        assert below.status is not MilpStatus.FEASIBLE, d
+        # Where the subdomain is not empty (some input has a value below 1000), the
+        # comparison was a real one.
+        above = milp_search(model, box, rows[d], torch.full_like(sound[d], 1e3), boxes=own)
+        checked += above.status is MilpStatus.FEASIBLE
+    assert checked > 0
