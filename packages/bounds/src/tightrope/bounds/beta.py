@@ -42,7 +42,7 @@ from tightrope.bounds.certificate import dual_lower
 from tightrope.bounds.core import Box, concretize_lower, features_dot
 from tightrope.bounds.graph import Relaxation, graph_backward, relaxation_of
 from tightrope.bounds.linear import _tighten
-from tightrope.bounds.network import Affine, Network, Relu, expect_relu, transpose_rows
+from tightrope.bounds.network import Affine, Network, expect_relu, transpose_rows
 from tightrope.bounds.relaxation import (
     LowerSlope,
     ReluRelaxation,
@@ -235,6 +235,7 @@ def split_lower_bound(
     signs: Mapping[int, Tensor],
     alphas: Mapping[int, Tensor] | None = None,
     betas: Mapping[int, Tensor] | None = None,
+    relaxations: Mapping[int, Relaxation] | None = None,
 ) -> SplitBound:
     """Lower bounds of ``C f(x)`` on ``D`` subdomains (beta-CROWN, Wang et al. 2021).
 
@@ -252,10 +253,13 @@ def split_lower_bound(
             choice); only unstable neurons read them.
         betas: multipliers ``(D, K or 1, *S_i)`` per ReLU op (default: zero); only split
             neurons read them.
+        relaxations: :func:`box_relaxations` of ``boxes`` when already at hand (an ascent
+            bounds the same boxes at every step).
     """
+    if relaxations is None:
+        relaxations = box_relaxations(net, boxes)
     if not net.is_relu_chain:
-        return _graph_split_lower_bound(net, box, C, boxes, signs, alphas, betas)
-    relaxations = {i: relu_relaxation(b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
+        return _graph_split_lower_bound(net, box, C, boxes, signs, alphas, betas, relaxations)
     batch, rows = C.shape[0], C.shape[1]
     A = C
     bias = C.new_zeros((batch, rows))
@@ -273,6 +277,7 @@ def split_lower_bound(
             continue
         expect_relu(op, "split_lower_bound")
         relaxation = relaxations[index]
+        assert isinstance(relaxation, ReluRelaxation)
         relu_coefficients[index] = A
         unstable = relaxation.unstable.unsqueeze(1)
         fixed = relaxation.lower_slope.unsqueeze(1)
@@ -292,6 +297,11 @@ def split_lower_bound(
     return SplitBound(lower, A, relu_coefficients, used_alphas, used_betas, pre_coefficients)
 
 
+def box_relaxations(net: Network, boxes: Mapping[int, Box]) -> dict[int, Relaxation]:
+    """The relaxation of every relaxed op on its (clamped) input box, CROWN's lower slopes."""
+    return {i: relaxation_of(net.ops[i], b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
+
+
 def _graph_split_lower_bound(
     net: Network,
     box: Box,
@@ -300,18 +310,18 @@ def _graph_split_lower_bound(
     signs: Mapping[int, Tensor],
     alphas: Mapping[int, Tensor] | None,
     betas: Mapping[int, Tensor] | None,
+    base: Mapping[int, Relaxation],
 ) -> SplitBound:
     """:func:`split_lower_bound` on a graph: one graph backward pass whose ReLU relaxations
-    carry the chosen slopes and split terms (``boxes`` hold every relaxed op's input box)."""
-    relaxations: dict[int, Relaxation] = {}
+    carry the chosen slopes and split terms (``boxes`` hold every relaxed op's input box,
+    ``base`` their relaxations)."""
+    relaxations: dict[int, Relaxation] = dict(base)
     used_alphas: dict[int, Tensor] = {}
     used_betas: dict[int, Tensor] = {}
-    for index, pre in boxes.items():
-        op = net.ops[index]
-        if not isinstance(op, Relu):
-            relaxations[index] = relaxation_of(op, pre, LowerSlope.ADAPTIVE)
+    for index in boxes:
+        relaxation = base[index]
+        if not isinstance(relaxation, ReluRelaxation):
             continue
-        relaxation = relu_relaxation(pre, LowerSlope.ADAPTIVE)
         fixed = relaxation.lower_slope.unsqueeze(1)
         slope = fixed
         if alphas is not None and index in alphas:
@@ -379,12 +389,12 @@ def optimise_split_bound(
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     batch, rows = C.shape[0], C.shape[1]
-    relus = set(net.relu_indices)
-    relaxations = {i: relu_relaxation(b, LowerSlope.ADAPTIVE) for i, b in boxes.items()
-                   if i in relus}
+    relaxations = box_relaxations(net, boxes)
     free_alpha: dict[int, Tensor] = {}
     free_beta: dict[int, Tensor] = {}
     for index, relaxation in relaxations.items():
+        if not isinstance(relaxation, ReluRelaxation):
+            continue  # max pooling (on a graph): no free parameters
         shape = (batch, rows, *relaxation.lower_slope.shape[1:])
         start = alphas.get(index) if alphas is not None else None
         if start is None:
@@ -397,7 +407,7 @@ def optimise_split_bound(
             ).clone()
     C = C.detach()
     if steps == 0:
-        return split_lower_bound(net, box, C, boxes, signs, free_alpha, free_beta)
+        return split_lower_bound(net, box, C, boxes, signs, free_alpha, free_beta, relaxations)
     parameters = [*free_alpha.values(), *free_beta.values()]
     rates = [lr_alpha] * len(free_alpha) + [lr_beta] * len(free_beta)
     for parameter in parameters:
@@ -409,7 +419,8 @@ def optimise_split_bound(
     weights = objective.detach() if objective is not None else None
     for step in range(steps + 1):
         with torch.enable_grad():
-            found = split_lower_bound(net, box, C, boxes, signs, free_alpha, free_beta)
+            found = split_lower_bound(net, box, C, boxes, signs, free_alpha, free_beta,
+                                      relaxations)
             value = found.lower.detach()
             improved = value > best
             best = torch.where(improved, value, best)
@@ -430,7 +441,7 @@ def optimise_split_bound(
             for tensor in free_beta.values():
                 tensor.clamp_(min=0.0)
     with torch.no_grad():
-        return split_lower_bound(net, box, C, boxes, signs, best_alpha, best_beta)
+        return split_lower_bound(net, box, C, boxes, signs, best_alpha, best_beta, relaxations)
 
 
 def certified_split_bound(
