@@ -19,7 +19,7 @@ from tightrope.bounds import (
     optimise_split_bound,
     split_lower_bound,
 )
-from tightrope.bounds.graph import graph_interval, output_bounds, relaxation_of
+from tightrope.bounds.graph import box_relaxations, graph_interval, output_bounds
 from tightrope.bounds.graph_certificate import graph_certified_root
 from tightrope.bounds.network import Network, lower
 
@@ -59,6 +59,13 @@ def _random_splits(net: Network, boxes: dict[int, Box], domains: int,
     return signs
 
 
+def _clamped(boxes: dict[int, Box], signs: dict[int, Tensor], domains: int) -> dict[int, Box]:
+    """The root ``boxes`` repeated for ``domains`` subdomains, clamped to their ``signs``."""
+    return apply_splits({i: Box(b.lower.expand(domains, *b.lower.shape[1:]),
+                                b.upper.expand(domains, *b.upper.shape[1:]))
+                         for i, b in boxes.items()}, signs)
+
+
 CASES = [(which, seed) for which in range(2) for seed in range(3)]
 
 
@@ -66,16 +73,10 @@ CASES = [(which, seed) for which in range(2) for seed in range(3)]
 def test_graph_split_bound_without_splits_is_crown(which: int, seed: int) -> None:
     _, net, box, C, boxes = _setup(which, seed)
     found = split_lower_bound(net, box, C, boxes, {})
-    relaxations = {i: relaxation_of(net.ops[i], b, found_policy()) for i, b in boxes.items()}
+    relaxations = box_relaxations(net, boxes)
     crown = output_bounds(net, box, C, relaxations, upper=False).lower
     assert torch.allclose(found.lower, crown, atol=1e-10)
     assert set(found.pre_coefficients) == set(net.relu_indices)
-
-
-def found_policy():  # type: ignore[no-untyped-def]
-    from tightrope.bounds.core import LowerSlope
-
-    return LowerSlope.ADAPTIVE
 
 
 @pytest.mark.parametrize(("which", "seed"), CASES)
@@ -85,9 +86,7 @@ def test_graph_split_bounds_hold_on_every_point_of_their_subdomain(which: int, s
     generator = torch.Generator().manual_seed(seed + 7)
     domains = 6
     signs = _random_splits(net, boxes, domains, generator)
-    clamped = apply_splits({i: Box(b.lower.expand(domains, *b.lower.shape[1:]),
-                                   b.upper.expand(domains, *b.upper.shape[1:]))
-                            for i, b in boxes.items()}, signs)
+    clamped = _clamped(boxes, signs, domains)
     rows = C.expand(domains, *C.shape[1:])
     found = optimise_split_bound(net, box, rows, clamped, signs, steps=15)
     _, sound = certified_split_bound(net, box, rows, clamped, signs, search=net, steps=15)
@@ -119,9 +118,7 @@ def test_graph_beta_multipliers_only_tighten_a_split_bound(which: int, seed: int
     generator = torch.Generator().manual_seed(seed + 11)
     domains = 4
     signs = _random_splits(net, boxes, domains, generator)
-    clamped = apply_splits({i: Box(b.lower.expand(domains, *b.lower.shape[1:]),
-                                   b.upper.expand(domains, *b.upper.shape[1:]))
-                            for i, b in boxes.items()}, signs)
+    clamped = _clamped(boxes, signs, domains)
     rows = C.expand(domains, *C.shape[1:])
     start = split_lower_bound(net, box, rows, clamped, signs)
     best = optimise_split_bound(net, box, rows, clamped, signs, steps=20)
@@ -151,9 +148,7 @@ def test_a_float32_search_is_certified_in_float64(which: int, seed: int) -> None
     generator = torch.Generator().manual_seed(seed + 3)
     domains = 5
     signs = _random_splits(net, boxes, domains, generator)
-    clamped = apply_splits({i: Box(b.lower.expand(domains, *b.lower.shape[1:]),
-                                   b.upper.expand(domains, *b.upper.shape[1:]))
-                            for i, b in boxes.items()}, signs)
+    clamped = _clamped(boxes, signs, domains)
     rows = C.expand(domains, *C.shape[1:])
     found, sound = certified_split_bound(net, box, rows, clamped, signs, search=search, steps=10)
     exact = optimise_split_bound(net, box, rows, clamped, signs, steps=0,
@@ -196,9 +191,7 @@ def test_graph_split_bounds_never_pass_the_exact_milp_optimum_of_their_subdomain
     signs = _random_splits(net, boxes, domains, generator)
     for sign in signs.values():
         sign[0] = 0  # subdomain 0 is the whole box: never empty
-    clamped = apply_splits({i: Box(b.lower.expand(domains, *b.lower.shape[1:]),
-                                   b.upper.expand(domains, *b.upper.shape[1:]))
-                            for i, b in boxes.items()}, signs)
+    clamped = _clamped(boxes, signs, domains)
     rows = C[:, :1].expand(domains, 1, *C.shape[2:])
     _, sound = certified_split_bound(net, box, rows, clamped, signs, search=net, steps=15)
     checked = 0

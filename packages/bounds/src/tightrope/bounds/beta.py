@@ -40,7 +40,7 @@ from torch import Tensor
 from tightrope.bounds.backward import relu_step
 from tightrope.bounds.certificate import dual_lower
 from tightrope.bounds.core import Box, concretize_lower, features_dot
-from tightrope.bounds.graph import Relaxation, graph_backward, relaxation_of
+from tightrope.bounds.graph import Relaxation, box_relaxations, graph_backward
 from tightrope.bounds.linear import _tighten
 from tightrope.bounds.network import Affine, Network, expect_relu, transpose_rows
 from tightrope.bounds.relaxation import (
@@ -253,8 +253,8 @@ def split_lower_bound(
             choice); only unstable neurons read them.
         betas: multipliers ``(D, K or 1, *S_i)`` per ReLU op (default: zero); only split
             neurons read them.
-        relaxations: :func:`box_relaxations` of ``boxes`` when already at hand (an ascent
-            bounds the same boxes at every step).
+        relaxations: :func:`~tightrope.bounds.graph.box_relaxations` of ``boxes`` when
+            already at hand (an ascent bounds the same boxes at every step).
     """
     if relaxations is None:
         relaxations = box_relaxations(net, boxes)
@@ -295,11 +295,6 @@ def split_lower_bound(
         pre_coefficients[index] = A
     lower = concretize_lower(A, bias, box)
     return SplitBound(lower, A, relu_coefficients, used_alphas, used_betas, pre_coefficients)
-
-
-def box_relaxations(net: Network, boxes: Mapping[int, Box]) -> dict[int, Relaxation]:
-    """The relaxation of every relaxed op on its (clamped) input box, CROWN's lower slopes."""
-    return {i: relaxation_of(net.ops[i], b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
 
 
 def _graph_split_lower_bound(

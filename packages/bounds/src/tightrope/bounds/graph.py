@@ -49,6 +49,7 @@ __all__ = [
     "BACKWARD_RULES",
     "INTERVAL_RULES",
     "MaxPoolRelaxation",
+    "box_relaxations",
     "graph_backward",
     "graph_interval",
     "graph_pre_activations",
@@ -245,6 +246,12 @@ def relaxation_of(op: Op, pre: Box, lower_slope: LowerSlope) -> Relaxation:
     if isinstance(op, MaxPool):
         return max_pool_relaxation(op, pre)
     raise NotImplementedError(f"no relaxation for op kind {type(op).__name__} ({op.name})")
+
+
+def box_relaxations(net: Network, boxes: Mapping[int, Box],
+                    lower_slope: LowerSlope = LowerSlope.ADAPTIVE) -> dict[int, Relaxation]:
+    """The relaxation of every relaxed op (keyed by op index) on its input box."""
+    return {i: relaxation_of(net.ops[i], b, lower_slope) for i, b in boxes.items()}
 
 
 BackwardRule: TypeAlias = Callable[
@@ -457,7 +464,7 @@ def graph_pre_activations(
     relaxations: dict[int, Relaxation] = {}
     if not crown:
         graph_interval(net, box, found=boxes)
-        return boxes, {i: relaxation_of(net.ops[i], b, lower_slope) for i, b in boxes.items()}
+        return boxes, box_relaxations(net, boxes, lower_slope)
     for index in nonlinear_indices(net):
         found: dict[int, Box] = {}
         graph_interval(net, box, end=index + 1, known=boxes, found=found)

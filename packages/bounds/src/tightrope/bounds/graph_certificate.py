@@ -37,6 +37,7 @@ from tightrope.bounds.fused import relu_step_eager
 from tightrope.bounds.graph import (
     MaxPoolRelaxation,
     Relaxation,
+    box_relaxations,
     max_pool_relaxation,
     nonlinear_indices,
     optimise_row_slopes,
@@ -459,8 +460,8 @@ def graph_alpha_bounds(
     dtype = search.like.dtype
     relaxations = root.relaxations
     if dtype != net.like.dtype:
-        relaxations = {i: relaxation_of(search.ops[i], Box(b.lower.to(dtype), b.upper.to(dtype)),
-                                        LowerSlope.ADAPTIVE) for i, b in root.boxes.items()}
+        relaxations = box_relaxations(search, {i: Box(b.lower.to(dtype), b.upper.to(dtype))
+                                               for i, b in root.boxes.items()})
     slopes = optimise_row_slopes(search, C.to(dtype), Box(box.lower.to(dtype),
                                                          box.upper.to(dtype)),
                                  relaxations, steps=steps, lr=lr, deadline=deadline)

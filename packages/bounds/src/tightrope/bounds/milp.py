@@ -246,14 +246,14 @@ def _graph_sample_program(model: nn.Module, problem: Problem, box: Box, C: Tenso
                           boxes: dict[int, Box] | None) -> Program:
     """:func:`_one_sample_program` of a graph: over the given boxes of every relaxed op, or
     the certified root's (sound in floating point, so the big-M constraints hold)."""
-    from tightrope.bounds.graph import nonlinear_indices, relaxation_of
+    from tightrope.bounds.graph import box_relaxations, nonlinear_indices
     from tightrope.bounds.graph_certificate import graph_certified_root
     from tightrope.bounds.graph_encoding import graph_programs
 
     net = problem.net
     if boxes is None or set(boxes) != set(nonlinear_indices(net)):
         boxes = graph_certified_root(net, problem.box, rows=int(C.shape[-2])).boxes
-    relaxations = {i: relaxation_of(net.ops[i], b, LowerSlope.ADAPTIVE) for i, b in boxes.items()}
+    relaxations = box_relaxations(net, boxes)
     exact = float64_problem(model, box, C)
     return next(iter(graph_programs(exact.net, exact.box, _output_spec(exact), boxes,
                                     relaxations, binaries=True, upper=False)))
